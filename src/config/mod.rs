@@ -1,0 +1,589 @@
+//! The configuration file (`config/moat.toml`): typed sections with defaults, loading, and validation.
+//!
+//! Every key has a default, so an empty file is a valid configuration. Unknown keys are refused (a typo
+//! must not silently fall back to a default). [`Config::validate`] reports every problem at once, each
+//! with the file and line it came from when known, as `moat check` prints them.
+
+pub mod units;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use units::{ByteSize, Span};
+
+/// The hard ceiling for `limits.max_command_line`: no command or reply needs more (smtp-proto caps at 4096 too).
+pub const MAX_COMMAND_LINE_CAP: usize = 4096;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    #[serde(rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    pub tls: TlsConfig,
+    pub upstream: UpstreamConfig,
+    pub limits: Limits,
+    pub spool: SpoolConfig,
+    pub trace: TraceConfig,
+    pub metrics: MetricsConfig,
+    pub log: LogConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+/// `[server]`: who moat says it is.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Name in the greeting, EHLO reply and Received header; empty means the machine's host name.
+    pub hostname: String,
+    /// Text after the host name in the 220 greeting.
+    pub greeting: String,
+    /// Look up forward-confirmed reverse DNS names of clients.
+    pub reverse_dns: bool,
+    pub reverse_dns_timeout: Span,
+}
+
+/// How a listener speaks TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ListenerMode {
+    /// Plaintext, STARTTLS offered (RFC 3207).
+    Starttls,
+    /// TLS from the first byte (RFC 8314).
+    ImplicitTls,
+    /// Plaintext only; for loopback tests.
+    Plain,
+}
+
+/// What kind of mail a listener takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Role {
+    /// Mail from the internet to local domains; AUTH optional.
+    Mx,
+    /// Mail from the organisation's users; AUTH required before MAIL.
+    Submission,
+}
+
+/// One `[[listener]]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    #[serde(default = "default_mode")]
+    pub mode: ListenerMode,
+    #[serde(default = "default_role")]
+    pub role: Role,
+    /// Refuse MAIL before TLS with `530 5.7.0`.
+    #[serde(default)]
+    pub require_tls: bool,
+}
+
+fn default_mode() -> ListenerMode {
+    ListenerMode::Starttls
+}
+fn default_role() -> Role {
+    Role::Mx
+}
+
+/// One certificate chain and its key, both PEM files.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Oldest TLS protocol version offered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V1_2,
+    #[serde(rename = "1.3")]
+    V1_3,
+}
+
+/// `[tls]`: the server side of TLS.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// Certificates chosen by SNI; the first is the default. Empty: a generated self-signed one.
+    pub certificates: Vec<CertificateConfig>,
+    pub min_version: TlsVersion,
+    pub handshake_timeout: Span,
+}
+
+/// How the client's identity is passed to the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Identity {
+    /// Postfix XCLIENT: NAME, ADDR, PORT, PROTO, HELO (and LOGIN).
+    Xclient,
+    /// HAProxy PROXY protocol version 2 header at connection start.
+    ProxyV2,
+    /// Nothing: the upstream sees moat's own address.
+    None,
+}
+
+/// `[upstream]`: the MTA behind moat.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub address: SocketAddr,
+    pub identity: Identity,
+    pub helo_name: String,
+    pub pool_size: usize,
+    pub pool_idle_timeout: Span,
+    pub connect_timeout: Span,
+    pub command_timeout: Span,
+    pub data_timeout: Span,
+}
+
+/// What to do with bare LF / bare CR inside message data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BareLineEndings {
+    /// Answer `550 5.6.0` at end of data.
+    Reject,
+    /// Turn each into CRLF.
+    Normalize,
+}
+
+/// `[limits]`: every bound a client can run into.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    pub max_message_size: ByteSize,
+    pub max_recipients: usize,
+    pub max_errors: u32,
+    pub max_command_line: usize,
+    pub max_text_line: usize,
+    pub bare_line_endings: BareLineEndings,
+    pub idle_timeout: Span,
+    pub data_timeout: Span,
+    pub session_timeout: Span,
+}
+
+/// `[spool]`: where message data waits for its verdict.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    pub memory_threshold: ByteSize,
+    pub memory_budget: ByteSize,
+    pub directory: PathBuf,
+}
+
+/// `[trace]`: what moat adds to relayed messages.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TraceConfig {
+    pub received_header: bool,
+}
+
+/// `[metrics]`: the Prometheus and health listener.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Empty disables the listener.
+    pub address: String,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// `[log]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// `[shutdown]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    pub grace_period: Span,
+}
+
+// === defaults ===
+
+fn secs(n: u64) -> Span {
+    Span(Duration::from_secs(n))
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            listeners: vec![ListenerConfig {
+                name: "smtp".into(),
+                address: SocketAddr::from(([127, 0, 0, 1], 2525)),
+                mode: ListenerMode::Starttls,
+                role: Role::Mx,
+                require_tls: false,
+            }],
+            tls: TlsConfig::default(),
+            upstream: UpstreamConfig::default(),
+            limits: Limits::default(),
+            spool: SpoolConfig::default(),
+            trace: TraceConfig::default(),
+            metrics: MetricsConfig::default(),
+            log: LogConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            hostname: String::new(),
+            greeting: "ESMTP moat".into(),
+            reverse_dns: true,
+            reverse_dns_timeout: secs(2),
+        }
+    }
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            certificates: Vec::new(),
+            min_version: TlsVersion::V1_2,
+            handshake_timeout: secs(10),
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            address: SocketAddr::from(([127, 0, 0, 1], 10025)),
+            identity: Identity::Xclient,
+            helo_name: String::new(),
+            pool_size: 32,
+            pool_idle_timeout: secs(30),
+            connect_timeout: secs(10),
+            command_timeout: secs(60),
+            data_timeout: secs(300),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1000,
+            max_connections_per_ip: 50,
+            max_message_size: ByteSize(50 << 20),
+            max_recipients: 100,
+            max_errors: 10,
+            max_command_line: 512,
+            max_text_line: 1000,
+            bare_line_endings: BareLineEndings::Reject,
+            idle_timeout: secs(300),
+            data_timeout: secs(180),
+            session_timeout: secs(1800),
+        }
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            memory_threshold: ByteSize(256 << 10),
+            memory_budget: ByteSize(256 << 20),
+            directory: PathBuf::new(),
+        }
+    }
+}
+
+impl Default for TraceConfig {
+    fn default() -> Self {
+        TraceConfig {
+            received_header: true,
+        }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            address: "127.0.0.1:9925".into(),
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Human,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace_period: secs(30),
+        }
+    }
+}
+
+// === errors ===
+
+/// One problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{message}", location(.file, .line))]
+pub struct ConfigProblem {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+fn location(file: &Path, line: &Option<usize>) -> String {
+    match line {
+        Some(l) => format!("{}:{l}: ", file.display()),
+        None => format!("{}: ", file.display()),
+    }
+}
+
+/// Why a configuration could not be used: every problem found, not only the first.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} problem(s) in the configuration:\n{}", .0.len(), render(.0))]
+    Invalid(Vec<ConfigProblem>),
+}
+
+fn render(problems: &[ConfigProblem]) -> String {
+    problems
+        .iter()
+        .map(|p| format!("  {p}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl ConfigError {
+    /// The individual problems (empty for a read error).
+    pub fn problems(&self) -> &[ConfigProblem] {
+        match self {
+            ConfigError::Invalid(p) => p,
+            ConfigError::Read { .. } => &[],
+        }
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads and validates a configuration file. Blocking: call it at start-up or from `spawn_blocking`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text; `path` names it in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let line = e.span().map(|s| line_of(text, s.start));
+            ConfigError::Invalid(vec![ConfigProblem {
+                file: path.to_owned(),
+                line,
+                message: e.message().to_string(),
+            }])
+        })?;
+        let problems = config.validate(text, path);
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    /// Checks what serde cannot: ranges, cross-field consistency, file existence. Returns every problem.
+    pub fn validate(&self, text: &str, path: &Path) -> Vec<ConfigProblem> {
+        let mut out = Vec::new();
+        let mut bad = |key: &str, message: String| {
+            out.push(ConfigProblem {
+                file: path.to_owned(),
+                line: find_key(text, key),
+                message,
+            })
+        };
+        if self.listeners.is_empty() {
+            bad("listener", "at least one [[listener]] is required".into());
+        }
+        for (i, l) in self.listeners.iter().enumerate() {
+            if l.name.is_empty() || !l.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                bad("name", format!("listener #{} name {:?} must be non-empty letters, digits, '-' or '_'", i + 1, l.name));
+            }
+            if self.listeners[..i].iter().any(|o| o.name == l.name) {
+                bad("name", format!("listener name {:?} is used twice", l.name));
+            }
+            if self.listeners[..i].iter().any(|o| o.address == l.address) {
+                bad("address", format!("listener address {} is used twice", l.address));
+            }
+            if l.mode == ListenerMode::Plain && l.require_tls {
+                bad("require_tls", format!("listener {:?} has mode \"plain\" but require_tls = true: no client could send", l.name));
+            }
+        }
+        let lim = &self.limits;
+        if lim.max_command_line < 512 || lim.max_command_line > MAX_COMMAND_LINE_CAP {
+            bad("max_command_line", format!("limits.max_command_line must be between 512 and {MAX_COMMAND_LINE_CAP} (RFC 5321 4.5.3.1.4), not {}", lim.max_command_line));
+        }
+        if lim.max_text_line != 0 && lim.max_text_line < 1000 {
+            bad("max_text_line", format!("limits.max_text_line must be 0 (off) or at least 1000 (RFC 5321 4.5.3.1.6), not {}", lim.max_text_line));
+        }
+        for (key, v) in [("max_connections", lim.max_connections), ("max_connections_per_ip", lim.max_connections_per_ip), ("max_recipients", lim.max_recipients)] {
+            if v == 0 {
+                bad(key, format!("limits.{key} must be at least 1"));
+            }
+        }
+        if lim.max_recipients < 100 {
+            // RFC 5321 4.5.3.1.8 asks servers to accept at least 100; allowed, but worth knowing.
+            tracing::debug!("limits.max_recipients is below the RFC 5321 minimum of 100");
+        }
+        if lim.max_message_size.bytes() == 0 {
+            bad("max_message_size", "limits.max_message_size must be positive".into());
+        }
+        if self.spool.memory_threshold > self.spool.memory_budget {
+            bad("memory_threshold", "spool.memory_threshold is larger than spool.memory_budget".into());
+        }
+        for (key, d) in [("idle_timeout", lim.idle_timeout), ("data_timeout", lim.data_timeout), ("session_timeout", lim.session_timeout)] {
+            if d.get().is_zero() {
+                bad(key, format!("limits.{key} must be positive"));
+            }
+        }
+        let up = &self.upstream;
+        for (key, d) in [("connect_timeout", up.connect_timeout), ("command_timeout", up.command_timeout), ("data_timeout", up.data_timeout)] {
+            if d.get().is_zero() {
+                bad(key, format!("upstream.{key} must be positive"));
+            }
+        }
+        if self.listeners.iter().any(|l| l.address == up.address) {
+            bad("address", format!("upstream.address {} is also a listener address: moat would relay to itself", up.address));
+        }
+        for c in &self.tls.certificates {
+            for p in [&c.cert, &c.key] {
+                if !p.is_file() {
+                    bad("certificates", format!("tls certificate file {} does not exist", p.display()));
+                }
+            }
+        }
+        if !self.metrics.address.is_empty() && self.metrics.address.parse::<SocketAddr>().is_err() {
+            bad("address", format!("metrics.address {:?} is not an address:port", self.metrics.address));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            bad("level", format!("log.level {:?} is not a valid filter", self.log.level));
+        }
+        if !self.spool.directory.as_os_str().is_empty() && !self.spool.directory.is_dir() {
+            bad("directory", format!("spool.directory {} is not a directory", self.spool.directory.display()));
+        }
+        out
+    }
+
+    /// The host name moat calls itself.
+    pub fn hostname(&self) -> String {
+        if !self.server.hostname.is_empty() {
+            return self.server.hostname.clone();
+        }
+        system_hostname()
+    }
+}
+
+/// The machine's host name from the kernel, or `localhost`.
+pub fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// 1-based line number of a byte offset.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+/// Best-effort line of the first uncommented `key =` in the text, for pointing at a problem.
+fn find_key(text: &str, key: &str) -> Option<usize> {
+    text.lines().position(|l| {
+        let l = l.trim_start();
+        !l.starts_with('#')
+            && (l.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with('='))
+                || l.trim_start_matches('[').starts_with(key))
+    })
+    .map(|i| i + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_is_valid() {
+        let c = parse("").unwrap();
+        assert_eq!(c.limits.max_command_line, 512);
+        assert_eq!(c.listeners.len(), 1);
+    }
+
+    #[test]
+    fn shipped_config_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/moat.toml");
+        let c = Config::load(&path).unwrap();
+        assert_eq!(c.listeners.len(), 3);
+        assert_eq!(c.listeners[2].mode, ListenerMode::ImplicitTls);
+    }
+
+    #[test]
+    fn unknown_key_is_refused_with_line() {
+        let e = parse("[limits]\nmax_recipients = 10\nmax_recipents = 3\n").unwrap_err();
+        let p = &e.problems()[0];
+        assert_eq!(p.line, Some(3), "{e}");
+        assert!(p.message.contains("max_recipents"), "{e}");
+    }
+
+    #[test]
+    fn every_problem_is_reported() {
+        let e = parse("[limits]\nmax_command_line = 100\nmax_text_line = 10\nmax_recipients = 0\n").unwrap_err();
+        assert_eq!(e.problems().len(), 3, "{e}");
+        assert_eq!(e.problems()[0].line, Some(2));
+        let text = e.to_string();
+        assert!(text.contains("test.toml:3: limits.max_text_line"), "{text}");
+    }
+
+    #[test]
+    fn bad_units_are_refused() {
+        let e = parse("[limits]\nidle_timeout = \"5 weeks\"\n").unwrap_err();
+        assert_eq!(e.problems()[0].line, Some(2));
+    }
+}

@@ -1,0 +1,29 @@
+//! moat: an inline SMTP filtering proxy that stands in front of an MTA (Postfix first).
+//!
+//! The modules follow a connection:
+//!
+//! 1. [`server`] binds the listeners, admits connections (global and per-IP permits) and spawns one task each;
+//!    [`shutdown`] drains them.
+//! 2. [`tls`] terminates TLS (STARTTLS or implicit) with rustls.
+//! 3. [`smtp`] speaks SMTP: a pure protocol core (`codec`, `command`, `reply`, `session`) and the async driver
+//!    `smtp::conn` that feeds it from the socket.
+//! 4. [`pipeline`] gives verdicts on the connection, envelope and message.
+//! 5. [`spool`] holds message data with bounded memory until the verdict.
+//! 6. [`upstream`] relays accepted mail to the MTA, passing the client's identity (XCLIENT or PROXY v2), and
+//!    its replies come back to the client.
+//! 7. [`metrics`] and [`audit`] record what happened.
+//!
+//! [`config`] holds the typed configuration all of these read.
+#![forbid(unsafe_code)]
+
+pub mod audit;
+pub mod config;
+pub mod metrics;
+pub mod pipeline;
+pub mod server;
+pub mod shutdown;
+pub mod smtp;
+pub mod spool;
+pub mod tls;
+pub mod trace;
+pub mod upstream;

@@ -1,0 +1,186 @@
+use super::*;
+use crate::config::BareLineEndings::{Normalize, Reject};
+use proptest::prelude::*;
+
+/// Decodes all of `wire` in one go: (output, end seen, bytes consumed, bare seen).
+fn decode_all(wire: &[u8], policy: BareLineEndings) -> (Vec<u8>, bool, usize, bool) {
+    let mut d = DataDecoder::new(Framing::Dot, policy, 1000);
+    let mut out = Vec::new();
+    let (n, end) = d.decode(wire, &mut out);
+    (out, end, n, d.saw_bare_line_ending())
+}
+
+/// Decodes byte by byte, to exercise every state boundary between reads.
+fn decode_bytewise(wire: &[u8], policy: BareLineEndings) -> (Vec<u8>, bool, usize) {
+    let mut d = DataDecoder::new(Framing::Dot, policy, 1000);
+    let mut out = Vec::new();
+    for (i, b) in wire.iter().enumerate() {
+        let (n, end) = d.decode(std::slice::from_ref(b), &mut out);
+        assert_eq!(n, 1);
+        if end {
+            return (out, true, i + 1);
+        }
+    }
+    (out, false, wire.len())
+}
+
+#[test]
+fn line_reader() {
+    let mut r = LineReader::new(16);
+    assert_eq!(r.frame(b"EHLO x\r\nQUIT\r\n"), (8, Some(Framed::Line(6))));
+    assert_eq!(r.frame(b"QUIT\n"), (5, Some(Framed::Line(4))));
+    assert_eq!(r.frame(b"QUI"), (0, None));
+}
+
+#[test]
+fn line_reader_limits() {
+    let mut r = LineReader::new(16);
+    assert_eq!(r.frame(b"NOOP 123456789\r\n"), (16, Some(Framed::Line(14))));
+    // 17 octets: too long, discarded up to its LF, then one TooLong
+    assert_eq!(r.frame(b"NOOP 1234567890\r\n"), (17, Some(Framed::TooLong)));
+    assert_eq!(r.frame(b"NOOP 1234567890123456789"), (24, None));
+    assert_eq!(r.frame(b"more"), (4, None));
+    assert_eq!(r.frame(b"xx\r\nQUIT\r\n"), (4, Some(Framed::TooLong)));
+    assert_eq!(r.frame(b"QUIT\r\n"), (6, Some(Framed::Line(4))));
+}
+
+#[test]
+fn data_basic_and_unstuffing() {
+    let (out, end, n, bare) = decode_all(b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n", Reject);
+    assert!(end);
+    assert!(!bare);
+    assert_eq!(n, 24);
+    assert_eq!(out, b"Subject: x\r\n\r\n.dot\r\n");
+    let (out, end, n, _) = decode_all(b".\r\n", Reject);
+    assert!(end && out.is_empty() && n == 3);
+}
+
+/// SMTP smuggling variants: none of these may end DATA (only the final real marker does), and with
+/// normalize the smuggled "." line survives as content, which stuffing later protects.
+#[test]
+fn smuggling_variants_do_not_end_data() {
+    let cases: &[&[u8]] = &[
+        b"a\n.\nMAIL FROM:<x@evil>\r\n",
+        b"a\n.\r\nMAIL FROM:<x@evil>\r\n",
+        b"a\r.\rMAIL FROM:<x@evil>\r\n",
+        b"a\r.\r\nMAIL FROM:<x@evil>\r\n",
+        b"a\r\n.\nMAIL FROM:<x@evil>\r\n",
+        b"a\r\n.\rMAIL FROM:<x@evil>\r\n",
+        b"a\r\r\n.\r\r\nMAIL FROM:<x@evil>\r\n",
+    ];
+    for case in cases {
+        for policy in [Reject, Normalize] {
+            let mut wire = case.to_vec();
+            wire.extend_from_slice(b".\r\n");
+            let (out, end, n, bare) = decode_all(&wire, policy);
+            assert!(end, "{:?}", String::from_utf8_lossy(case));
+            assert_eq!(n, wire.len(), "ended early on {:?}", String::from_utf8_lossy(case));
+            assert!(bare, "{:?}", String::from_utf8_lossy(case));
+            assert!(!out.windows(2).any(|w| w[1] == b'\n' && w[0] != b'\r'), "non-canonical output");
+            let (out2, end2, n2) = decode_bytewise(&wire, policy);
+            assert_eq!((out2, end2, n2), (out, end, n));
+        }
+    }
+}
+
+#[test]
+fn normalize_output() {
+    let (out, ..) = decode_all(b"a\nb\rc\r\n.\r\n", Normalize);
+    assert_eq!(out, b"a\r\nb\r\nc\r\n");
+    // after a bare LF the dot is content, not stuffing
+    let (out, ..) = decode_all(b"a\n..b\r\n.\r\n", Normalize);
+    assert_eq!(out, b"a\r\n..b\r\n");
+}
+
+#[test]
+fn long_text_line() {
+    let mut d = DataDecoder::new(Framing::Dot, Reject, 1000);
+    let mut out = Vec::new();
+    let mut wire = vec![b'x'; 998];
+    wire.extend_from_slice(b"\r\n.\r\n");
+    assert!(d.decode(&wire, &mut out).1);
+    assert!(!d.saw_long_line());
+    let mut d = DataDecoder::new(Framing::Dot, Reject, 1000);
+    let mut wire = vec![b'x'; 999];
+    wire.extend_from_slice(b"\r\n.\r\n");
+    assert!(d.decode(&wire, &mut out).1);
+    assert!(d.saw_long_line());
+    assert_eq!(d.refusal().unwrap().code, 550);
+}
+
+#[test]
+fn chunked_has_no_dot_handling() {
+    let mut d = DataDecoder::new(Framing::Chunked, Reject, 1000);
+    let mut out = Vec::new();
+    assert_eq!(d.decode(b"a\r\n.\r\n..b", &mut out), (9, false));
+    d.finish(&mut out);
+    assert_eq!(out, b"a\r\n.\r\n..b\r\n");
+    assert!(!d.saw_bare_line_ending());
+    let mut d = DataDecoder::new(Framing::Chunked, Normalize, 1000);
+    let mut out = Vec::new();
+    d.decode(b"a\r", &mut out);
+    d.finish(&mut out);
+    assert_eq!(out, b"a\r\n");
+    assert!(d.saw_bare_line_ending());
+}
+
+#[test]
+fn stuffing() {
+    let mut out = Vec::new();
+    let mut start = true;
+    stuff(b".a\r\nb.\r\n", &mut start, &mut out);
+    stuff(b".", &mut start, &mut out);
+    stuff(b"\r\n.", &mut start, &mut out);
+    stuff(b".\r\n", &mut start, &mut out);
+    assert_eq!(out, b"..a\r\nb.\r\n..\r\n...\r\n");
+}
+
+/// Canonical text: lines of printable bytes and dots, each ended by CRLF.
+fn canonical() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(proptest::collection::vec(prop_oneof![Just(b'.'), 0x20u8..0x7f, 0x80u8..=0xff], 0..40), 0..30)
+        .prop_map(|lines| {
+            let mut v = Vec::new();
+            for l in lines {
+                v.extend_from_slice(&l);
+                v.extend_from_slice(b"\r\n");
+            }
+            v
+        })
+}
+
+proptest! {
+    /// unstuff(stuff(b)) == b, across arbitrary chunk boundaries.
+    #[test]
+    fn stuff_round_trip(msg in canonical(), cut in 0usize..200) {
+        let mut wire = Vec::new();
+        let mut start = true;
+        let cut = cut.min(msg.len());
+        stuff(&msg[..cut], &mut start, &mut wire);
+        stuff(&msg[cut..], &mut start, &mut wire);
+        wire.extend_from_slice(b".\r\n");
+        let mut d = DataDecoder::new(Framing::Dot, Reject, 0);
+        let mut out = Vec::new();
+        let split = cut.min(wire.len());
+        let (n1, end1) = d.decode(&wire[..split], &mut out);
+        prop_assert!(!end1 || n1 == wire.len());
+        let (n2, end2) = if end1 { (0, true) } else { d.decode(&wire[split..], &mut out) };
+        prop_assert!(end2);
+        prop_assert_eq!(n1 + n2, wire.len());
+        prop_assert_eq!(out, msg);
+    }
+
+    /// Arbitrary bytes never panic, and output is always canonical CRLF text.
+    #[test]
+    fn random_bytes(wire in proptest::collection::vec(prop_oneof![Just(b'\r'), Just(b'\n'), Just(b'.'), any::<u8>()], 0..300)) {
+        let mut d = DataDecoder::new(Framing::Dot, Normalize, 1000);
+        let mut out = Vec::new();
+        let (_n, end) = d.decode(&wire, &mut out);
+        if !end {
+            d.finish(&mut out);
+        }
+        for (i, &b) in out.iter().enumerate() {
+            if b == b'\n' { prop_assert!(i > 0 && out[i - 1] == b'\r'); }
+            if b == b'\r' { prop_assert!(out.get(i + 1) == Some(&b'\n')); }
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! SMTP replies: every reply moat sends is built here, so code, RFC 3463 enhanced code and text live in one
+//! place and tests can match on codes. Upstream replies are parsed into the same type and passed through.
+
+use std::fmt;
+
+/// One SMTP reply: a three-digit code and one or more text lines (multi-line replies, RFC 5321 4.2.1).
+///
+/// The enhanced status code (RFC 3463), when there is one, is the first word of each line's text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    pub lines: Vec<String>,
+}
+
+impl Reply {
+    /// A reply with one line of text (which should start with the enhanced code when it has one).
+    pub fn new(code: u16, text: impl Into<String>) -> Reply {
+        Reply {
+            code,
+            lines: vec![text.into()],
+        }
+    }
+
+    /// Whether this is a positive completion (2xx).
+    pub fn is_positive(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+
+    /// Whether this is a transient failure (4xx).
+    pub fn is_transient(&self) -> bool {
+        (400..500).contains(&self.code)
+    }
+
+    /// Whether this is a permanent failure (5xx).
+    pub fn is_permanent(&self) -> bool {
+        (500..600).contains(&self.code)
+    }
+
+    /// The RFC 3463 enhanced code at the start of the first line, e.g. `"5.5.1"`.
+    pub fn enhanced(&self) -> Option<&str> {
+        let word = self.lines.first()?.split(' ').next()?;
+        let mut parts = word.split('.');
+        let ok = parts.next().is_some_and(|c| matches!(c, "2" | "4" | "5"))
+            && parts.next().is_some_and(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+            && parts.next().is_some_and(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+            && parts.next().is_none();
+        ok.then_some(word)
+    }
+
+    /// The reply in wire form, CRLF-terminated, with `-` continuation for all but the last line.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        self.render_into(&mut out);
+        out
+    }
+
+    /// Appends the wire form to `out`.
+    pub fn render_into(&self, out: &mut Vec<u8>) {
+        let n = self.lines.len().max(1);
+        for i in 0..n {
+            let text = self.lines.get(i).map(String::as_str).unwrap_or("");
+            let sep = if i + 1 == n { ' ' } else { '-' };
+            out.extend_from_slice(format!("{}{}{}\r\n", self.code, sep, clean(text)).as_bytes());
+        }
+    }
+}
+
+/// Replies never carry CR or LF inside a line, whatever text reached them (e.g. from an upstream).
+fn clean(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.bytes().any(|b| b == b'\r' || b == b'\n') {
+        text.replace(['\r', '\n'], " ").into()
+    } else {
+        text.into()
+    }
+}
+
+impl fmt::Display for Reply {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.code, self.lines.join(" / "))
+    }
+}
+
+// === named replies ===
+
+impl Reply {
+    /// `220` greeting.
+    pub fn greeting(host: &str, text: &str) -> Reply {
+        Reply::new(220, format!("{host} {text}"))
+    }
+    /// `221` on QUIT.
+    pub fn bye(host: &str) -> Reply {
+        Reply::new(221, format!("2.0.0 {host} closing connection"))
+    }
+    /// `250 2.0.0 OK`.
+    pub fn ok() -> Reply {
+        Reply::new(250, "2.0.0 OK")
+    }
+    /// `250` to MAIL.
+    pub fn sender_ok() -> Reply {
+        Reply::new(250, "2.1.0 Sender OK")
+    }
+    /// `250` to RCPT.
+    pub fn recipient_ok() -> Reply {
+        Reply::new(250, "2.1.5 Recipient OK")
+    }
+    /// `250` to RSET.
+    pub fn reset() -> Reply {
+        Reply::new(250, "2.0.0 Reset state")
+    }
+    /// `250` to a non-final BDAT chunk (RFC 3030).
+    pub fn chunk_ok(size: u64) -> Reply {
+        Reply::new(250, format!("2.0.0 {size} octets received"))
+    }
+    /// `354` to DATA.
+    pub fn start_data() -> Reply {
+        Reply::new(354, "Start mail input; end with <CRLF>.<CRLF>")
+    }
+    /// `220` to STARTTLS.
+    pub fn ready_for_tls() -> Reply {
+        Reply::new(220, "2.0.0 Ready to start TLS")
+    }
+    /// `252` to VRFY: moat never confirms addresses (RFC 5321 3.5.3).
+    pub fn cannot_vrfy() -> Reply {
+        Reply::new(252, "2.5.2 Cannot VRFY user, but will accept message and attempt delivery")
+    }
+    /// `214` to HELP.
+    pub fn help() -> Reply {
+        Reply::new(214, "2.0.0 See RFC 5321 (https://www.rfc-editor.org/rfc/rfc5321)")
+    }
+    /// `500 5.5.1` for an unknown command.
+    pub fn unrecognized() -> Reply {
+        Reply::new(500, "5.5.1 Command unrecognized")
+    }
+    /// `500 5.5.2` for a command line over the limit.
+    pub fn line_too_long(max: usize) -> Reply {
+        Reply::new(500, format!("5.5.2 Line too long (limit {max} octets)"))
+    }
+    /// `501 5.5.4` for a syntax error in arguments.
+    pub fn syntax(what: &str) -> Reply {
+        Reply::new(501, format!("5.5.4 Syntax error: {what}"))
+    }
+    /// `502 5.5.1` for a command moat knows but does not implement.
+    pub fn not_implemented() -> Reply {
+        Reply::new(502, "5.5.1 Command not implemented")
+    }
+    /// `503 5.5.1` for a command out of sequence.
+    pub fn bad_sequence(what: &str) -> Reply {
+        Reply::new(503, format!("5.5.1 Bad sequence of commands: {what}"))
+    }
+    /// `504 5.5.4` / `555 5.5.4` for an unsupported MAIL/RCPT parameter (RFC 5321 4.1.1.11).
+    pub fn bad_parameter(name: &str) -> Reply {
+        Reply::new(555, format!("5.5.4 Unsupported parameter {name}"))
+    }
+    /// `552 5.3.4` when the message exceeds the size limit.
+    pub fn too_big(max: u64) -> Reply {
+        Reply::new(552, format!("5.3.4 Message size exceeds fixed limit of {max} octets"))
+    }
+    /// `452 4.5.3` past the recipient limit (RFC 5321 4.5.3.1.10).
+    pub fn too_many_recipients() -> Reply {
+        Reply::new(452, "4.5.3 Too many recipients")
+    }
+    /// `554 5.5.1` for DATA without any accepted recipient.
+    pub fn no_valid_recipients() -> Reply {
+        Reply::new(554, "5.5.1 No valid recipients")
+    }
+    /// `550 5.6.0` for a bare LF or CR under the reject policy.
+    pub fn bare_line_ending() -> Reply {
+        Reply::new(550, "5.6.0 Message contains bare LF or bare CR; lines must end with CRLF (RFC 5321 2.3.8)")
+    }
+    /// `550 5.6.0` for a text line over the limit.
+    pub fn text_line_too_long(max: usize) -> Reply {
+        Reply::new(550, format!("5.6.0 Message has a line longer than {max} octets (RFC 5321 4.5.3.1.6)"))
+    }
+    /// `553 5.6.7` for a non-ASCII address without SMTPUTF8 (RFC 6531 3.5).
+    pub fn utf8_without_smtputf8() -> Reply {
+        Reply::new(553, "5.6.7 Non-ASCII address requires SMTPUTF8")
+    }
+    /// `530 5.7.0` when a listener requires TLS first.
+    pub fn must_starttls() -> Reply {
+        Reply::new(530, "5.7.0 Must issue a STARTTLS command first")
+    }
+    /// `454 4.7.0` when TLS is unavailable.
+    pub fn tls_unavailable() -> Reply {
+        Reply::new(454, "4.7.0 TLS not available")
+    }
+    /// `421 4.7.0` when a connection limit is reached.
+    pub fn too_many_connections(host: &str) -> Reply {
+        Reply::new(421, format!("4.7.0 {host} Too many connections, try again later"))
+    }
+    /// `421 4.7.0` after too many errors.
+    pub fn too_many_errors(host: &str) -> Reply {
+        Reply::new(421, format!("4.7.0 {host} Too many errors, closing connection"))
+    }
+    /// `421 4.4.2` on an idle or session timeout.
+    pub fn timeout(host: &str) -> Reply {
+        Reply::new(421, format!("4.4.2 {host} Timeout exceeded, closing connection"))
+    }
+    /// `421 4.3.2` during shutdown.
+    pub fn shutting_down(host: &str) -> Reply {
+        Reply::new(421, format!("4.3.2 {host} Service shutting down, closing connection"))
+    }
+    /// `451 4.4.1` when the upstream cannot be reached.
+    pub fn upstream_unavailable() -> Reply {
+        Reply::new(451, "4.4.1 Upstream server unavailable, try again later")
+    }
+    /// `451 4.4.2` when the upstream failed during a transaction.
+    pub fn upstream_failed() -> Reply {
+        Reply::new(451, "4.4.2 Upstream server failed, try again later")
+    }
+    /// `451 4.3.0` for moat's own failure.
+    pub fn local_error() -> Reply {
+        Reply::new(451, "4.3.0 Local error in processing, try again later")
+    }
+    /// `452 4.3.1` when the spool cannot store the message.
+    pub fn insufficient_storage() -> Reply {
+        Reply::new(452, "4.3.1 Insufficient system storage")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_single_and_multi_line() {
+        assert_eq!(Reply::ok().render(), b"250 2.0.0 OK\r\n");
+        let r = Reply {
+            code: 250,
+            lines: vec!["mx.test".into(), "PIPELINING".into(), "SIZE 10".into()],
+        };
+        assert_eq!(r.render(), b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
+    }
+
+    #[test]
+    fn enhanced_code() {
+        assert_eq!(Reply::unrecognized().enhanced(), Some("5.5.1"));
+        assert_eq!(Reply::start_data().enhanced(), None);
+        assert_eq!(Reply::new(250, "2.0.0").enhanced(), Some("2.0.0"));
+        assert_eq!(Reply::new(250, "2.0").enhanced(), None);
+    }
+
+    #[test]
+    fn no_line_break_injection() {
+        let r = Reply::new(550, "bad\r\n250 ok");
+        assert_eq!(r.render(), b"550 bad  250 ok\r\n");
+    }
+}
