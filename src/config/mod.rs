@@ -30,8 +30,28 @@ pub struct Config {
     pub spool: SpoolConfig,
     pub trace: TraceConfig,
     pub metrics: MetricsConfig,
+    pub audit: AuditConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+}
+
+/// `[audit]`: where the per-transaction audit records go.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// `"stdout"`, `"off"`, or a file path (reopened on SIGUSR1 for log rotation).
+    pub destination: String,
+    /// Records waiting to be written; past this they are dropped and counted, never blocking a session.
+    pub queue: usize,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            destination: "stdout".into(),
+            queue: 4096,
+        }
+    }
 }
 
 /// `[server]`: who moat says it is.
@@ -241,6 +261,7 @@ impl Default for Config {
             spool: SpoolConfig::default(),
             trace: TraceConfig::default(),
             metrics: MetricsConfig::default(),
+            audit: AuditConfig::default(),
             log: LogConfig::default(),
             shutdown: ShutdownConfig::default(),
         }

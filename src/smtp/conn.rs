@@ -1,1 +1,446 @@
-//! async driver
+//! The async driver of one client connection: reads bytes, feeds the pure [`Session`], writes replies, and
+//! carries out what the session asks for (STARTTLS, pipeline checks, upstream MAIL/RCPT, reading DATA and
+//! BDAT into the spool, relaying at end of data). Every read has a deadline; shutdown is honoured between
+//! transactions.
+//!
+//! Replies are buffered and flushed only when no further complete command is waiting in the input
+//! (RFC 2920 3.1), so a pipelining client gets its replies in one write.
+
+mod message;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::audit::AuditSink;
+use crate::config::BareLineEndings;
+use crate::pipeline::{ConnInfo, Pipeline, TxnContext, Verdict};
+use crate::smtp::codec::{DataDecoder, Framed, Framing, LineReader};
+use crate::smtp::command::{MailFrom, RcptTo};
+use crate::smtp::session::{CloseReason, Session, SessionConfig, Step};
+use crate::smtp::Reply;
+use crate::spool::{Spool, SpoolBudget};
+use crate::tls::TlsInfo;
+use crate::upstream::{ClientIdentity, Connection, Pool, Stream, UpstreamError};
+
+/// Bytes read from the client at a time; the read buffer never holds more than this plus one command line.
+const READ_CHUNK: usize = 16 * 1024;
+/// Most of a message's header section kept for the pipeline and audit (the rest is only spooled).
+const MAX_HEAD: usize = 64 * 1024;
+
+/// Everything a connection on one listener shares with the others.
+pub struct ListenerContext {
+    pub name: Arc<str>,
+    pub session: Arc<SessionConfig>,
+    pub max_command_line: usize,
+    pub max_text_line: usize,
+    pub bare_line_endings: BareLineEndings,
+    pub idle_timeout: Duration,
+    pub data_timeout: Duration,
+    pub session_timeout: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub implicit_tls: bool,
+    pub received_header: bool,
+    pub reverse_dns: Option<Duration>,
+    pub pool: Arc<Pool>,
+    pub spool: SpoolBudget,
+    pub pipeline: Pipeline,
+    pub audit: AuditSink,
+    pub shutdown: CancellationToken,
+}
+
+/// One open transaction's data-side state.
+struct Txn {
+    id: String,
+    started: std::time::SystemTime,
+    ctx: TxnContext,
+    mail: MailFrom,
+    rcpts: Vec<(String, Reply)>,
+    decoder: Option<DataDecoder>,
+    spool: Spool,
+    /// The start of the message, up to the end of its header section (or [`MAX_HEAD`]).
+    head: Vec<u8>,
+    head_done: bool,
+    size: u64,
+    too_big: bool,
+    /// Writing to the spool failed (disk full): answered `452 4.3.1` at the end.
+    spool_failed: bool,
+}
+
+/// Why the read loop stopped.
+enum Stop {
+    Close(CloseReason),
+}
+
+/// The driver of one connection.
+struct Driver {
+    ctx: Arc<ListenerContext>,
+    conn_id: String,
+    session: Session,
+    io: Box<dyn Stream>,
+    rbuf: BytesMut,
+    wbuf: Vec<u8>,
+    lines: LineReader,
+    info: ConnInfo,
+    ident: ClientIdentity,
+    tls: Option<TlsInfo>,
+    upstream: Option<Connection>,
+    txn: Option<Txn>,
+    deadline: Instant,
+    txn_seq: u32,
+}
+
+/// Serves one accepted connection to its end. `io` is the raw TCP stream (TLS is layered here).
+pub async fn serve(ctx: Arc<ListenerContext>, io: tokio::net::TcpStream, peer: SocketAddr, local: SocketAddr, conn_id: String) -> CloseReason {
+    let _ = io.set_nodelay(true);
+    let name = match ctx.reverse_dns {
+        Some(limit) => reverse_name(peer.ip(), limit).await,
+        None => None,
+    };
+    let info = ConnInfo { listener: ctx.name.clone(), peer, local, name: name.clone() };
+    let mut d = Driver {
+        session: Session::new(ctx.session.clone(), ctx.implicit_tls),
+        io: Box::new(io),
+        rbuf: BytesMut::with_capacity(1024),
+        wbuf: Vec::with_capacity(512),
+        lines: LineReader::new(ctx.max_command_line),
+        ident: ClientIdentity { peer, local, name, helo: None, esmtp: false, login: None },
+        info,
+        tls: None,
+        upstream: None,
+        txn: None,
+        deadline: Instant::now() + ctx.session_timeout,
+        txn_seq: 0,
+        conn_id,
+        ctx,
+    };
+    let reason = d.run().await;
+    d.finish().await;
+    reason
+}
+
+/// Forward-confirmed reverse DNS (as Postfix does): the PTR name counts only if it resolves back to the IP.
+async fn reverse_name(ip: std::net::IpAddr, limit: Duration) -> Option<String> {
+    let lookup = async {
+        let name = tokio::task::spawn_blocking(move || dns_lookup::lookup_addr(&ip).ok()).await.ok()??;
+        let addrs = tokio::net::lookup_host((name.as_str(), 0)).await.ok()?;
+        let confirmed = addrs.into_iter().any(|a| a.ip() == ip);
+        (confirmed && name.parse::<std::net::IpAddr>().is_err()).then_some(name)
+    };
+    tokio::time::timeout(limit, lookup).await.ok().flatten()
+}
+
+// === impl Driver ===
+
+impl Driver {
+    async fn run(&mut self) -> CloseReason {
+        if self.ctx.implicit_tls {
+            if let Err(reason) = self.handshake().await {
+                return reason;
+            }
+        }
+        if let Verdict::Reject(r) | Verdict::Tempfail(r) = self.ctx.pipeline.connect(&self.info).await {
+            let r = Reply { code: if r.is_transient() { 421 } else { 554 }, lines: r.lines };
+            let _ = self.send_now(&r).await;
+            return CloseReason::Rejected;
+        }
+        let greeting = self.session.greeting();
+        if self.send_now(&greeting).await.is_err() {
+            return CloseReason::Io;
+        }
+        match self.command_loop().await {
+            Ok(()) => CloseReason::Quit,
+            Err(Stop::Close(r)) => r,
+        }
+    }
+
+    /// Reads and answers commands until the session ends.
+    async fn command_loop(&mut self) -> Result<(), Stop> {
+        loop {
+            let (n, framed) = self.lines.frame(&self.rbuf);
+            let line = match framed {
+                Some(Framed::Line(len)) => Some(self.rbuf[..len].to_vec()),
+                Some(Framed::TooLong) => None,
+                None => {
+                    self.rbuf.advance(n);
+                    self.flush().await?;
+                    self.read_command_input().await?;
+                    continue;
+                }
+            };
+            self.rbuf.advance(n);
+            let step = match line {
+                Some(line) => {
+                    crate::metrics::command(&line);
+                    self.session.command(&line)
+                }
+                None => {
+                    crate::metrics::limit_hit("max_command_line");
+                    self.session.line_too_long(self.ctx.max_command_line)
+                }
+            };
+            if let Some(reason) = self.step(step).await? {
+                self.flush().await?;
+                return match reason {
+                    CloseReason::Quit => Ok(()),
+                    r => Err(Stop::Close(r)),
+                };
+            }
+            if self.txn.is_some() && self.session.envelope().is_none() {
+                // RSET, EHLO or a failed chunk ended the transaction: abort it upstream too.
+                self.abort_txn("reset").await;
+            }
+        }
+    }
+
+    /// Carries out one step; `Some(reason)` ends the session after flushing.
+    async fn step(&mut self, step: Step) -> Result<Option<CloseReason>, Stop> {
+        match step {
+            Step::Reply(r) => self.queue(&r),
+            Step::Close(r, reason) => {
+                if reason == CloseReason::TooManyErrors {
+                    crate::metrics::limit_hit("max_errors");
+                }
+                self.queue(&r);
+                return Ok(Some(reason));
+            }
+            Step::StartTls => self.starttls().await?,
+            Step::Mail(m) => self.mail(m).await,
+            Step::Rcpt(r) => self.rcpt(r).await,
+            Step::Data => {
+                self.queue(&Reply::start_data());
+                self.flush().await?;
+                self.start_body(Framing::Dot);
+                self.read_dot_data().await?;
+                self.end_of_message().await;
+            }
+            Step::Bdat { size, last, refusal } => self.bdat(size, last, refusal).await?,
+        }
+        Ok(None)
+    }
+
+    async fn starttls(&mut self) -> Result<(), Stop> {
+        self.queue(&Reply::ready_for_tls());
+        self.flush().await?;
+        // RFC 3207 4.2 / CVE-2011-0411: anything pipelined after STARTTLS was sent in plaintext; drop it.
+        self.rbuf.clear();
+        self.lines = LineReader::new(self.ctx.max_command_line);
+        self.handshake().await.map_err(Stop::Close)?;
+        self.session.tls_started();
+        self.ident.helo = None;
+        Ok(())
+    }
+
+    /// Runs the TLS handshake on the current stream, within the handshake timeout.
+    async fn handshake(&mut self) -> Result<(), CloseReason> {
+        let Some(acceptor) = self.ctx.tls.clone() else {
+            return Err(CloseReason::TlsFailed);
+        };
+        let plain = std::mem::replace(&mut self.io, Box::new(tokio::io::empty()) as Box<dyn Stream>);
+        let listener = self.ctx.name.clone();
+        match tokio::time::timeout(self.ctx.tls_handshake_timeout, acceptor.accept(plain)).await {
+            Ok(Ok(tls)) => {
+                let info = TlsInfo::from_server(tls.get_ref().1);
+                crate::metrics::tls_handshake(&listener, info.version, "ok");
+                debug!(tls.version = info.version, tls.cipher = %info.cipher, "tls established");
+                self.tls = Some(info);
+                self.io = Box::new(tls);
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                crate::metrics::tls_handshake(&listener, "none", "error");
+                debug!(error = %e, "tls handshake failed");
+                Err(CloseReason::TlsFailed)
+            }
+            Err(_) => {
+                crate::metrics::tls_handshake(&listener, "none", "timeout");
+                Err(CloseReason::TlsFailed)
+            }
+        }
+    }
+
+    // --- MAIL / RCPT ---
+
+    async fn mail(&mut self, mail: MailFrom) {
+        let mut ctx = TxnContext::default();
+        let verdict = self.ctx.pipeline.mail(&self.info, &mut ctx, &mail).await;
+        let reply = match verdict.refusal() {
+            Some(r) => r.clone(),
+            None => self.upstream_mail(&mail).await,
+        };
+        self.session.mail_done(mail.clone(), &reply);
+        if reply.is_positive() {
+            self.txn_seq += 1;
+            self.txn = Some(Txn {
+                id: format!("{}.{}", self.conn_id, self.txn_seq),
+                started: std::time::SystemTime::now(),
+                ctx,
+                mail,
+                rcpts: Vec::new(),
+                decoder: None,
+                spool: self.ctx.spool.spool(),
+                head: Vec::new(),
+                head_done: false,
+                size: 0,
+                too_big: false,
+                spool_failed: false,
+            });
+        }
+        self.queue(&reply);
+    }
+
+    /// Borrows an upstream connection if needed and sends MAIL; a connection that went stale while the
+    /// client idled is replaced once.
+    async fn upstream_mail(&mut self, mail: &MailFrom) -> Reply {
+        if let Some(h) = self.session.helo() {
+            self.ident.helo = Some(h.name.clone());
+            self.ident.esmtp = h.extended;
+        }
+        for attempt in 0..2 {
+            let reused = match self.upstream.take() {
+                Some(c) => {
+                    self.upstream = Some(c);
+                    true
+                }
+                None => match self.ctx.pool.checkout(&self.ident).await {
+                    Ok((c, reused)) => {
+                        self.upstream = Some(c);
+                        reused
+                    }
+                    Err(e) => return self.upstream_failure(e, Reply::upstream_unavailable()),
+                },
+            };
+            let Some(conn) = self.upstream.as_mut() else { break };
+            match conn.mail(mail, None).await {
+                Ok(r) => return r,
+                Err(e) if attempt == 0 && reused && e.is_stale_connection() => {
+                    debug!(error = %e, "pooled upstream connection was stale; reconnecting");
+                    self.upstream = None;
+                }
+                Err(e) => {
+                    self.upstream = None;
+                    return self.upstream_failure(e, Reply::upstream_unavailable());
+                }
+            }
+        }
+        Reply::upstream_unavailable()
+    }
+
+    fn upstream_failure(&self, e: UpstreamError, reply: Reply) -> Reply {
+        crate::metrics::upstream_error(e.kind());
+        warn!(error = %e, source = ?std::error::Error::source(&e), upstream.addr = %self.ctx.pool.settings().address, "upstream failure");
+        reply
+    }
+
+    async fn rcpt(&mut self, rcpt: RcptTo) {
+        let Some(txn) = self.txn.as_mut() else {
+            self.queue(&Reply::bad_sequence("need MAIL before RCPT"));
+            return;
+        };
+        let verdict = self.ctx.pipeline.rcpt(&self.info, &mut txn.ctx, &rcpt).await;
+        let reply = match (verdict.refusal(), self.upstream.as_mut()) {
+            (Some(r), _) => r.clone(),
+            (None, Some(conn)) => match conn.rcpt(&rcpt).await {
+                Ok(r) => r,
+                Err(e) => {
+                    self.upstream = None;
+                    self.session.abort_transaction();
+                    self.upstream_failure(e, Reply::upstream_failed())
+                }
+            },
+            (None, None) => Reply::upstream_failed(),
+        };
+        crate::metrics::recipient(&self.ctx.name, reply.is_positive());
+        if let Some(txn) = self.txn.as_mut() {
+            txn.rcpts.push((rcpt.address.clone(), reply.clone()));
+        }
+        self.session.rcpt_done(rcpt, &reply);
+        self.queue(&reply);
+    }
+
+    // --- reading from the client ---
+
+    /// Reads more command input, within the idle timeout; honours shutdown between transactions.
+    async fn read_command_input(&mut self) -> Result<(), Stop> {
+        let idle = self.ctx.idle_timeout;
+        let shutdown = self.ctx.shutdown.clone();
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled(), if self.txn.is_none() => {
+                self.queue(&Reply::shutting_down(&self.ctx.session.hostname));
+                self.flush().await?;
+                Err(Stop::Close(CloseReason::Shutdown))
+            }
+            r = self.read_some(idle, "idle_timeout") => r,
+        }
+    }
+
+    /// One read into the buffer, bounded by `limit` and the session deadline.
+    async fn read_some(&mut self, limit: Duration, limit_name: &'static str) -> Result<(), Stop> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        let (wait, reason, name) = if left < limit {
+            (left, CloseReason::SessionTimeout, "session_timeout")
+        } else {
+            (limit, CloseReason::Idle, limit_name)
+        };
+        self.rbuf.reserve(READ_CHUNK);
+        match tokio::time::timeout(wait, self.io.read_buf(&mut self.rbuf)).await {
+            Ok(Ok(0)) => Err(Stop::Close(CloseReason::PeerClosed)),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                debug!(error = %e, "read failed");
+                Err(Stop::Close(CloseReason::Io))
+            }
+            Err(_) => {
+                crate::metrics::limit_hit(name);
+                self.queue(&Reply::timeout(&self.ctx.session.hostname));
+                let _ = self.flush().await;
+                Err(Stop::Close(reason))
+            }
+        }
+    }
+
+    // --- writing to the client ---
+
+    fn queue(&mut self, r: &Reply) {
+        r.render_into(&mut self.wbuf);
+    }
+
+    async fn flush(&mut self) -> Result<(), Stop> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let res = tokio::time::timeout(self.ctx.idle_timeout, async {
+            self.io.write_all(&self.wbuf).await?;
+            self.io.flush().await
+        })
+        .await;
+        self.wbuf.clear();
+        match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) | Err(_) => Err(Stop::Close(CloseReason::Io)),
+        }
+    }
+
+    async fn send_now(&mut self, r: &Reply) -> Result<(), Stop> {
+        self.queue(r);
+        self.flush().await
+    }
+
+    /// Ends the connection: an open transaction is aborted, the upstream connection goes back to the pool.
+    async fn finish(&mut self) {
+        if self.txn.is_some() {
+            self.abort_txn("aborted").await;
+        }
+        let _ = self.io.shutdown().await;
+        if let Some(conn) = self.upstream.take() {
+            self.ctx.pool.checkin(conn).await;
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The `moat` command: `serve` runs the proxy, `check` validates a configuration the way `nginx -t` or
+//! `postfix check` do. The library does the work; this file parses arguments, sets up logging, handles
+//! signals and maps errors to exit codes.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use moat::config::{Config, LogFormat};
+use tracing::{error, info, warn};
+
+const USAGE: &str = "usage: moat <serve|check> [--config FILE]\n\
+  serve   run the proxy (default config: config/moat.toml)\n\
+  check   validate the configuration and everything it points at; print every problem\n\
+  --version";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (cmd, config) = match parse_args(&args) {
+        Ok(x) => x,
+        Err(msg) => {
+            eprintln!("{msg}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    match cmd.as_str() {
+        "--version" | "version" => {
+            println!("moat {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        "check" => check(&config),
+        "serve" => serve(&config),
+        _ => {
+            eprintln!("{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn parse_args(args: &[String]) -> Result<(String, PathBuf), String> {
+    let mut cmd = None;
+    let mut config = PathBuf::from("config/moat.toml");
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--config" | "-c" => config = it.next().ok_or("--config needs a file")?.into(),
+            s if s.starts_with("--config=") => config = s["--config=".len()..].into(),
+            s if cmd.is_none() => cmd = Some(s.to_string()),
+            s => return Err(format!("unexpected argument {s:?}")),
+        }
+    }
+    Ok((cmd.unwrap_or_else(|| "serve".into()), config))
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match Config::load(path) {
+        Ok(config) => match moat::tls::ServerTls::load(&config.tls, &config.hostname()) {
+            Ok(_) => {
+                println!("{}: configuration ok", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{}: tls: {}", path.display(), error_chain(&e));
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("{}", error_chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}", error_chain(&e));
+            return ExitCode::FAILURE;
+        }
+    };
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let running = match moat::server::start(&config).await {
+            Ok(r) => r,
+            Err(e) => {
+                error!(error = %error_chain(&e), "cannot start");
+                return ExitCode::FAILURE;
+            }
+        };
+        info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), "moat started");
+        signals(&running).await;
+        running.stop().await;
+        ExitCode::SUCCESS
+    })
+}
+
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads what is reloadable meanwhile.
+async fn signals(running: &moat::server::Running) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        error!("cannot install signal handlers");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return,
+            _ = int.recv() => return,
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading");
+                if let Some(tls) = running.tls.clone() {
+                    match tokio::task::spawn_blocking(move || tls.reload()).await {
+                        Ok(Ok(changed)) => info!(changed, "tls certificates reloaded"),
+                        Ok(Err(e)) => warn!(error = %error_chain(&e), "tls reload refused; old certificates stay"),
+                        Err(e) => warn!(error = %e, "tls reload task failed"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Human => builder.init(),
+    }
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

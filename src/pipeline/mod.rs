@@ -1,0 +1,185 @@
+//! The filtering pipeline: stages that give a [`Verdict`] at each phase of a connection.
+//!
+//! Stages run in order; the first decisive verdict (accept, reject, tempfail) ends the phase. Each stage's
+//! verdict and time are recorded in the transaction's [`StageRecord`]s for the audit trail. Per-transaction
+//! state lives in [`TxnContext`], owned by the session, never in a stage. The rule-driven stages (lists,
+//! content rules, rates) plug in here; the core ships the trait, the runner and no stage.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::smtp::command::{MailFrom, RcptTo};
+use crate::smtp::Reply;
+
+/// A boxed future returned by stage hooks (trait objects cannot have `async fn` yet).
+pub type HookFuture<'a> = Pin<Box<dyn Future<Output = Verdict> + Send + 'a>>;
+
+/// What a stage decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// No opinion; the next stage runs.
+    Continue,
+    /// Accept: later stages of this phase are skipped.
+    Accept,
+    /// Refuse permanently with this `5xx` reply.
+    Reject(Reply),
+    /// Refuse for now with this `4xx` reply.
+    Tempfail(Reply),
+}
+
+impl Verdict {
+    /// A stable label for metrics and audit.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Verdict::Continue => "continue",
+            Verdict::Accept => "accept",
+            Verdict::Reject(_) => "reject",
+            Verdict::Tempfail(_) => "tempfail",
+        }
+    }
+
+    /// The refusal reply, if this verdict refuses.
+    pub fn refusal(&self) -> Option<&Reply> {
+        match self {
+            Verdict::Reject(r) | Verdict::Tempfail(r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// The connection facts every stage may read.
+#[derive(Clone, Debug)]
+pub struct ConnInfo {
+    pub listener: Arc<str>,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub name: Option<String>,
+}
+
+/// One stage's verdict and duration, for the audit record.
+#[derive(Clone, Debug)]
+pub struct StageRecord {
+    pub stage: &'static str,
+    pub phase: &'static str,
+    pub verdict: &'static str,
+    pub micros: u64,
+}
+
+/// Per-transaction state owned by the session.
+#[derive(Debug, Default)]
+pub struct TxnContext {
+    /// Verdicts so far, in order.
+    pub records: Vec<StageRecord>,
+    /// Header lines (canonical CRLF) that accepted verdicts ask to add to the message.
+    pub add_headers: Vec<String>,
+}
+
+/// One check in the pipeline. Every hook has a default that continues.
+pub trait Stage: Send + Sync {
+    /// A short, stable name (metrics label).
+    fn name(&self) -> &'static str;
+
+    /// After accept, before the greeting. A refusal becomes the `554` banner and the connection closes.
+    fn on_connect<'a>(&'a self, _conn: &'a ConnInfo) -> HookFuture<'a> {
+        Box::pin(async { Verdict::Continue })
+    }
+
+    /// On MAIL FROM, before the upstream sees it. A refusal is the reply to MAIL.
+    fn on_mail<'a>(&'a self, _conn: &'a ConnInfo, _txn: &'a mut TxnContext, _mail: &'a MailFrom) -> HookFuture<'a> {
+        Box::pin(async { Verdict::Continue })
+    }
+
+    /// On RCPT TO, before the upstream sees it. A refusal is the reply to that RCPT.
+    fn on_rcpt<'a>(&'a self, _conn: &'a ConnInfo, _txn: &'a mut TxnContext, _rcpt: &'a RcptTo) -> HookFuture<'a> {
+        Box::pin(async { Verdict::Continue })
+    }
+
+    /// At the end of data, before anything goes upstream, with the message's header section (canonical
+    /// CRLF, up to the spool's memory threshold). A refusal is the reply to the end of data.
+    fn on_end_of_data<'a>(&'a self, _conn: &'a ConnInfo, _txn: &'a mut TxnContext, _headers: &'a [u8]) -> HookFuture<'a> {
+        Box::pin(async { Verdict::Continue })
+    }
+}
+
+/// The ordered list of stages.
+#[derive(Clone, Default)]
+pub struct Pipeline {
+    stages: Vec<Arc<dyn Stage>>,
+}
+
+impl Pipeline {
+    /// A pipeline of these stages, in order.
+    pub fn new(stages: Vec<Arc<dyn Stage>>) -> Pipeline {
+        Pipeline { stages }
+    }
+
+    /// Runs `on_connect` of every stage.
+    pub async fn connect(&self, conn: &ConnInfo) -> Verdict {
+        for s in &self.stages {
+            let v = s.on_connect(conn).await;
+            if v != Verdict::Continue {
+                return v;
+            }
+        }
+        Verdict::Continue
+    }
+
+    /// Runs `on_mail`.
+    pub async fn mail(&self, conn: &ConnInfo, txn: &mut TxnContext, mail: &MailFrom) -> Verdict {
+        self.run(conn, txn, Hook::Mail(mail)).await
+    }
+
+    /// Runs `on_rcpt`.
+    pub async fn rcpt(&self, conn: &ConnInfo, txn: &mut TxnContext, rcpt: &RcptTo) -> Verdict {
+        self.run(conn, txn, Hook::Rcpt(rcpt)).await
+    }
+
+    /// Runs `on_end_of_data`.
+    pub async fn end_of_data(&self, conn: &ConnInfo, txn: &mut TxnContext, headers: &[u8]) -> Verdict {
+        self.run(conn, txn, Hook::EndOfData(headers)).await
+    }
+
+    async fn run(&self, conn: &ConnInfo, txn: &mut TxnContext, hook: Hook<'_>) -> Verdict {
+        for s in &self.stages {
+            let start = Instant::now();
+            let v = match hook {
+                Hook::Mail(m) => s.on_mail(conn, txn, m).await,
+                Hook::Rcpt(r) => s.on_rcpt(conn, txn, r).await,
+                Hook::EndOfData(h) => s.on_end_of_data(conn, txn, h).await,
+            };
+            crate::metrics::stage_seconds(s.name(), start.elapsed());
+            txn.records.push(StageRecord {
+                stage: s.name(),
+                phase: hook.phase(),
+                verdict: v.as_str(),
+                micros: start.elapsed().as_micros() as u64,
+            });
+            if v != Verdict::Continue {
+                return v;
+            }
+        }
+        Verdict::Continue
+    }
+}
+
+/// Which hook a pipeline run calls, with its argument.
+#[derive(Clone, Copy)]
+enum Hook<'a> {
+    Mail(&'a MailFrom),
+    Rcpt(&'a RcptTo),
+    EndOfData(&'a [u8]),
+}
+
+impl Hook<'_> {
+    fn phase(&self) -> &'static str {
+        match self {
+            Hook::Mail(_) => "mail",
+            Hook::Rcpt(_) => "rcpt",
+            Hook::EndOfData(_) => "data",
+        }
+    }
+
+}

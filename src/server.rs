@@ -1,0 +1,302 @@
+//! Listeners, admission and the life of the process: binds every `[[listener]]`, admits connections
+//! (global and per-IP limits answered with `421 4.7.0`), spawns one task per connection, serves metrics, and
+//! drains on shutdown.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::audit::{AuditDestination, AuditSink};
+use crate::config::{Config, ListenerConfig, ListenerMode};
+use crate::pipeline::Pipeline;
+use crate::shutdown::Shutdown;
+use crate::smtp::conn::{self, ListenerContext};
+use crate::smtp::session::SessionConfig;
+use crate::smtp::Reply;
+use crate::spool::SpoolBudget;
+use crate::tls::ServerTls;
+use crate::upstream::{Pool, UpstreamSettings};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr} (listener {name:?})")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up TLS")]
+    Tls(#[source] crate::tls::TlsError),
+    #[error("cannot start the metrics listener")]
+    Metrics(#[source] std::io::Error),
+}
+
+/// A started server: its bound addresses and the means to stop it.
+pub struct Running {
+    /// Each listener's name and bound address (useful with port 0).
+    pub listeners: Vec<(String, SocketAddr)>,
+    /// The bound metrics address, if enabled.
+    pub metrics: Option<SocketAddr>,
+    /// The shutdown state.
+    pub shutdown: Shutdown,
+    /// The TLS certificate store, for reloads.
+    pub tls: Option<Arc<ServerTls>>,
+    grace: Duration,
+    audit: AuditSink,
+}
+
+impl Running {
+    /// The bound address of the listener called `name`.
+    pub fn addr(&self, name: &str) -> Option<SocketAddr> {
+        self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+    }
+
+    /// Stops accepting, lets sessions finish within the grace period, then returns.
+    pub async fn stop(self) {
+        info!(grace = ?self.grace, "shutting down");
+        let cut = self.shutdown.drain(self.grace).await;
+        if cut > 0 {
+            warn!(sessions = cut, "grace period over; sessions cut off");
+        }
+        self.audit.close().await;
+        info!("stopped");
+    }
+}
+
+/// Per-IP connection counts; a [`IpSlot`] gives its count back when dropped.
+#[derive(Default)]
+struct PerIp {
+    counts: Mutex<HashMap<IpAddr, usize>>,
+}
+
+struct IpSlot {
+    ip: IpAddr,
+    table: Arc<PerIp>,
+}
+
+impl PerIp {
+    fn acquire(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(ip).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot { ip, table: self.clone() })
+    }
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut counts = self.table.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// What every accept loop shares.
+struct Admission {
+    global: Arc<Semaphore>,
+    per_ip: Arc<PerIp>,
+    max_per_ip: usize,
+    next_id: AtomicU64,
+    hostname: String,
+}
+
+/// Binds everything and starts serving. Blocking file reads (certificates) happen here, at start-up.
+pub async fn start(config: &Config) -> Result<Running, ServerError> {
+    let hostname = config.hostname();
+    let shutdown = Shutdown::new();
+    let metrics_handle = crate::metrics::install().ok();
+    let tls = if config.listeners.iter().any(|l| l.mode != ListenerMode::Plain) {
+        let t = ServerTls::load(&config.tls, &hostname).map_err(ServerError::Tls)?;
+        let t = Arc::new(t);
+        t.spawn_watcher(Duration::from_secs(5), shutdown.soft.clone());
+        Some(t)
+    } else {
+        None
+    };
+    let settings = UpstreamSettings::from_config(&config.upstream, &hostname);
+    let pool = Pool::new(settings);
+    tokio::spawn(pool.clone().reap(shutdown.soft.clone()));
+    let spool_dir = (!config.spool.directory.as_os_str().is_empty()).then(|| config.spool.directory.clone());
+    let spool = SpoolBudget::new(config.spool.memory_budget.bytes(), config.spool.memory_threshold.bytes(), spool_dir);
+    let audit = AuditSink::start(audit_destination(&config.audit.destination), config.audit.queue, shutdown.soft.clone());
+    let admission = Arc::new(Admission {
+        global: Arc::new(Semaphore::new(config.limits.max_connections)),
+        per_ip: Arc::new(PerIp::default()),
+        max_per_ip: config.limits.max_connections_per_ip,
+        next_id: AtomicU64::new(1),
+        hostname: hostname.clone(),
+    });
+    let mut bound = Vec::new();
+    for l in &config.listeners {
+        let listener = TcpListener::bind(l.address).await.map_err(|source| ServerError::Bind {
+            name: l.name.clone(),
+            addr: l.address,
+            source,
+        })?;
+        let addr = listener.local_addr().unwrap_or(l.address);
+        let ctx = Arc::new(listener_context(config, l, &hostname, tls.as_deref(), pool.clone(), spool.clone(), audit.clone(), &shutdown));
+        info!(listener = %l.name, address = %addr, mode = ?l.mode, role = ?l.role, "listening");
+        bound.push((l.name.clone(), addr));
+        tokio::spawn(accept_loop(listener, ctx, admission.clone(), shutdown.clone()));
+    }
+    let metrics = match (&metrics_handle, config.metrics.address.parse::<SocketAddr>()) {
+        (Some(handle), Ok(addr)) => {
+            let l = TcpListener::bind(addr).await.map_err(ServerError::Metrics)?;
+            let local = l.local_addr().map_err(ServerError::Metrics)?;
+            let ready = crate::metrics::Readiness::default();
+            ready.set_listeners_bound(true);
+            ready.set_upstream_ok(true);
+            tokio::spawn(crate::metrics::serve(l, handle.clone(), ready, None, shutdown.soft.clone()));
+            info!(address = %local, "metrics listening");
+            Some(local)
+        }
+        _ => None,
+    };
+    Ok(Running {
+        listeners: bound,
+        metrics,
+        shutdown,
+        tls,
+        grace: config.shutdown.grace_period.get(),
+        audit,
+    })
+}
+
+fn audit_destination(dest: &str) -> AuditDestination {
+    match dest {
+        "stdout" => AuditDestination::Stdout,
+        "off" | "" => AuditDestination::Off,
+        path => AuditDestination::File(path.into()),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn listener_context(
+    config: &Config,
+    l: &ListenerConfig,
+    hostname: &str,
+    tls: Option<&ServerTls>,
+    pool: Arc<Pool>,
+    spool: SpoolBudget,
+    audit: AuditSink,
+    shutdown: &Shutdown,
+) -> ListenerContext {
+    let lim = &config.limits;
+    let acceptor = if l.mode == ListenerMode::Plain { None } else { tls.map(ServerTls::acceptor) };
+    ListenerContext {
+        name: l.name.as_str().into(),
+        session: Arc::new(SessionConfig {
+            hostname: hostname.to_string(),
+            greeting: config.server.greeting.clone(),
+            role: l.role,
+            mode: l.mode,
+            starttls: l.mode == ListenerMode::Starttls && acceptor.is_some(),
+            require_tls: l.require_tls,
+            max_message_size: lim.max_message_size.bytes(),
+            max_recipients: lim.max_recipients,
+            max_errors: lim.max_errors,
+        }),
+        max_command_line: lim.max_command_line,
+        max_text_line: lim.max_text_line,
+        bare_line_endings: lim.bare_line_endings,
+        idle_timeout: lim.idle_timeout.get(),
+        data_timeout: lim.data_timeout.get(),
+        session_timeout: lim.session_timeout.get(),
+        tls_handshake_timeout: config.tls.handshake_timeout.get(),
+        implicit_tls: l.mode == ListenerMode::ImplicitTls,
+        tls: acceptor,
+        received_header: config.trace.received_header,
+        reverse_dns: config.server.reverse_dns.then(|| config.server.reverse_dns_timeout.get()),
+        pool,
+        spool,
+        pipeline: Pipeline::default(),
+        audit,
+        shutdown: shutdown.soft.clone(),
+    }
+}
+
+/// Accepts until shutdown; each connection gets a task, or a `421` when a limit is reached.
+async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>, adm: Arc<Admission>, shutdown: Shutdown) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = shutdown.soft.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE/ENFILE and friends: back off instead of spinning.
+                error!(error = %e, listener = %ctx.name, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        admit(stream, peer, &ctx, &adm, &shutdown);
+    }
+    debug!(listener = %ctx.name, "listener closed");
+}
+
+fn admit(stream: TcpStream, peer: SocketAddr, ctx: &Arc<ListenerContext>, adm: &Arc<Admission>, shutdown: &Shutdown) {
+    let permit: Option<OwnedSemaphorePermit> = adm.global.clone().try_acquire_owned().ok();
+    let Some(permit) = permit else {
+        crate::metrics::connection(&ctx.name, "rejected_limit");
+        crate::metrics::limit_hit("max_connections");
+        refuse(stream, Reply::too_many_connections(&adm.hostname), shutdown);
+        return;
+    };
+    let Some(slot) = adm.per_ip.acquire(peer.ip(), adm.max_per_ip) else {
+        crate::metrics::connection(&ctx.name, "rejected_limit");
+        crate::metrics::limit_hit("max_connections_per_ip");
+        refuse(stream, Reply::too_many_connections(&adm.hostname), shutdown);
+        return;
+    };
+    crate::metrics::connection(&ctx.name, "accepted");
+    let id = format!("{:08X}", adm.next_id.fetch_add(1, Ordering::Relaxed));
+    let local = stream.local_addr().unwrap_or(peer);
+    let span = tracing::info_span!("conn", id = %id, listener = %ctx.name, client.addr = %peer);
+    let ctx = ctx.clone();
+    let hard = shutdown.hard.clone();
+    shutdown.tasks.spawn(
+        async move {
+            let _permits = (permit, slot);
+            crate::metrics::active(&ctx.name, 1.0);
+            debug!("connected");
+            let reason = tokio::select! {
+                r = conn::serve(ctx.clone(), stream, peer, local, id) => r,
+                _ = hard.cancelled() => crate::smtp::session::CloseReason::Shutdown,
+            };
+            crate::metrics::active(&ctx.name, -1.0);
+            crate::metrics::session_closed(&ctx.name, reason.as_str());
+            debug!(reason = reason.as_str(), "closed");
+        }
+        .instrument(span),
+    );
+}
+
+/// Answers `421` and closes, without holding a permit (bounded by a short timeout).
+fn refuse(mut stream: TcpStream, reply: Reply, shutdown: &Shutdown) {
+    shutdown.tasks.spawn(async move {
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = stream.write_all(&reply.render()).await;
+            let _ = stream.shutdown().await;
+        })
+        .await;
+    });
+}

@@ -1,0 +1,262 @@
+//! Where message data waits for its verdict, with bounded memory.
+//!
+//! A message is held in memory up to `spool.memory_threshold`; past that (or when the global
+//! `spool.memory_budget` shared by all sessions is used up) it spills to a private temporary file that is
+//! unlinked from the moment it is created (`O_TMPFILE` / `tempfile::tempfile_in`), so nothing is left on disk
+//! if moat dies and no other process can open it. Memory per session therefore stays bounded whatever the
+//! message size. The spool stores canonical, unstuffed message bytes; the relay re-stuffs them.
+
+use std::io::{self, SeekFrom};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::fs::File;
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Granularity of memory reservations against the budget, in bytes.
+const BUDGET_UNIT: usize = 1024;
+/// Memory is reserved in steps of this many units (64 KiB), so the semaphore is not touched per write.
+const RESERVE_STEP: u32 = 64;
+/// Write buffer in front of a spill file, and the read chunk size when relaying.
+pub const FILE_CHUNK: usize = 64 * 1024;
+
+/// The global memory budget for spooled messages, shared by all sessions.
+#[derive(Clone, Debug)]
+pub struct SpoolBudget {
+    sem: Arc<Semaphore>,
+    threshold: usize,
+    dir: Option<PathBuf>,
+}
+
+impl SpoolBudget {
+    /// A budget of `budget` bytes; each message keeps at most `threshold` bytes in memory; spill files go to
+    /// `dir` (or the system temporary directory).
+    pub fn new(budget: u64, threshold: u64, dir: Option<PathBuf>) -> SpoolBudget {
+        let units = (budget / BUDGET_UNIT as u64).min(u64::from(u32::MAX >> 3)) as usize;
+        SpoolBudget {
+            sem: Arc::new(Semaphore::new(units)),
+            threshold: threshold as usize,
+            dir,
+        }
+    }
+
+    /// Bytes of the budget not reserved right now.
+    pub fn available(&self) -> usize {
+        self.sem.available_permits() * BUDGET_UNIT
+    }
+
+    /// An empty spool for one message.
+    pub fn spool(&self) -> Spool {
+        Spool {
+            budget: self.clone(),
+            mem: Vec::new(),
+            permit: None,
+            file: None,
+            len: 0,
+        }
+    }
+}
+
+/// One message's bytes.
+#[derive(Debug)]
+pub struct Spool {
+    budget: SpoolBudget,
+    /// In memory: the whole message. Spilled: the write buffer in front of the file.
+    mem: Vec<u8>,
+    /// The memory reserved against the budget for `mem`.
+    permit: Option<OwnedSemaphorePermit>,
+    file: Option<File>,
+    len: u64,
+}
+
+impl Spool {
+    /// Total bytes written.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether nothing was written.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether the message spilled to disk.
+    pub fn spilled(&self) -> bool {
+        self.file.is_some()
+    }
+
+    /// Appends bytes.
+    pub async fn write(&mut self, data: &[u8]) -> io::Result<()> {
+        self.len += data.len() as u64;
+        if self.file.is_some() {
+            self.mem.extend_from_slice(data);
+            if self.mem.len() >= FILE_CHUNK {
+                self.flush_buffer().await?;
+            }
+            return Ok(());
+        }
+        let want = self.mem.len() + data.len();
+        if want <= self.budget.threshold && self.reserve(want) {
+            self.mem.extend_from_slice(data);
+            return Ok(());
+        }
+        self.spill().await?;
+        self.mem.extend_from_slice(data);
+        if self.mem.len() >= FILE_CHUNK {
+            self.flush_buffer().await?;
+        }
+        Ok(())
+    }
+
+    /// Makes sure `want` bytes are reserved against the budget; false when the budget is exhausted.
+    fn reserve(&mut self, want: usize) -> bool {
+        let have = self.permit.as_ref().map_or(0, |p| p.num_permits()) * BUDGET_UNIT;
+        if want <= have {
+            return true;
+        }
+        let missing = (want - have).div_ceil(BUDGET_UNIT) as u32;
+        let step = missing.max(RESERVE_STEP);
+        match self.budget.sem.clone().try_acquire_many_owned(step) {
+            Ok(p) => {
+                match &mut self.permit {
+                    Some(old) => old.merge(p),
+                    None => self.permit = Some(p),
+                }
+                crate::metrics::spool_memory(self.budget.sem.available_permits() * BUDGET_UNIT);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Moves what is in memory into a fresh unlinked file and gives the memory back to the budget.
+    async fn spill(&mut self) -> io::Result<()> {
+        let dir = self.budget.dir.clone();
+        let file = tokio::task::spawn_blocking(move || match dir {
+            Some(d) => tempfile::tempfile_in(d),
+            None => tempfile::tempfile(),
+        })
+        .await
+        .map_err(io::Error::other)??;
+        self.file = Some(File::from_std(file));
+        crate::metrics::spool_spilled();
+        self.flush_buffer().await?;
+        self.mem = Vec::with_capacity(FILE_CHUNK);
+        self.permit = None;
+        Ok(())
+    }
+
+    async fn flush_buffer(&mut self) -> io::Result<()> {
+        if let Some(f) = &mut self.file {
+            f.write_all(&self.mem).await?;
+            self.mem.clear();
+        }
+        Ok(())
+    }
+
+    /// Prepares for reading from the start: flushes a spill file and rewinds it.
+    pub async fn rewind(&mut self) -> io::Result<()> {
+        self.flush_buffer().await?;
+        if let Some(f) = &mut self.file {
+            f.flush().await?;
+            f.seek(SeekFrom::Start(0)).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads the next chunk after [`Spool::rewind`]; `Ok(None)` at the end. In memory, the whole message is
+    /// one chunk.
+    pub async fn next_chunk<'a>(&'a mut self, buf: &'a mut Vec<u8>, pos: &mut u64) -> io::Result<Option<&'a [u8]>> {
+        if *pos >= self.len {
+            return Ok(None);
+        }
+        match &mut self.file {
+            None => {
+                *pos = self.len;
+                Ok(Some(&self.mem[..]))
+            }
+            Some(f) => {
+                buf.resize(FILE_CHUNK, 0);
+                let n = f.read(buf).await?;
+                if n == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "spool file shorter than written"));
+                }
+                *pos += n as u64;
+                Ok(Some(&buf[..n]))
+            }
+        }
+    }
+
+    /// The first bytes of the message held in memory (up to the threshold), e.g. to read its header section
+    /// when the message did not spill.
+    pub fn memory(&self) -> Option<&[u8]> {
+        self.file.is_none().then_some(&self.mem[..])
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        if self.permit.take().is_some() {
+            // the permit returns itself to the semaphore when dropped; just refresh the gauge
+            crate::metrics::spool_memory(self.budget.sem.available_permits() * BUDGET_UNIT);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn read_all(s: &mut Spool) -> Vec<u8> {
+        s.rewind().await.unwrap();
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        let mut pos = 0;
+        while let Some(c) = s.next_chunk(&mut buf, &mut pos).await.unwrap() {
+            out.extend_from_slice(c);
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn small_stays_in_memory() {
+        let b = SpoolBudget::new(1 << 20, 4096, None);
+        let mut s = b.spool();
+        s.write(b"hello ").await.unwrap();
+        s.write(b"world").await.unwrap();
+        assert!(!s.spilled());
+        assert!(b.available() < 1 << 20);
+        assert_eq!(read_all(&mut s).await, b"hello world");
+        drop(s);
+        assert_eq!(b.available(), 1 << 20);
+    }
+
+    #[tokio::test]
+    async fn large_spills_and_reads_back() {
+        let b = SpoolBudget::new(1 << 20, 4096, None);
+        let mut s = b.spool();
+        let mut expect = Vec::new();
+        for i in 0..5000u32 {
+            let line = format!("line {i} {}\r\n", "x".repeat((i % 97) as usize));
+            s.write(line.as_bytes()).await.unwrap();
+            expect.extend_from_slice(line.as_bytes());
+        }
+        assert!(s.spilled());
+        assert_eq!(s.len(), expect.len() as u64);
+        assert_eq!(b.available(), 1 << 20, "spilled spool holds no budget");
+        assert_eq!(read_all(&mut s).await, expect);
+    }
+
+    #[tokio::test]
+    async fn exhausted_budget_spills_at_once() {
+        let b = SpoolBudget::new(64 * 1024, 1 << 20, None);
+        let mut first = b.spool();
+        first.write(&[b'a'; 1000]).await.unwrap();
+        assert!(!first.spilled());
+        let mut second = b.spool();
+        second.write(&[b'b'; 1000]).await.unwrap();
+        assert!(second.spilled(), "budget was taken by the first spool");
+        assert_eq!(read_all(&mut second).await, vec![b'b'; 1000]);
+    }
+}

@@ -1,0 +1,424 @@
+//! The SMTP client side: moat's connection to the upstream MTA (Postfix's smtpd on loopback).
+//!
+//! A client session borrows an [`Connection`] from the [`Pool`] when its first transaction starts, re-sends
+//! the client's identity (XCLIENT, which Postfix accepts between transactions), relays MAIL and RCPT and
+//! passes the upstream's replies back, and sends the message only after moat's verdict accepted it. Every
+//! wait has a deadline; every failure is an [`UpstreamError`] that the session turns into a `4xx`.
+
+mod identity;
+mod pool;
+
+pub use identity::{xtext, ClientIdentity};
+pub use pool::Pool;
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use crate::config::{Identity, UpstreamConfig};
+use crate::smtp::command::{Body, MailFrom, RcptTo};
+use crate::smtp::Reply;
+use crate::spool::Spool;
+
+/// Longest reply line accepted from the upstream (RFC 5321 4.5.3.1.5 says 512; be generous).
+const MAX_REPLY_LINE: usize = 4096;
+/// Most lines in one multi-line reply.
+const MAX_REPLY_LINES: usize = 64;
+
+/// The stage of the upstream conversation an error happened in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Connect,
+    Greeting,
+    Ehlo,
+    Xclient,
+    Mail,
+    Rcpt,
+    Data,
+    Message,
+    Rset,
+}
+
+/// Why the upstream could not do what was asked. Replies the upstream actually sent are not errors.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("cannot connect to upstream {addr}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("upstream timed out during {0:?}")]
+    Timeout(Phase),
+    #[error("upstream connection failed during {phase:?}")]
+    Io {
+        phase: Phase,
+        #[source]
+        source: io::Error,
+    },
+    #[error("upstream protocol error during {phase:?}: {what}")]
+    Protocol { phase: Phase, what: String },
+    #[error("upstream refused during {phase:?}: {reply}")]
+    Refused { phase: Phase, reply: Reply },
+    #[error("upstream does not offer XCLIENT to moat (add moat's address to Postfix's smtpd_authorized_xclient_hosts)")]
+    NoXclient,
+}
+
+impl UpstreamError {
+    /// The metric label for this error.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            UpstreamError::Connect { .. } => "connect",
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::Io { .. } => "io",
+            UpstreamError::Protocol { .. } | UpstreamError::Refused { .. } | UpstreamError::NoXclient => "protocol",
+        }
+    }
+
+    /// Whether the connection is simply gone (worth one retry on a fresh connection before anything was sent).
+    pub fn is_stale_connection(&self) -> bool {
+        matches!(self, UpstreamError::Io { .. })
+    }
+}
+
+/// Settings for the upstream side, derived from `[upstream]`.
+#[derive(Clone, Debug)]
+pub struct UpstreamSettings {
+    pub address: SocketAddr,
+    pub identity: Identity,
+    pub helo_name: String,
+    pub pool_size: usize,
+    pub pool_idle_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+}
+
+impl UpstreamSettings {
+    /// From the config section; `hostname` is used when `helo_name` is empty.
+    pub fn from_config(c: &UpstreamConfig, hostname: &str) -> UpstreamSettings {
+        UpstreamSettings {
+            address: c.address,
+            identity: c.identity,
+            helo_name: if c.helo_name.is_empty() { hostname.to_string() } else { c.helo_name.clone() },
+            pool_size: c.pool_size,
+            pool_idle_timeout: c.pool_idle_timeout.get(),
+            connect_timeout: c.connect_timeout.get(),
+            command_timeout: c.command_timeout.get(),
+            data_timeout: c.data_timeout.get(),
+        }
+    }
+}
+
+/// What the upstream offered in its EHLO reply.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Extensions {
+    pub size: bool,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+    pub dsn: bool,
+    pub xclient: bool,
+    pub starttls: bool,
+}
+
+impl Extensions {
+    fn parse(reply: &Reply) -> Extensions {
+        let mut e = Extensions::default();
+        for line in reply.lines.iter().skip(1) {
+            let kw = line.split(' ').next().unwrap_or("").to_ascii_uppercase();
+            match kw.as_str() {
+                "SIZE" => e.size = true,
+                "8BITMIME" => e.eight_bit = true,
+                "SMTPUTF8" => e.smtputf8 = true,
+                "DSN" => e.dsn = true,
+                "XCLIENT" => e.xclient = true,
+                "STARTTLS" => e.starttls = true,
+                _ => {}
+            }
+        }
+        e
+    }
+}
+
+/// A byte stream to the upstream: plain TCP today, TLS once upstream STARTTLS is configured.
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+
+/// One SMTP connection to the upstream.
+pub struct Connection {
+    io: BufReader<BufWriter<Box<dyn Stream>>>,
+    ext: Extensions,
+    settings: std::sync::Arc<UpstreamSettings>,
+    /// Whether MAIL was sent and the transaction not yet finished or reset.
+    in_transaction: bool,
+    line: Vec<u8>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("ext", &self.ext).finish_non_exhaustive()
+    }
+}
+
+// === impl Connection ===
+
+impl Connection {
+    /// Connects, reads the greeting, sends EHLO; with PROXY v2 the header goes first.
+    pub async fn connect(
+        settings: std::sync::Arc<UpstreamSettings>,
+        ident: Option<&ClientIdentity>,
+    ) -> Result<Connection, UpstreamError> {
+        let start = std::time::Instant::now();
+        let addr = settings.address;
+        let tcp = timeout(settings.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| UpstreamError::Timeout(Phase::Connect))?
+            .map_err(|source| UpstreamError::Connect { addr, source })?;
+        // Without TCP_NODELAY each command/reply round trip waits on Nagle + delayed ACK (~40 ms).
+        let _ = tcp.set_nodelay(true);
+        let mut conn = Connection {
+            io: BufReader::new(BufWriter::new(Box::new(tcp) as Box<dyn Stream>)),
+            ext: Extensions::default(),
+            settings,
+            in_transaction: false,
+            line: Vec::with_capacity(256),
+        };
+        if let (Identity::ProxyV2, Some(id)) = (conn.settings.identity, ident) {
+            conn.write(&id.proxy_v2_header(), Phase::Connect).await?;
+        }
+        let greeting = conn.read_reply(Phase::Greeting, conn.settings.command_timeout).await?;
+        if greeting.code != 220 {
+            return Err(UpstreamError::Refused { phase: Phase::Greeting, reply: greeting });
+        }
+        let name = conn.settings.helo_name.clone();
+        conn.ehlo(&name).await?;
+        crate::metrics::upstream_connect_seconds(start.elapsed());
+        Ok(conn)
+    }
+
+    /// The extensions the upstream offered.
+    pub fn extensions(&self) -> &Extensions {
+        &self.ext
+    }
+
+    async fn ehlo(&mut self, name: &str) -> Result<(), UpstreamError> {
+        let reply = self.command(&format!("EHLO {name}"), Phase::Ehlo).await?;
+        if reply.code != 250 {
+            return Err(UpstreamError::Refused { phase: Phase::Ehlo, reply });
+        }
+        self.ext = Extensions::parse(&reply);
+        Ok(())
+    }
+
+    /// Introduces the client with XCLIENT (when configured), then EHLO again as the client's name.
+    pub async fn introduce(&mut self, ident: &ClientIdentity) -> Result<(), UpstreamError> {
+        if self.settings.identity != Identity::Xclient {
+            return Ok(());
+        }
+        if !self.ext.xclient {
+            return Err(UpstreamError::NoXclient);
+        }
+        let reply = self.command(&ident.xclient_command(), Phase::Xclient).await?;
+        if reply.code != 220 {
+            return Err(UpstreamError::Refused { phase: Phase::Xclient, reply });
+        }
+        // XCLIENT resets the upstream session to just after the greeting; EHLO with the client's own name,
+        // which is what the upstream then logs and checks as the HELO name.
+        let name = ident.helo.clone().unwrap_or_else(|| self.settings.helo_name.clone());
+        self.ehlo(&name).await
+    }
+
+    /// Sends MAIL FROM with the parameters the upstream supports. Returns the upstream's reply.
+    pub async fn mail(&mut self, mail: &MailFrom, size_hint: Option<u64>) -> Result<Reply, UpstreamError> {
+        let mut line = format!("MAIL FROM:<{}>", mail.address);
+        if let (true, Some(size)) = (self.ext.size, mail.size.or(size_hint)) {
+            line.push_str(&format!(" SIZE={size}"));
+        }
+        if self.ext.eight_bit {
+            match mail.body {
+                Some(Body::EightBitMime) => line.push_str(" BODY=8BITMIME"),
+                Some(Body::SevenBit) => line.push_str(" BODY=7BIT"),
+                None => {}
+            }
+        }
+        if mail.smtputf8 {
+            if !self.ext.smtputf8 {
+                return Ok(Reply::new(553, "5.6.7 Upstream does not support SMTPUTF8"));
+            }
+            line.push_str(" SMTPUTF8");
+        }
+        if self.ext.dsn {
+            for p in &mail.dsn {
+                line.push(' ');
+                line.push_str(&p.to_string());
+            }
+        }
+        let reply = self.command(&line, Phase::Mail).await?;
+        crate::metrics::upstream_reply("mail", reply.code);
+        self.in_transaction = reply.is_positive();
+        Ok(reply)
+    }
+
+    /// Sends RCPT TO; returns the upstream's reply.
+    pub async fn rcpt(&mut self, rcpt: &RcptTo) -> Result<Reply, UpstreamError> {
+        let mut line = format!("RCPT TO:<{}>", rcpt.address);
+        if self.ext.dsn {
+            for p in &rcpt.dsn {
+                line.push(' ');
+                line.push_str(&p.to_string());
+            }
+        }
+        let reply = self.command(&line, Phase::Rcpt).await?;
+        crate::metrics::upstream_reply("rcpt", reply.code);
+        Ok(reply)
+    }
+
+    /// Sends the message: DATA, then `prefix` (headers moat adds, canonical CRLF) and the spooled message,
+    /// dot-stuffed, then the end marker. Returns the upstream's final reply (or its refusal of DATA).
+    pub async fn send_message(&mut self, prefix: &[u8], spool: &mut Spool) -> Result<Reply, UpstreamError> {
+        let start = std::time::Instant::now();
+        let reply = self.command("DATA", Phase::Data).await?;
+        if reply.code != 354 {
+            self.in_transaction = false;
+            crate::metrics::upstream_reply("data", reply.code);
+            return Ok(reply);
+        }
+        let io_err = |source| UpstreamError::Io { phase: Phase::Message, source };
+        spool.rewind().await.map_err(io_err)?;
+        let mut wire = Vec::with_capacity(crate::spool::FILE_CHUNK + 1024);
+        let mut at_line_start = true;
+        crate::smtp::codec::stuff(prefix, &mut at_line_start, &mut wire);
+        let (mut buf, mut pos) = (Vec::new(), 0u64);
+        while let Some(chunk) = spool.next_chunk(&mut buf, &mut pos).await.map_err(io_err)? {
+            for piece in chunk.chunks(crate::spool::FILE_CHUNK) {
+                crate::smtp::codec::stuff(piece, &mut at_line_start, &mut wire);
+                self.write(&wire, Phase::Message).await?;
+                wire.clear();
+            }
+        }
+        if !at_line_start {
+            wire.extend_from_slice(b"\r\n"); // the spool always ends lines; this only guards the invariant
+        }
+        wire.extend_from_slice(b".\r\n");
+        self.write(&wire, Phase::Message).await?;
+        self.flush(Phase::Message).await?;
+        let reply = self.read_reply(Phase::Message, self.settings.data_timeout).await?;
+        self.in_transaction = false;
+        crate::metrics::upstream_reply("data", reply.code);
+        crate::metrics::upstream_transaction_seconds(start.elapsed());
+        Ok(reply)
+    }
+
+    /// Aborts any open transaction with RSET (nothing is queued by an unfinished transaction).
+    pub async fn reset(&mut self) -> Result<(), UpstreamError> {
+        let reply = self.command("RSET", Phase::Rset).await?;
+        self.in_transaction = false;
+        if reply.code != 250 {
+            return Err(UpstreamError::Refused { phase: Phase::Rset, reply });
+        }
+        Ok(())
+    }
+
+    /// Whether a MAIL transaction is open upstream.
+    pub fn in_transaction(&self) -> bool {
+        self.in_transaction
+    }
+
+    /// Says QUIT and closes, best effort.
+    pub async fn quit(mut self) {
+        let _ = timeout(Duration::from_secs(2), self.command("QUIT", Phase::Rset)).await;
+    }
+
+    /// Sends one command line and reads its reply.
+    async fn command(&mut self, line: &str, phase: Phase) -> Result<Reply, UpstreamError> {
+        let mut bytes = Vec::with_capacity(line.len() + 2);
+        bytes.extend_from_slice(line.as_bytes());
+        bytes.extend_from_slice(b"\r\n");
+        self.write(&bytes, phase).await?;
+        self.flush(phase).await?;
+        self.read_reply(phase, self.settings.command_timeout).await
+    }
+
+    async fn write(&mut self, bytes: &[u8], phase: Phase) -> Result<(), UpstreamError> {
+        let t = self.settings.command_timeout;
+        match timeout(t, self.io.get_mut().write_all(bytes)).await {
+            Err(_) => Err(UpstreamError::Timeout(phase)),
+            Ok(r) => r.map_err(|source| UpstreamError::Io { phase, source }),
+        }
+    }
+
+    async fn flush(&mut self, phase: Phase) -> Result<(), UpstreamError> {
+        let t = self.settings.command_timeout;
+        match timeout(t, self.io.get_mut().flush()).await {
+            Err(_) => Err(UpstreamError::Timeout(phase)),
+            Ok(r) => r.map_err(|source| UpstreamError::Io { phase, source }),
+        }
+    }
+
+    /// Reads one (possibly multi-line) reply within `limit`.
+    async fn read_reply(&mut self, phase: Phase, limit: Duration) -> Result<Reply, UpstreamError> {
+        match timeout(limit, self.read_reply_inner(phase)).await {
+            Err(_) => Err(UpstreamError::Timeout(phase)),
+            Ok(r) => r,
+        }
+    }
+
+    async fn read_reply_inner(&mut self, phase: Phase) -> Result<Reply, UpstreamError> {
+        let mut reply = Reply { code: 0, lines: Vec::new() };
+        loop {
+            self.read_line(phase).await?;
+            let line = &self.line;
+            let bad = |what: &str| UpstreamError::Protocol { phase, what: what.into() };
+            if line.len() < 3 || !line[..3].iter().all(u8::is_ascii_digit) {
+                return Err(bad("reply line without a code"));
+            }
+            let code = (line[0] - b'0') as u16 * 100 + (line[1] - b'0') as u16 * 10 + (line[2] - b'0') as u16;
+            if reply.code != 0 && code != reply.code {
+                return Err(bad("reply code changed within a multi-line reply"));
+            }
+            reply.code = code;
+            let text = String::from_utf8_lossy(line.get(4..).unwrap_or_default()).into_owned();
+            reply.lines.push(text);
+            match line.get(3) {
+                Some(b'-') if reply.lines.len() < MAX_REPLY_LINES => continue,
+                Some(b'-') => return Err(bad("too many reply lines")),
+                Some(b' ') | None => return Ok(reply),
+                Some(_) => return Err(bad("malformed reply line")),
+            }
+        }
+    }
+
+    /// Reads one line into `self.line` without CRLF, refusing lines over [`MAX_REPLY_LINE`].
+    async fn read_line(&mut self, phase: Phase) -> Result<(), UpstreamError> {
+        self.line.clear();
+        loop {
+            let buf = self.io.fill_buf().await.map_err(|source| UpstreamError::Io { phase, source })?;
+            if buf.is_empty() {
+                let source = io::Error::new(io::ErrorKind::UnexpectedEof, "upstream closed the connection");
+                return Err(UpstreamError::Io { phase, source });
+            }
+            let (take, done) = match memchr::memchr(b'\n', buf) {
+                Some(i) => (i + 1, true),
+                None => (buf.len(), false),
+            };
+            self.line.extend_from_slice(&buf[..take]);
+            self.io.consume(take);
+            if self.line.len() > MAX_REPLY_LINE {
+                return Err(UpstreamError::Protocol { phase, what: "reply line too long".into() });
+            }
+            if done {
+                while matches!(self.line.last(), Some(b'\n' | b'\r')) {
+                    self.line.pop();
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,79 @@
+//! Starting moat in-process on loopback, and a small SMTP client for tests.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use moat::config::Config;
+use moat::server::Running;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// A config for tests: one plain listener on a free port, relaying to `upstream`, no metrics, no audit,
+/// no reverse DNS; `extra` is TOML with dotted keys (`limits.max_recipients = 1`) appended at the root.
+pub fn test_config(upstream: SocketAddr, extra: &str) -> Config {
+    let text = format!(
+        "server.hostname = \"mx.test\"\nserver.reverse_dns = false\nmetrics.address = \"\"\naudit.destination = \"off\"\n\
+         upstream.address = \"{upstream}\"\nshutdown.grace_period = \"5s\"\n{extra}\n\
+         [[listener]]\nname = \"smtp\"\naddress = \"127.0.0.1:0\"\nmode = \"plain\"\n"
+    );
+    Config::parse(&text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// Starts moat with `config`.
+pub async fn start(config: &Config) -> Running {
+    moat::server::start(config).await.expect("moat starts")
+}
+
+/// A line-oriented SMTP client.
+pub struct Client {
+    pub io: BufReader<TcpStream>,
+}
+
+impl Client {
+    /// Connects and reads the greeting; returns the client and the greeting's code.
+    pub async fn connect(addr: SocketAddr) -> (Client, u16) {
+        let s = TcpStream::connect(addr).await.unwrap();
+        let mut c = Client { io: BufReader::new(s) };
+        let (code, _) = c.reply().await;
+        (c, code)
+    }
+
+    /// Sends raw bytes.
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.io.get_mut().write_all(bytes).await.unwrap();
+    }
+
+    /// Sends a line with CRLF and returns the reply.
+    pub async fn cmd(&mut self, line: &str) -> (u16, String) {
+        self.send_raw(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await
+    }
+
+    /// Sends a line and asserts the reply code.
+    pub async fn expect(&mut self, line: &str, code: u16) -> String {
+        let (got, text) = self.cmd(line).await;
+        assert_eq!(got, code, "{line} -> {got} {text}");
+        text
+    }
+
+    /// Reads one reply (all lines); code 0 means the connection closed.
+    pub async fn reply(&mut self) -> (u16, String) {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = match tokio::time::timeout(Duration::from_secs(10), self.io.read_line(&mut line)).await {
+                Ok(r) => r.unwrap_or(0),
+                Err(_) => return (0, format!("{text}<no reply within 10 s>")),
+            };
+            if n == 0 {
+                return (0, text);
+            }
+            text.push_str(&line);
+            if line.len() < 4 || line.as_bytes()[3] != b'-' {
+                let code = line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0);
+                return (code, text);
+            }
+        }
+    }
+}
