@@ -420,5 +420,3 @@ impl Connection {
     }
 }
 
-#[cfg(test)]
-mod tests;
