@@ -1,0 +1,200 @@
+//! moat in front of a real Postfix (Debian's package), driven by real clients (swaks, Python smtplib).
+//! moat runs as its own process here (the built `moat` binary), so its memory can be measured.
+//! Skipped when a peer is missing, except under CI=true where that is a failure.
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::postfix::{require_peer, split_message, Postfix};
+
+/// A `moat serve` child process with its own config file; killed on drop.
+struct MoatProcess {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl MoatProcess {
+    fn start(upstream: SocketAddr, extra: &str) -> MoatProcess {
+        let dir = std::env::temp_dir().join(format!("moat-pf-{}-{}", std::process::id(), upstream.port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let config = dir.join("moat.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "server.hostname = \"moat.test\"\nmetrics.address = \"\"\naudit.destination = \"off\"\n\
+                 upstream.address = \"{upstream}\"\n{extra}\n\
+                 [[listener]]\nname = \"smtp\"\naddress = \"127.0.0.1:{port}\"\nmode = \"plain\"\n"
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_moat"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("moat.log")).unwrap())
+            .spawn()
+            .expect("moat starts");
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "moat did not listen: {}", std::fs::read_to_string(dir.join("moat.log")).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        MoatProcess { child, addr, dir }
+    }
+
+    /// Peak resident set size (VmHWM) in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for MoatProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn swaks(args: &[&str]) -> (bool, String) {
+    let out = Command::new("swaks").args(args).stdin(Stdio::null()).output().expect("swaks runs");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[test]
+fn swaks_through_moat_reaches_postfix_with_the_client_identity() {
+    if !require_peer("postfix") || !require_peer("swaks") {
+        return;
+    }
+    let pf = Postfix::start();
+    let moat = MoatProcess::start(pf.addr(), "server.reverse_dns = false");
+    let server = moat.addr.to_string();
+    // The client connects from 127.0.0.2 so its address differs from moat's own (127.0.0.1).
+    let (ok, out) = swaks(&[
+        "--server", &server, "--local-interface", "127.0.0.2", "--helo", "client.example",
+        "--from", "alice@example.org", "--to", "bob@example.test",
+        "--header", "Subject: through moat", "--body", "hello from swaks",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("250 2.0.0 Ok: queued as"), "the upstream's queue id reaches the client:\n{out}");
+    let msgs = pf.wait_for_messages(1, Duration::from_secs(20));
+    assert_eq!(msgs.len(), 1, "{}", pf.log());
+    let text = String::from_utf8_lossy(&msgs[0]);
+    assert!(text.contains("Subject: through moat"), "{text}");
+    assert!(text.contains("by moat.test (moat) with ESMTP"), "moat's Received header: {text}");
+    // Postfix logged the real client, not moat: XCLIENT ADDR/HELO were honoured.
+    assert!(pf.wait_for_log("client=unknown[127.0.0.2]", Duration::from_secs(10)), "{}", pf.log());
+    assert!(pf.log().contains("helo=<client.example>") || text.contains("from client.example"), "{}", pf.log());
+}
+
+#[test]
+fn postfix_recipient_rejection_passes_through_and_nothing_is_queued() {
+    if !require_peer("postfix") || !require_peer("swaks") {
+        return;
+    }
+    let pf = Postfix::start();
+    let moat = MoatProcess::start(pf.addr(), "server.reverse_dns = false");
+    let (ok, out) = swaks(&["--server", &moat.addr.to_string(), "--from", "a@example.org", "--to", "nobody@reject.test"]);
+    assert!(!ok);
+    assert!(out.contains("<** 550 5.1.1 <nobody@reject.test>: Recipient address rejected"), "Postfix's 550 reaches the client unchanged:\n{out}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(pf.messages().is_empty());
+}
+
+#[test]
+fn python_smtplib_through_moat() {
+    if !require_peer("postfix") || !require_peer("python3") {
+        return;
+    }
+    let pf = Postfix::start();
+    let moat = MoatProcess::start(pf.addr(), "server.reverse_dns = false");
+    let script = format!(
+        "import smtplib\n\
+         from email.message import EmailMessage\n\
+         m = EmailMessage()\n\
+         m['From'] = 'a@example.org'\nm['To'] = 'b@example.test, c@example.test'\nm['Subject'] = 'smtplib'\n\
+         m.set_content('grüße aus python\\n.leading dot\\n')\n\
+         with smtplib.SMTP('127.0.0.1', {}, source_address=('127.0.0.3', 0)) as s:\n\
+         \x20   s.ehlo('py.example')\n\
+         \x20   r = s.send_message(m)\n\
+         \x20   assert r == {{}}, r\n\
+         print('sent')\n",
+        moat.addr.port()
+    );
+    let out = Command::new("python3").arg("-c").arg(&script).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let msgs = pf.wait_for_messages(2, Duration::from_secs(20));
+    assert_eq!(msgs.len(), 2, "one copy per recipient mailbox");
+    let (_, body) = split_message(&msgs[0]);
+    let body = String::from_utf8_lossy(body);
+    assert!(body.contains("grüße aus python") || body.contains("gr=C3=BC=C3=9Fe"), "{body}");
+    assert!(body.contains("\n.leading dot") || body.contains(".leading dot"), "{body}");
+    assert!(pf.wait_for_log("client=unknown[127.0.0.3]", Duration::from_secs(10)), "{}", pf.log());
+}
+
+/// A 50 MiB message passes, and moat's peak memory stays far below the message size (the spool spills
+/// to an unlinked temporary file past its memory threshold).
+#[test]
+fn fifty_mib_message_with_flat_memory() {
+    if !require_peer("postfix") {
+        return;
+    }
+    let pf = Postfix::start();
+    let moat = MoatProcess::start(pf.addr(), "server.reverse_dns = false\nlimits.max_message_size = \"60MiB\"");
+    let before = moat.peak_rss_kib();
+    let mut s = TcpStream::connect(moat.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut r = std::io::BufReader::new(s.try_clone().unwrap());
+    let mut expect = |r: &mut std::io::BufReader<TcpStream>, code: &str| {
+        use std::io::BufRead;
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert!(line.starts_with(code), "expected {code}, got {line:?}");
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return line;
+            }
+        }
+    };
+    expect(&mut r, "220");
+    s.write_all(b"EHLO big.example\r\n").unwrap();
+    expect(&mut r, "250");
+    s.write_all(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.test>\r\nDATA\r\n").unwrap();
+    expect(&mut r, "250");
+    expect(&mut r, "250");
+    expect(&mut r, "354");
+    s.write_all(b"Subject: fifty\r\n\r\n").unwrap();
+    let line = [b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd".as_slice(), b"\r\n"].concat();
+    let block: Vec<u8> = line.iter().copied().cycle().take(line.len() * 1000).collect();
+    let total = 50usize << 20;
+    let mut sent = 0;
+    while sent < total {
+        s.write_all(&block).unwrap();
+        sent += block.len();
+    }
+    s.write_all(b".\r\n").unwrap();
+    let reply = expect(&mut r, "250");
+    s.write_all(b"QUIT\r\n").unwrap();
+    let peak = moat.peak_rss_kib();
+    let msgs = pf.wait_for_messages(1, Duration::from_secs(60));
+    assert_eq!(msgs.len(), 1, "{reply}");
+    // Postfix stores LF line endings: one byte less per line than the CRLF sent.
+    let expect_min = sent - sent / line.len();
+    assert!(msgs[0].len() >= expect_min, "delivered {} bytes, sent {sent}", msgs[0].len());
+    eprintln!("moat peak RSS: before {before} KiB, after a 50 MiB message {peak} KiB");
+    assert!(peak < 24 * 1024, "peak RSS {peak} KiB is not far below the 50 MiB message");
+}
