@@ -466,7 +466,7 @@ impl Config {
             if self.listeners[..i].iter().any(|o| o.name == l.name) {
                 bad("name", format!("listener name {:?} is used twice", l.name));
             }
-            if self.listeners[..i].iter().any(|o| o.address == l.address) {
+            if l.address.port() != 0 && self.listeners[..i].iter().any(|o| o.address == l.address) {
                 bad("address", format!("listener address {} is used twice", l.address));
             }
             if l.mode == ListenerMode::Plain && l.require_tls {

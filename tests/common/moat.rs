@@ -20,6 +20,17 @@ pub fn test_config(upstream: SocketAddr, extra: &str) -> Config {
     Config::parse(&text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
 
+/// A config for tests with the caller's listeners: `extra` is TOML with dotted keys appended at the root
+/// (like [`test_config`]), `listeners` is TOML tables (`[[listener]]`, `[tls]`, ...) appended after it.
+/// Same base settings as [`test_config`]: hostname `mx.test`, no metrics, no audit, no reverse DNS.
+pub fn config_from(upstream: SocketAddr, extra: &str, listeners: &str) -> Config {
+    let text = format!(
+        "server.hostname = \"mx.test\"\nserver.reverse_dns = false\nmetrics.address = \"\"\naudit.destination = \"off\"\n\
+         upstream.address = \"{upstream}\"\nshutdown.grace_period = \"5s\"\n{extra}\n{listeners}\n"
+    );
+    Config::parse(&text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
 /// Starts moat with `config`.
 pub async fn start(config: &Config) -> Running {
     moat::server::start(config).await.expect("moat starts")
