@@ -16,7 +16,7 @@ fn message(size: usize) -> Vec<u8> {
         x ^= x >> 17;
         x ^= x << 5;
         let len = 20 + (x % 59) as usize;
-        if x % 50 == 0 {
+        if x.is_multiple_of(50) {
             out.push(b'.');
         }
         out.extend((0..len).map(|i| b'a' + ((x as usize + i) % 26) as u8));

@@ -104,11 +104,9 @@ fn serve(path: &std::path::Path) -> ExitCode {
 /// Waits for SIGTERM or SIGINT; SIGHUP reloads what is reloadable meanwhile.
 async fn signals(running: &moat::server::Running) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) =
+        (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup()))
+    else {
         error!("cannot install signal handlers");
         return;
     };

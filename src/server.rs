@@ -134,7 +134,10 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     tokio::spawn(pool.clone().reap(shutdown.soft.clone()));
     let spool_dir = (!config.spool.directory.as_os_str().is_empty()).then(|| config.spool.directory.clone());
     let spool = SpoolBudget::new(config.spool.memory_budget.bytes(), config.spool.memory_threshold.bytes(), spool_dir);
-    let audit = AuditSink::start(audit_destination(&config.audit.destination), config.audit.queue, shutdown.soft.clone());
+    // The audit writer outlives the drain (records of transactions finishing in the grace period must be
+    // written); `Running::stop` closes it after the drain.
+    let audit =
+        AuditSink::start(audit_destination(&config.audit.destination), config.audit.queue, shutdown.hard.clone());
     let admission = Arc::new(Admission {
         global: Arc::new(Semaphore::new(config.limits.max_connections)),
         per_ip: Arc::new(PerIp::default()),
@@ -150,7 +153,16 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
             source,
         })?;
         let addr = listener.local_addr().unwrap_or(l.address);
-        let ctx = Arc::new(listener_context(config, l, &hostname, tls.as_deref(), pool.clone(), spool.clone(), audit.clone(), &shutdown));
+        let ctx = Arc::new(listener_context(
+            config,
+            l,
+            &hostname,
+            tls.as_deref(),
+            pool.clone(),
+            spool.clone(),
+            audit.clone(),
+            &shutdown,
+        ));
         info!(listener = %l.name, address = %addr, mode = ?l.mode, role = ?l.role, "listening");
         bound.push((l.name.clone(), addr));
         tokio::spawn(accept_loop(listener, ctx, admission.clone(), shutdown.clone()));
@@ -168,14 +180,7 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
         }
         _ => None,
     };
-    Ok(Running {
-        listeners: bound,
-        metrics,
-        shutdown,
-        tls,
-        grace: config.shutdown.grace_period.get(),
-        audit,
-    })
+    Ok(Running { listeners: bound, metrics, shutdown, tls, grace: config.shutdown.grace_period.get(), audit })
 }
 
 fn audit_destination(dest: &str) -> AuditDestination {
@@ -256,18 +261,18 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>, adm: Arc<
 fn admit(stream: TcpStream, peer: SocketAddr, ctx: &Arc<ListenerContext>, adm: &Arc<Admission>, shutdown: &Shutdown) {
     let permit: Option<OwnedSemaphorePermit> = adm.global.clone().try_acquire_owned().ok();
     let Some(permit) = permit else {
-        crate::metrics::connection(&ctx.name, "rejected_limit");
-        crate::metrics::limit_hit("max_connections");
+        crate::metrics::connection(&ctx.name, crate::metrics::ConnResult::RejectedLimit);
+        crate::metrics::limit_hit(crate::metrics::Limit::MaxConnections);
         refuse(stream, Reply::too_many_connections(&adm.hostname), shutdown);
         return;
     };
     let Some(slot) = adm.per_ip.acquire(peer.ip(), adm.max_per_ip) else {
-        crate::metrics::connection(&ctx.name, "rejected_limit");
-        crate::metrics::limit_hit("max_connections_per_ip");
+        crate::metrics::connection(&ctx.name, crate::metrics::ConnResult::RejectedLimit);
+        crate::metrics::limit_hit(crate::metrics::Limit::MaxConnectionsPerIp);
         refuse(stream, Reply::too_many_connections(&adm.hostname), shutdown);
         return;
     };
-    crate::metrics::connection(&ctx.name, "accepted");
+    crate::metrics::connection(&ctx.name, crate::metrics::ConnResult::Accepted);
     let id = format!("{:08X}", adm.next_id.fetch_add(1, Ordering::Relaxed));
     let local = stream.local_addr().unwrap_or(peer);
     let span = tracing::info_span!("conn", id = %id, listener = %ctx.name, client.addr = %peer);
@@ -276,14 +281,13 @@ fn admit(stream: TcpStream, peer: SocketAddr, ctx: &Arc<ListenerContext>, adm: &
     shutdown.tasks.spawn(
         async move {
             let _permits = (permit, slot);
-            crate::metrics::active(&ctx.name, 1.0);
+            let _active = crate::metrics::connection_active(&ctx.name);
             debug!("connected");
             let reason = tokio::select! {
                 r = conn::serve(ctx.clone(), stream, peer, local, id) => r,
                 _ = hard.cancelled() => crate::smtp::session::CloseReason::Shutdown,
             };
-            crate::metrics::active(&ctx.name, -1.0);
-            crate::metrics::session_closed(&ctx.name, reason.as_str());
+            crate::metrics::session_closed(&ctx.name, reason);
             debug!(reason = reason.as_str(), "closed");
         }
         .instrument(span),

@@ -25,6 +25,8 @@ pub const FILE_CHUNK: usize = 64 * 1024;
 #[derive(Clone, Debug)]
 pub struct SpoolBudget {
     sem: Arc<Semaphore>,
+    /// The whole budget in units, to report what is in use.
+    units: usize,
     threshold: usize,
     dir: Option<PathBuf>,
 }
@@ -34,11 +36,7 @@ impl SpoolBudget {
     /// `dir` (or the system temporary directory).
     pub fn new(budget: u64, threshold: u64, dir: Option<PathBuf>) -> SpoolBudget {
         let units = (budget / BUDGET_UNIT as u64).min(u64::from(u32::MAX >> 3)) as usize;
-        SpoolBudget {
-            sem: Arc::new(Semaphore::new(units)),
-            threshold: threshold as usize,
-            dir,
-        }
+        SpoolBudget { sem: Arc::new(Semaphore::new(units)), units, threshold: threshold as usize, dir }
     }
 
     /// Bytes of the budget not reserved right now.
@@ -46,15 +44,14 @@ impl SpoolBudget {
         self.sem.available_permits() * BUDGET_UNIT
     }
 
+    /// Bytes of the budget reserved right now.
+    pub fn in_use(&self) -> usize {
+        (self.units - self.sem.available_permits()) * BUDGET_UNIT
+    }
+
     /// An empty spool for one message.
     pub fn spool(&self) -> Spool {
-        Spool {
-            budget: self.clone(),
-            mem: Vec::new(),
-            permit: None,
-            file: None,
-            len: 0,
-        }
+        Spool { budget: self.clone(), mem: Vec::new(), permit: None, file: None, len: 0 }
     }
 }
 
@@ -123,7 +120,7 @@ impl Spool {
                     Some(old) => old.merge(p),
                     None => self.permit = Some(p),
                 }
-                crate::metrics::spool_memory(self.budget.sem.available_permits() * BUDGET_UNIT);
+                crate::metrics::spool_memory(self.budget.in_use());
                 true
             }
             Err(_) => false,
@@ -199,7 +196,7 @@ impl Drop for Spool {
     fn drop(&mut self) {
         if self.permit.take().is_some() {
             // the permit returns itself to the semaphore when dropped; just refresh the gauge
-            crate::metrics::spool_memory(self.budget.sem.available_permits() * BUDGET_UNIT);
+            crate::metrics::spool_memory(self.budget.in_use());
         }
     }
 }

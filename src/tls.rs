@@ -113,31 +113,19 @@ pub enum TlsError {
 /// Constructors for `map_err`.
 impl TlsError {
     fn read(path: &Path) -> impl FnOnce(io::Error) -> TlsError + '_ {
-        |source| TlsError::Read {
-            path: path.into(),
-            source,
-        }
+        |source| TlsError::Read { path: path.into(), source }
     }
 
     fn pem(path: &Path) -> impl FnOnce(io::Error) -> TlsError + '_ {
-        |source| TlsError::Pem {
-            path: path.into(),
-            source,
-        }
+        |source| TlsError::Pem { path: path.into(), source }
     }
 
     fn bad_certificate<E: Into<BoxError>>(path: &Path) -> impl FnOnce(E) -> TlsError + '_ {
-        |source| TlsError::BadCertificate {
-            path: path.into(),
-            source: source.into(),
-        }
+        |source| TlsError::BadCertificate { path: path.into(), source: source.into() }
     }
 
     fn self_signed<E: Into<BoxError>>(hostname: &str) -> impl FnOnce(E) -> TlsError + '_ {
-        |source| TlsError::SelfSigned {
-            hostname: hostname.into(),
-            source: source.into(),
-        }
+        |source| TlsError::SelfSigned { hostname: hostname.into(), source: source.into() }
     }
 
     fn config(source: rustls::Error) -> TlsError {
@@ -181,9 +169,7 @@ impl CertSet {
     /// Reads and checks every pair; blocking.
     fn load(pairs: &[CertificateConfig], provider: &CryptoProvider) -> Result<CertSet, TlsError> {
         let entries = pairs.iter().map(|pair| load_pair(pair, provider));
-        let set = CertSet {
-            entries: entries.collect::<Result<_, _>>()?,
-        };
+        let set = CertSet { entries: entries.collect::<Result<_, _>>()? };
         set.warn_expired();
         Ok(set)
     }
@@ -194,10 +180,7 @@ impl CertSet {
             let exact = |e: &&Entry| e.names.iter().any(|n| n.eq_ignore_ascii_case(sni));
             let wildcard = |e: &&Entry| e.names.iter().any(|n| wildcard_matches(n, sni));
             let mut entries = self.entries.iter();
-            entries
-                .clone()
-                .find(exact)
-                .or_else(|| entries.find(wildcard))
+            entries.clone().find(exact).or_else(|| entries.find(wildcard))
         };
         sni.and_then(matching).or_else(|| self.entries.first())
     }
@@ -235,14 +218,8 @@ fn wildcard_matches(pattern: &str, name: &str) -> bool {
 fn load_pair(pair: &CertificateConfig, provider: &CryptoProvider) -> Result<Entry, TlsError> {
     let chain = read_chain(&pair.cert)?;
     let key = read_key(&pair.key)?;
-    let bad_key = |source| TlsError::BadKey {
-        path: pair.key.clone(),
-        source,
-    };
-    let signer = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(bad_key)?;
+    let bad_key = |source| TlsError::BadKey { path: pair.key.clone(), source };
+    let signer = provider.key_provider.load_private_key(key).map_err(bad_key)?;
     let certified = CertifiedKey::new(chain, signer);
     match certified.keys_match() {
         // Unknown: the key cannot tell its public half; rustls's own `with_single_cert` accepts
@@ -270,12 +247,7 @@ impl Entry {
         let label = label.unwrap_or_else(|| x509.subject().to_string());
         let not_after = x509.validity().not_after.timestamp();
         let key = Arc::new(key);
-        Ok(Entry {
-            key,
-            names,
-            label,
-            not_after,
-        })
+        Ok(Entry { key, names, label, not_after })
     }
 }
 
@@ -312,8 +284,7 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// A certificate for `hostname` signed by its own fresh ECDSA P-256 key.
 fn self_signed(hostname: &str, provider: &CryptoProvider) -> Result<Entry, TlsError> {
     let names = vec![hostname.to_owned()];
-    let generated =
-        rcgen::generate_simple_self_signed(names).map_err(TlsError::self_signed(hostname))?;
+    let generated = rcgen::generate_simple_self_signed(names).map_err(TlsError::self_signed(hostname))?;
     let key = PrivateKeyDer::Pkcs8(generated.key_pair.serialize_der().into());
     let signer = provider.key_provider.load_private_key(key);
     let signer = signer.map_err(TlsError::self_signed(hostname))?;
@@ -332,8 +303,7 @@ struct CertStore {
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let set = self.current.load();
-        set.select(hello.server_name())
-            .map(|entry| Arc::clone(&entry.key))
+        set.select(hello.server_name()).map(|entry| Arc::clone(&entry.key))
     }
 }
 
@@ -361,32 +331,16 @@ impl ServerTls {
     pub fn load(cfg: &TlsConfig, hostname: &str) -> Result<ServerTls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let set = if cfg.certificates.is_empty() {
-            let hostname = if hostname.is_empty() {
-                FALLBACK_HOSTNAME
-            } else {
-                hostname
-            };
-            warn!(
-                hostname,
-                "no tls certificate configured, serving a generated self-signed one"
-            );
-            CertSet {
-                entries: vec![self_signed(hostname, &provider)?],
-            }
+            let hostname = if hostname.is_empty() { FALLBACK_HOSTNAME } else { hostname };
+            warn!(hostname, "no tls certificate configured, serving a generated self-signed one");
+            CertSet { entries: vec![self_signed(hostname, &provider)?] }
         } else {
             CertSet::load(&cfg.certificates, &provider)?
         };
-        let store = Arc::new(CertStore {
-            current: ArcSwap::from_pointee(set),
-        });
+        let store = Arc::new(CertStore { current: ArcSwap::from_pointee(set) });
         let config = server_config(cfg.min_version, Arc::clone(&provider), Arc::clone(&store))?;
         let pairs = cfg.certificates.clone();
-        Ok(ServerTls {
-            pairs,
-            store,
-            config,
-            provider,
-        })
+        Ok(ServerTls { pairs, store, config, provider })
     }
 
     /// A tokio-rustls acceptor whose configuration resolves certificates through the reloadable
@@ -414,11 +368,7 @@ impl ServerTls {
     /// Spawns a task that polls the files' (mtime, length, inode) every `interval` and reloads
     /// (in `spawn_blocking`) once a change has held still for one interval; logs `info` on success
     /// and `warn` naming the file on failure. It stops when `shutdown` is cancelled.
-    pub fn spawn_watcher(
-        self: &Arc<Self>,
-        interval: Duration,
-        shutdown: CancellationToken,
-    ) -> JoinHandle<()> {
+    pub fn spawn_watcher(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) -> JoinHandle<()> {
         let tls = Arc::clone(self);
         tokio::spawn(async move { tls.watch(interval, shutdown).await })
     }
@@ -432,10 +382,7 @@ impl ServerTls {
     /// notAfter as unix seconds.
     pub fn expiries(&self) -> Vec<(String, i64)> {
         let set = self.store.current.load();
-        set.entries
-            .iter()
-            .map(|e| (e.label.clone(), e.not_after))
-            .collect()
+        set.entries.iter().map(|e| (e.label.clone(), e.not_after)).collect()
     }
 
     async fn watch(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
@@ -529,18 +476,10 @@ impl TlsInfo {
             _ => "unknown",
         };
         let suite = conn.negotiated_cipher_suite().map(|s| s.suite());
-        let name = |suite: rustls::CipherSuite| {
-            suite
-                .as_str()
-                .map_or_else(|| format!("{suite:?}"), str::to_owned)
-        };
+        let name = |suite: rustls::CipherSuite| suite.as_str().map_or_else(|| format!("{suite:?}"), str::to_owned);
         let cipher = suite.map(name).unwrap_or_default();
         let sni = conn.server_name().map(str::to_owned);
-        TlsInfo {
-            version,
-            cipher,
-            sni,
-        }
+        TlsInfo { version, cipher, sni }
     }
 }
 
@@ -564,17 +503,13 @@ pub fn client_config(verify: &UpstreamVerify) -> Result<Arc<ClientConfig>, TlsEr
     let provider = rustls::crypto::ring::default_provider();
     let algorithms = provider.signature_verification_algorithms;
     let builder = ClientConfig::builder_with_provider(Arc::new(provider));
-    let builder = builder
-        .with_protocol_versions(TLS12_AND_LATER)
-        .map_err(TlsError::config)?;
+    let builder = builder.with_protocol_versions(TLS12_AND_LATER).map_err(TlsError::config)?;
     let builder = match verify {
         UpstreamVerify::SystemRoots => builder.with_root_certificates(system_roots()?),
         UpstreamVerify::CaFile(path) => builder.with_root_certificates(ca_roots(path)?),
         UpstreamVerify::InsecureLoopback => {
             let verifier = Arc::new(AcceptAnyCertificate(algorithms));
-            builder
-                .dangerous()
-                .with_custom_certificate_verifier(verifier)
+            builder.dangerous().with_custom_certificate_verifier(verifier)
         }
     };
     Ok(Arc::new(builder.with_no_client_auth()))
@@ -667,39 +602,23 @@ mod tests {
     impl TestCa {
         fn new() -> TestCa {
             let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-            params
-                .distinguished_name
-                .push(DnType::CommonName, "unit test CA");
+            params.distinguished_name.push(DnType::CommonName, "unit test CA");
             params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             let key = KeyPair::generate().unwrap();
-            TestCa {
-                cert: params.self_signed(&key).unwrap(),
-                key,
-            }
+            TestCa { cert: params.self_signed(&key).unwrap(), key }
         }
 
         fn issue(&self, names: &[&str]) -> Issued {
             self.issue_with(names, KeyPair::generate().unwrap(), |_| {})
         }
 
-        fn issue_with(
-            &self,
-            names: &[&str],
-            key: KeyPair,
-            edit: impl FnOnce(&mut CertificateParams),
-        ) -> Issued {
+        fn issue_with(&self, names: &[&str], key: KeyPair, edit: impl FnOnce(&mut CertificateParams)) -> Issued {
             let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
             let mut params = CertificateParams::new(names).unwrap();
-            params
-                .distinguished_name
-                .push(DnType::CommonName, "unit test leaf");
+            params.distinguished_name.push(DnType::CommonName, "unit test leaf");
             edit(&mut params);
             let cert = params.signed_by(&key, &self.cert, &self.key).unwrap();
-            Issued {
-                cert_pem: cert.pem(),
-                key_pem: key.serialize_pem(),
-                der: cert.der().clone(),
-            }
+            Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().clone() }
         }
 
         fn roots(&self) -> RootCertStore {
@@ -713,10 +632,7 @@ mod tests {
         }
     }
 
-    fn client_with(
-        roots: RootCertStore,
-        versions: &[&'static SupportedProtocolVersion],
-    ) -> Arc<ClientConfig> {
+    fn client_with(roots: RootCertStore, versions: &[&'static SupportedProtocolVersion]) -> Arc<ClientConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config = ClientConfig::builder_with_provider(provider)
             .with_protocol_versions(versions)
@@ -733,10 +649,7 @@ mod tests {
     /// Writes the pair as `<stem>.pem` and `<stem>.key` (replacing through a rename, as deploy
     /// tools do).
     fn write_pair(dir: &Path, stem: &str, issued: &Issued) -> CertificateConfig {
-        let pair = CertificateConfig {
-            cert: dir.join(format!("{stem}.pem")),
-            key: dir.join(format!("{stem}.key")),
-        };
+        let pair = CertificateConfig { cert: dir.join(format!("{stem}.pem")), key: dir.join(format!("{stem}.key")) };
         replace(&pair.cert, issued.cert_pem.as_bytes());
         replace(&pair.key, issued.key_pem.as_bytes());
         pair
@@ -749,19 +662,12 @@ mod tests {
     }
 
     fn tls_config(certificates: Vec<CertificateConfig>, min_version: TlsVersion) -> TlsConfig {
-        TlsConfig {
-            certificates,
-            min_version,
-            ..TlsConfig::default()
-        }
+        TlsConfig { certificates, min_version, ..TlsConfig::default() }
     }
 
     fn fixture(stem: &str) -> CertificateConfig {
         let dir = Path::new(FIXTURES);
-        CertificateConfig {
-            cert: dir.join(format!("{stem}.pem")),
-            key: dir.join(format!("{stem}.key")),
-        }
+        CertificateConfig { cert: dir.join(format!("{stem}.pem")), key: dir.join(format!("{stem}.key")) }
     }
 
     /// Both ends of one finished handshake over an in-memory pipe.
@@ -773,9 +679,7 @@ mod tests {
     impl Session {
         /// The end-entity certificate the server presented.
         fn presented(&self) -> CertificateDer<'static> {
-            self.client.get_ref().1.peer_certificates().unwrap()[0]
-                .clone()
-                .into_owned()
+            self.client.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
         }
 
         fn info(&self) -> TlsInfo {
@@ -784,19 +688,12 @@ mod tests {
     }
 
     /// `name` goes into SNI unless it is an IP address (rustls sends no SNI for those).
-    async fn handshake(
-        tls: &ServerTls,
-        client: Arc<ClientConfig>,
-        name: &str,
-    ) -> io::Result<Session> {
+    async fn handshake(tls: &ServerTls, client: Arc<ClientConfig>, name: &str) -> io::Result<Session> {
         let (client_io, server_io) = duplex(64 * 1024);
         let name = ServerName::try_from(name.to_owned()).unwrap();
         let connect = TlsConnector::from(client).connect(name, client_io);
         let (client, server) = tokio::join!(connect, tls.acceptor().accept(server_io));
-        Ok(Session {
-            client: client?,
-            server: server?,
-        })
+        Ok(Session { client: client?, server: server? })
     }
 
     #[tokio::test]
@@ -804,11 +701,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = TestCa::new();
         let leaf = ca.issue(&["mx.test"]);
-        let tls = ServerTls::load(
-            &tls_config(vec![write_pair(dir.path(), "mx", &leaf)], TlsVersion::V1_2),
-            "x",
-        )
-        .unwrap();
+        let tls =
+            ServerTls::load(&tls_config(vec![write_pair(dir.path(), "mx", &leaf)], TlsVersion::V1_2), "x").unwrap();
         assert!(!tls.is_self_signed());
 
         let mut session = handshake(&tls, ca.client(), "mx.test").await.unwrap();
@@ -828,10 +722,7 @@ mod tests {
         let pair = write_pair(dir.path(), "mx", &ca.issue(&["mx.test"]));
         let tls = ServerTls::load(&tls_config(vec![pair], TlsVersion::V1_2), "x").unwrap();
 
-        let info = handshake(&tls, ca.client(), "mx.test")
-            .await
-            .unwrap()
-            .info();
+        let info = handshake(&tls, ca.client(), "mx.test").await.unwrap().info();
         assert_eq!(info.version, "TLSv1.3");
         assert!(info.cipher.starts_with("TLS13_"), "{}", info.cipher);
         assert_eq!(info.sni.as_deref(), Some("mx.test"));
@@ -839,16 +730,9 @@ mod tests {
         let tls12 = client_with(ca.roots(), &[&TLS12]);
         let info = handshake(&tls, tls12, "mx.test").await.unwrap().info();
         assert_eq!(info.version, "TLSv1.2");
-        assert!(
-            info.cipher.starts_with("TLS_ECDHE_ECDSA_WITH_"),
-            "{}",
-            info.cipher
-        );
+        assert!(info.cipher.starts_with("TLS_ECDHE_ECDSA_WITH_"), "{}", info.cipher);
 
-        let info = handshake(&tls, insecure(), "127.0.0.1")
-            .await
-            .unwrap()
-            .info();
+        let info = handshake(&tls, insecure(), "127.0.0.1").await.unwrap().info();
         assert_eq!(info.sni, None);
     }
 
@@ -861,10 +745,7 @@ mod tests {
 
         let tls12 = client_with(ca.roots(), &[&TLS12]);
         assert!(handshake(&tls, tls12, "mx.test").await.is_err());
-        let info = handshake(&tls, ca.client(), "mx.test")
-            .await
-            .unwrap()
-            .info();
+        let info = handshake(&tls, ca.client(), "mx.test").await.unwrap().info();
         assert_eq!(info.version, "TLSv1.3");
     }
 
@@ -898,10 +779,7 @@ mod tests {
         ];
         for (name, want) in cases {
             let session = handshake(&tls, insecure(), name).await.unwrap();
-            assert!(
-                session.presented() == want.der,
-                "wrong certificate for {name}"
-            );
+            assert!(session.presented() == want.der, "wrong certificate for {name}");
         }
     }
 
@@ -935,13 +813,7 @@ mod tests {
         let new = ca.issue(&["mx.test"]);
         write_pair(dir.path(), "mx", &new);
         assert!(tls.reload().unwrap());
-        assert_eq!(
-            handshake(&tls, ca.client(), "mx.test")
-                .await
-                .unwrap()
-                .presented(),
-            new.der
-        );
+        assert_eq!(handshake(&tls, ca.client(), "mx.test").await.unwrap().presented(), new.der);
         assert!(!tls.reload().unwrap());
 
         // The session made before the swap still works and keeps its certificate.
@@ -961,35 +833,19 @@ mod tests {
         let pair = write_pair(dir.path(), "mx", &good);
         let tls = ServerTls::load(&tls_config(vec![pair.clone()], TlsVersion::V1_2), "x").unwrap();
 
-        let corrupt =
-            "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n";
+        let corrupt = "-----BEGIN CERTIFICATE-----\nnot base64 at all!\n-----END CERTIFICATE-----\n";
         replace(&pair.cert, corrupt.as_bytes());
         let err = tls.reload().unwrap_err();
         assert!(matches!(err, TlsError::Pem { .. }), "{err:?}");
-        assert!(
-            err.to_string().contains(&pair.cert.display().to_string()),
-            "{err}"
-        );
-        assert_eq!(
-            handshake(&tls, ca.client(), "mx.test")
-                .await
-                .unwrap()
-                .presented(),
-            good.der
-        );
+        assert!(err.to_string().contains(&pair.cert.display().to_string()), "{err}");
+        assert_eq!(handshake(&tls, ca.client(), "mx.test").await.unwrap().presented(), good.der);
 
         let other = ca.issue(&["mx.test"]);
         replace(&pair.cert, other.cert_pem.as_bytes());
         replace(&pair.key, good.key_pem.as_bytes());
         let err = tls.reload().unwrap_err();
         assert!(matches!(err, TlsError::KeyMismatch { .. }), "{err:?}");
-        assert_eq!(
-            handshake(&tls, ca.client(), "mx.test")
-                .await
-                .unwrap()
-                .presented(),
-            good.der
-        );
+        assert_eq!(handshake(&tls, ca.client(), "mx.test").await.unwrap().presented(), good.der);
     }
 
     #[test]
@@ -998,89 +854,39 @@ mod tests {
         let ca = TestCa::new();
         let a = write_pair(dir.path(), "a", &ca.issue(&["a.test"]));
         let b = write_pair(dir.path(), "b", &ca.issue(&["b.test"]));
-        let load = |pair: CertificateConfig| {
-            ServerTls::load(&tls_config(vec![pair], TlsVersion::V1_2), "x")
-        };
+        let load = |pair: CertificateConfig| ServerTls::load(&tls_config(vec![pair], TlsVersion::V1_2), "x");
 
-        let missing = CertificateConfig {
-            cert: dir.path().join("nope.pem"),
-            key: a.key.clone(),
-        };
+        let missing = CertificateConfig { cert: dir.path().join("nope.pem"), key: a.key.clone() };
         let err = load(missing).unwrap_err();
         assert!(matches!(err, TlsError::Read { .. }), "{err:?}");
-        assert!(
-            err.to_string().starts_with("cannot read ") && err.to_string().ends_with("nope.pem"),
-            "{err}"
-        );
+        assert!(err.to_string().starts_with("cannot read ") && err.to_string().ends_with("nope.pem"), "{err}");
 
         std::fs::write(dir.path().join("empty.pem"), "").unwrap();
-        let empty = CertificateConfig {
-            cert: dir.path().join("empty.pem"),
-            key: a.key.clone(),
-        };
+        let empty = CertificateConfig { cert: dir.path().join("empty.pem"), key: a.key.clone() };
         let err = load(empty).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            format!(
-                "no certificate in {}",
-                dir.path().join("empty.pem").display()
-            )
-        );
+        assert_eq!(err.to_string(), format!("no certificate in {}", dir.path().join("empty.pem").display()));
 
-        let cert_as_key = CertificateConfig {
-            cert: a.cert.clone(),
-            key: a.cert.clone(),
-        };
-        assert!(matches!(
-            load(cert_as_key).unwrap_err(),
-            TlsError::NoKey { .. }
-        ));
+        let cert_as_key = CertificateConfig { cert: a.cert.clone(), key: a.cert.clone() };
+        assert!(matches!(load(cert_as_key).unwrap_err(), TlsError::NoKey { .. }));
 
-        let crossed = CertificateConfig {
-            cert: a.cert.clone(),
-            key: b.key.clone(),
-        };
+        let crossed = CertificateConfig { cert: a.cert.clone(), key: b.key.clone() };
         let err = load(crossed).unwrap_err();
-        let want = format!(
-            "private key {} does not match certificate {}",
-            b.key.display(),
-            a.cert.display()
-        );
+        let want = format!("private key {} does not match certificate {}", b.key.display(), a.cert.display());
         assert_eq!(err.to_string(), want);
     }
 
     #[tokio::test]
     async fn key_formats_rsa_pkcs1_ec_sec1_and_ed25519_pkcs8() {
-        let client =
-            client_config(&UpstreamVerify::CaFile(Path::new(FIXTURES).join("ca.pem"))).unwrap();
-        let rsa =
-            ServerTls::load(&tls_config(vec![fixture("server")], TlsVersion::V1_2), "x").unwrap();
-        let pem_label = |path: &Path| {
-            std::fs::read_to_string(path)
-                .unwrap()
-                .lines()
-                .next()
-                .map(str::to_owned)
-        };
-        assert_eq!(
-            pem_label(&fixture("server").key).as_deref(),
-            Some("-----BEGIN RSA PRIVATE KEY-----")
-        );
-        assert_eq!(
-            pem_label(&fixture("server-ec").key).as_deref(),
-            Some("-----BEGIN EC PRIVATE KEY-----")
-        );
+        let client = client_config(&UpstreamVerify::CaFile(Path::new(FIXTURES).join("ca.pem"))).unwrap();
+        let rsa = ServerTls::load(&tls_config(vec![fixture("server")], TlsVersion::V1_2), "x").unwrap();
+        let pem_label = |path: &Path| std::fs::read_to_string(path).unwrap().lines().next().map(str::to_owned);
+        assert_eq!(pem_label(&fixture("server").key).as_deref(), Some("-----BEGIN RSA PRIVATE KEY-----"));
+        assert_eq!(pem_label(&fixture("server-ec").key).as_deref(), Some("-----BEGIN EC PRIVATE KEY-----"));
         for name in ["localhost", "mx.test", "relay.example.test"] {
             handshake(&rsa, Arc::clone(&client), name).await.unwrap();
         }
-        let ec = ServerTls::load(
-            &tls_config(vec![fixture("server-ec")], TlsVersion::V1_2),
-            "x",
-        )
-        .unwrap();
-        handshake(&ec, Arc::clone(&client), "ec.test")
-            .await
-            .unwrap();
+        let ec = ServerTls::load(&tls_config(vec![fixture("server-ec")], TlsVersion::V1_2), "x").unwrap();
+        handshake(&ec, Arc::clone(&client), "ec.test").await.unwrap();
 
         let dir = tempfile::tempdir().unwrap();
         let ca = TestCa::new();
@@ -1089,13 +895,7 @@ mod tests {
         assert!(leaf.key_pem.starts_with("-----BEGIN PRIVATE KEY-----"));
         let pair = write_pair(dir.path(), "ed", &leaf);
         let ed = ServerTls::load(&tls_config(vec![pair], TlsVersion::V1_2), "x").unwrap();
-        assert_eq!(
-            handshake(&ed, ca.client(), "ed.test")
-                .await
-                .unwrap()
-                .presented(),
-            leaf.der
-        );
+        assert_eq!(handshake(&ed, ca.client(), "ed.test").await.unwrap().presented(), leaf.der);
     }
 
     #[tokio::test]
@@ -1107,10 +907,7 @@ mod tests {
         assert_eq!(expiries.len(), 1);
         assert_eq!(expiries[0].0, "moat.test");
 
-        let presented = handshake(&tls, insecure(), "moat.test")
-            .await
-            .unwrap()
-            .presented();
+        let presented = handshake(&tls, insecure(), "moat.test").await.unwrap().presented();
         let (_, x509) = x509_parser::parse_x509_certificate(&presented).unwrap();
         assert_eq!(dns_names(&x509).unwrap(), ["moat.test"]);
     }
@@ -1123,10 +920,7 @@ mod tests {
             p.not_after = rcgen::date_time_ymd(2040, 1, 2);
         });
         let ip_only = ca.issue(&["127.0.0.1"]);
-        let pairs = vec![
-            write_pair(dir.path(), "named", &named),
-            write_pair(dir.path(), "ip", &ip_only),
-        ];
+        let pairs = vec![write_pair(dir.path(), "named", &named), write_pair(dir.path(), "ip", &ip_only)];
         let tls = ServerTls::load(&tls_config(pairs, TlsVersion::V1_2), "x").unwrap();
 
         let expiries = tls.expiries();
@@ -1139,25 +933,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = TestCa::new();
         let pair = write_pair(dir.path(), "mx", &ca.issue(&["a.test"]));
-        let tls =
-            Arc::new(ServerTls::load(&tls_config(vec![pair], TlsVersion::V1_2), "x").unwrap());
+        let tls = Arc::new(ServerTls::load(&tls_config(vec![pair], TlsVersion::V1_2), "x").unwrap());
         let shutdown = CancellationToken::new();
         let watcher = tls.spawn_watcher(Duration::from_millis(10), shutdown.clone());
 
         write_pair(dir.path(), "mx", &ca.issue(&["b.test"]));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         while tls.expiries()[0].0 != "b.test" {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "watcher did not reload"
-            );
+            assert!(tokio::time::Instant::now() < deadline, "watcher did not reload");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         shutdown.cancel();
-        tokio::time::timeout(Duration::from_secs(5), watcher)
-            .await
-            .unwrap()
-            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), watcher).await.unwrap().unwrap();
     }
 
     #[test]
@@ -1174,10 +961,7 @@ mod tests {
 
     #[test]
     fn error_chain_includes_causes() {
-        let err = TlsError::Read {
-            path: "/x.pem".into(),
-            source: io::Error::other("gone"),
-        };
+        let err = TlsError::Read { path: "/x.pem".into(), source: io::Error::other("gone") };
         assert_eq!(err.chain(), "cannot read /x.pem: gone");
     }
 }

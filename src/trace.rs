@@ -54,18 +54,12 @@ pub fn received_header(r: &ReceivedInfo<'_>, now: SystemTime) -> String {
 
 /// Keeps letters, digits and `-._:[]`; anything else becomes `_`.
 fn safe(s: &str) -> String {
-    s.chars()
-        .take(255)
-        .map(|c| if c.is_ascii_alphanumeric() || "-._:[]".contains(c) { c } else { '_' })
-        .collect()
+    s.chars().take(255).map(|c| if c.is_ascii_alphanumeric() || "-._:[]".contains(c) { c } else { '_' }).collect()
 }
 
 /// An address inside `<>`: printable ASCII without `<>`, `;`, `(`, `)` or spaces.
 fn safe_addr(s: &str) -> String {
-    s.chars()
-        .take(256)
-        .map(|c| if c.is_ascii_graphic() && !"<>;()".contains(c) { c } else { '_' })
-        .collect()
+    s.chars().take(256).map(|c| if c.is_ascii_graphic() && !"<>;()".contains(c) { c } else { '_' }).collect()
 }
 
 /// `Sun, 29 Nov 2026 05:13:21 +0000`.
@@ -126,7 +120,7 @@ mod tests {
             single_rcpt: Some("b@example.test>\r\nBcc: x"),
         };
         let h = received_header(&info, SystemTime::UNIX_EPOCH);
-        assert!(h.starts_with("Received: from evil__X-Injected__yes (unknown [192.0.2.7]:4000)\r\n\tby mx.test (moat) with ESMTP id abc"), "{h}");
+        assert!(h.starts_with("Received: from evil__X-Injected:_yes (unknown [192.0.2.7]:4000)\r\n\tby mx.test (moat) with ESMTP id abc"), "{h}");
         assert!(h.ends_with("Thu, 01 Jan 1970 00:00:00 +0000\r\n"), "{h}");
         // every line after the first is a continuation
         for line in h.trim_end().split("\r\n").skip(1) {
@@ -140,6 +134,6 @@ mod tests {
         assert_eq!(header_value(m, "subject").as_deref(), Some("hello world"));
         assert_eq!(header_value(m, "Message-Id").as_deref(), Some("<1@x>"));
         assert_eq!(header_value(m, "To"), None);
-        assert_eq!(header_section(m).len(), 46);
+        assert_eq!(header_section(m).len(), 45);
     }
 }

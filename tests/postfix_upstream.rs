@@ -44,7 +44,11 @@ impl MoatProcess {
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while TcpStream::connect(addr).is_err() {
-            assert!(Instant::now() < deadline, "moat did not listen: {}", std::fs::read_to_string(dir.join("moat.log")).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "moat did not listen: {}",
+                std::fs::read_to_string(dir.join("moat.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         MoatProcess { child, addr, dir }
@@ -85,9 +89,20 @@ fn swaks_through_moat_reaches_postfix_with_the_client_identity() {
     let server = moat.addr.to_string();
     // The client connects from 127.0.0.2 so its address differs from moat's own (127.0.0.1).
     let (ok, out) = swaks(&[
-        "--server", &server, "--local-interface", "127.0.0.2", "--helo", "client.example",
-        "--from", "alice@example.org", "--to", "bob@example.test",
-        "--header", "Subject: through moat", "--body", "hello from swaks",
+        "--server",
+        &server,
+        "--local-interface",
+        "127.0.0.2",
+        "--helo",
+        "client.example",
+        "--from",
+        "alice@example.org",
+        "--to",
+        "bob@example.test",
+        "--header",
+        "Subject: through moat",
+        "--body",
+        "hello from swaks",
     ]);
     assert!(ok, "{out}");
     assert!(out.contains("250 2.0.0 Ok: queued as"), "the upstream's queue id reaches the client:\n{out}");
@@ -108,9 +123,13 @@ fn postfix_recipient_rejection_passes_through_and_nothing_is_queued() {
     }
     let pf = Postfix::start();
     let moat = MoatProcess::start(pf.addr(), "server.reverse_dns = false");
-    let (ok, out) = swaks(&["--server", &moat.addr.to_string(), "--from", "a@example.org", "--to", "nobody@reject.test"]);
+    let (ok, out) =
+        swaks(&["--server", &moat.addr.to_string(), "--from", "a@example.org", "--to", "nobody@reject.test"]);
     assert!(!ok);
-    assert!(out.contains("<** 550 5.1.1 <nobody@reject.test>: Recipient address rejected"), "Postfix's 550 reaches the client unchanged:\n{out}");
+    assert!(
+        out.contains("<** 550 5.1.1 <nobody@reject.test>: Recipient address rejected"),
+        "Postfix's 550 reaches the client unchanged:\n{out}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     assert!(pf.messages().is_empty());
 }
@@ -159,7 +178,7 @@ fn fifty_mib_message_with_flat_memory() {
     let mut s = TcpStream::connect(moat.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     let mut r = std::io::BufReader::new(s.try_clone().unwrap());
-    let mut expect = |r: &mut std::io::BufReader<TcpStream>, code: &str| {
+    let expect = |r: &mut std::io::BufReader<TcpStream>, code: &str| {
         use std::io::BufRead;
         loop {
             let mut line = String::new();
@@ -178,7 +197,8 @@ fn fifty_mib_message_with_flat_memory() {
     expect(&mut r, "250");
     expect(&mut r, "354");
     s.write_all(b"Subject: fifty\r\n\r\n").unwrap();
-    let line = [b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd".as_slice(), b"\r\n"].concat();
+    let line =
+        [b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcd".as_slice(), b"\r\n"].concat();
     let block: Vec<u8> = line.iter().copied().cycle().take(line.len() * 1000).collect();
     let total = 50usize << 20;
     let mut sent = 0;

@@ -48,7 +48,8 @@ fn script_from(lines: &[&str]) -> Script {
 async fn run_transcript(path: &Path) -> Result<(), String> {
     let text = std::fs::read_to_string(path).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    let config: Vec<String> = lines.iter().filter_map(|l| l.strip_prefix("config:")).map(|s| s.trim().to_string()).collect();
+    let config: Vec<String> =
+        lines.iter().filter_map(|l| l.strip_prefix("config:")).map(|s| s.trim().to_string()).collect();
     let script: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("script:")).collect();
     let fake = FakeUpstream::start(script_from(&script)).await;
     let cfg = test_config(fake.addr, &config.join("\n"));
@@ -69,7 +70,11 @@ async fn run_transcript(path: &Path) -> Result<(), String> {
         } else if let Some(want) = line.strip_prefix("S: ") {
             let (code, got) = client.reply().await;
             log.push_str(&format!("S: {}", if code == 0 { format!("closed {got}\n") } else { got.clone() }));
-            let ok = if want.trim() == "closed" { code == 0 && got.is_empty() } else { code != 0 && got.starts_with(want.trim()) };
+            let ok = if want.trim() == "closed" {
+                code == 0 && got.is_empty()
+            } else {
+                code != 0 && got.starts_with(want.trim())
+            };
             if !ok {
                 result = Err(format!("{at}: expected {want:?}, got {got:?}"));
                 break;
@@ -110,7 +115,11 @@ async fn run_transcript(path: &Path) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transcripts() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/transcripts");
-    let mut files: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "txt")).collect();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "txt"))
+        .collect();
     files.sort();
     assert!(files.len() >= 10, "transcripts missing");
     let mut failures = Vec::new();
@@ -119,5 +128,11 @@ async fn transcripts() {
             failures.push(e);
         }
     }
-    assert!(failures.is_empty(), "{} of {} transcripts failed:\n\n{}", failures.len(), files.len(), failures.join("\n\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} transcripts failed:\n\n{}",
+        failures.len(),
+        files.len(),
+        failures.join("\n\n")
+    );
 }

@@ -47,10 +47,7 @@ pub struct AuditConfig {
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        AuditConfig {
-            destination: "stdout".into(),
-            queue: 4096,
-        }
+        AuditConfig { destination: "stdout".into(), queue: 4096 }
     }
 }
 
@@ -281,11 +278,7 @@ impl Default for ServerConfig {
 
 impl Default for TlsConfig {
     fn default() -> Self {
-        TlsConfig {
-            certificates: Vec::new(),
-            min_version: TlsVersion::V1_2,
-            handshake_timeout: secs(10),
-        }
+        TlsConfig { certificates: Vec::new(), min_version: TlsVersion::V1_2, handshake_timeout: secs(10) }
     }
 }
 
@@ -334,34 +327,25 @@ impl Default for SpoolConfig {
 
 impl Default for TraceConfig {
     fn default() -> Self {
-        TraceConfig {
-            received_header: true,
-        }
+        TraceConfig { received_header: true }
     }
 }
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig {
-            address: "127.0.0.1:9925".into(),
-        }
+        MetricsConfig { address: "127.0.0.1:9925".into() }
     }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Human,
-            level: "info".into(),
-        }
+        LogConfig { format: LogFormat::Human, level: "info".into() }
     }
 }
 
 impl Default for ShutdownConfig {
     fn default() -> Self {
-        ShutdownConfig {
-            grace_period: secs(30),
-        }
+        ShutdownConfig { grace_period: secs(30) }
     }
 }
 
@@ -399,11 +383,7 @@ pub enum ConfigError {
 }
 
 fn render(problems: &[ConfigProblem]) -> String {
-    problems
-        .iter()
-        .map(|p| format!("  {p}"))
-        .collect::<Vec<_>>()
-        .join("\n")
+    problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n")
 }
 
 impl ConfigError {
@@ -421,10 +401,8 @@ impl ConfigError {
 impl Config {
     /// Reads and validates a configuration file. Blocking: call it at start-up or from `spawn_blocking`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
         Config::parse(&text, path)
     }
 
@@ -432,11 +410,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| line_of(text, s.start));
-            ConfigError::Invalid(vec![ConfigProblem {
-                file: path.to_owned(),
-                line,
-                message: e.message().to_string(),
-            }])
+            ConfigError::Invalid(vec![ConfigProblem { file: path.to_owned(), line, message: e.message().to_string() }])
         })?;
         let problems = config.validate(text, path);
         if problems.is_empty() {
@@ -450,18 +424,17 @@ impl Config {
     pub fn validate(&self, text: &str, path: &Path) -> Vec<ConfigProblem> {
         let mut out = Vec::new();
         let mut bad = |key: &str, message: String| {
-            out.push(ConfigProblem {
-                file: path.to_owned(),
-                line: find_key(text, key),
-                message,
-            })
+            out.push(ConfigProblem { file: path.to_owned(), line: find_key(text, key), message })
         };
         if self.listeners.is_empty() {
             bad("listener", "at least one [[listener]] is required".into());
         }
         for (i, l) in self.listeners.iter().enumerate() {
             if l.name.is_empty() || !l.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                bad("name", format!("listener #{} name {:?} must be non-empty letters, digits, '-' or '_'", i + 1, l.name));
+                bad(
+                    "name",
+                    format!("listener #{} name {:?} must be non-empty letters, digits, '-' or '_'", i + 1, l.name),
+                );
             }
             if self.listeners[..i].iter().any(|o| o.name == l.name) {
                 bad("name", format!("listener name {:?} is used twice", l.name));
@@ -470,7 +443,10 @@ impl Config {
                 bad("address", format!("listener address {} is used twice", l.address));
             }
             if l.mode == ListenerMode::Plain && l.require_tls {
-                bad("require_tls", format!("listener {:?} has mode \"plain\" but require_tls = true: no client could send", l.name));
+                bad(
+                    "require_tls",
+                    format!("listener {:?} has mode \"plain\" but require_tls = true: no client could send", l.name),
+                );
             }
         }
         let lim = &self.limits;
@@ -478,9 +454,19 @@ impl Config {
             bad("max_command_line", format!("limits.max_command_line must be between 512 and {MAX_COMMAND_LINE_CAP} (RFC 5321 4.5.3.1.4), not {}", lim.max_command_line));
         }
         if lim.max_text_line != 0 && lim.max_text_line < 1000 {
-            bad("max_text_line", format!("limits.max_text_line must be 0 (off) or at least 1000 (RFC 5321 4.5.3.1.6), not {}", lim.max_text_line));
+            bad(
+                "max_text_line",
+                format!(
+                    "limits.max_text_line must be 0 (off) or at least 1000 (RFC 5321 4.5.3.1.6), not {}",
+                    lim.max_text_line
+                ),
+            );
         }
-        for (key, v) in [("max_connections", lim.max_connections), ("max_connections_per_ip", lim.max_connections_per_ip), ("max_recipients", lim.max_recipients)] {
+        for (key, v) in [
+            ("max_connections", lim.max_connections),
+            ("max_connections_per_ip", lim.max_connections_per_ip),
+            ("max_recipients", lim.max_recipients),
+        ] {
             if v == 0 {
                 bad(key, format!("limits.{key} must be at least 1"));
             }
@@ -495,19 +481,30 @@ impl Config {
         if self.spool.memory_threshold > self.spool.memory_budget {
             bad("memory_threshold", "spool.memory_threshold is larger than spool.memory_budget".into());
         }
-        for (key, d) in [("idle_timeout", lim.idle_timeout), ("data_timeout", lim.data_timeout), ("session_timeout", lim.session_timeout)] {
+        for (key, d) in [
+            ("idle_timeout", lim.idle_timeout),
+            ("data_timeout", lim.data_timeout),
+            ("session_timeout", lim.session_timeout),
+        ] {
             if d.get().is_zero() {
                 bad(key, format!("limits.{key} must be positive"));
             }
         }
         let up = &self.upstream;
-        for (key, d) in [("connect_timeout", up.connect_timeout), ("command_timeout", up.command_timeout), ("data_timeout", up.data_timeout)] {
+        for (key, d) in [
+            ("connect_timeout", up.connect_timeout),
+            ("command_timeout", up.command_timeout),
+            ("data_timeout", up.data_timeout),
+        ] {
             if d.get().is_zero() {
                 bad(key, format!("upstream.{key} must be positive"));
             }
         }
         if self.listeners.iter().any(|l| l.address == up.address) {
-            bad("address", format!("upstream.address {} is also a listener address: moat would relay to itself", up.address));
+            bad(
+                "address",
+                format!("upstream.address {} is also a listener address: moat would relay to itself", up.address),
+            );
         }
         for c in &self.tls.certificates {
             for p in [&c.cert, &c.key] {
@@ -553,13 +550,14 @@ fn line_of(text: &str, offset: usize) -> usize {
 
 /// Best-effort line of the first uncommented `key =` in the text, for pointing at a problem.
 fn find_key(text: &str, key: &str) -> Option<usize> {
-    text.lines().position(|l| {
-        let l = l.trim_start();
-        !l.starts_with('#')
-            && (l.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with('='))
-                || l.trim_start_matches('[').starts_with(key))
-    })
-    .map(|i| i + 1)
+    text.lines()
+        .position(|l| {
+            let l = l.trim_start();
+            !l.starts_with('#')
+                && (l.strip_prefix(key).is_some_and(|r| r.trim_start().starts_with('='))
+                    || l.trim_start_matches('[').starts_with(key))
+        })
+        .map(|i| i + 1)
 }
 
 #[cfg(test)]

@@ -35,9 +35,7 @@ impl ByteSize {
             "GB" => 1_000_000_000,
             other => return Err(format!("unknown size unit {other:?} in {s:?}")),
         };
-        n.checked_mul(mult)
-            .map(ByteSize)
-            .ok_or_else(|| format!("size {s:?} is too large"))
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size {s:?} is too large"))
     }
 }
 
@@ -59,9 +57,7 @@ impl<'de> Deserialize<'de> for ByteSize {
                 Ok(ByteSize(v))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
-                u64::try_from(v)
-                    .map(ByteSize)
-                    .map_err(|_| E::custom("size must not be negative"))
+                u64::try_from(v).map(ByteSize).map_err(|_| E::custom("size must not be negative"))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
                 ByteSize::parse(v).map_err(E::custom)
@@ -86,9 +82,7 @@ impl Span {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("invalid duration {s:?}"))?;
+        let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}"))?;
         let d = match unit.trim() {
             "ms" => Duration::from_millis(n),
             "" | "s" => Duration::from_secs(n),

@@ -99,7 +99,12 @@ pub trait Stage: Send + Sync {
 
     /// At the end of data, before anything goes upstream, with the message's header section (canonical
     /// CRLF, up to the spool's memory threshold). A refusal is the reply to the end of data.
-    fn on_end_of_data<'a>(&'a self, _conn: &'a ConnInfo, _txn: &'a mut TxnContext, _headers: &'a [u8]) -> HookFuture<'a> {
+    fn on_end_of_data<'a>(
+        &'a self,
+        _conn: &'a ConnInfo,
+        _txn: &'a mut TxnContext,
+        _headers: &'a [u8],
+    ) -> HookFuture<'a> {
         Box::pin(async { Verdict::Continue })
     }
 }
@@ -181,5 +186,4 @@ impl Hook<'_> {
             Hook::EndOfData(_) => "data",
         }
     }
-
 }

@@ -25,7 +25,10 @@ pub enum Command {
     Mail(MailFrom),
     Rcpt(RcptTo),
     Data,
-    Bdat { size: u64, last: bool },
+    Bdat {
+        size: u64,
+        last: bool,
+    },
     Rset,
     Noop,
     Quit,
@@ -34,7 +37,10 @@ pub enum Command {
     Help,
     StartTls,
     /// AUTH mechanism and optional initial response; handled once AUTH exists.
-    Auth { mechanism: String, initial: Option<String> },
+    Auth {
+        mechanism: String,
+        initial: Option<String>,
+    },
 }
 
 /// `BODY=` values (RFC 6152; BINARYMIME is not offered, so not accepted).
@@ -154,13 +160,7 @@ fn domain_arg(rest: &str) -> Result<String, SyntaxError> {
 fn mail(rest: &str) -> Result<MailFrom, SyntaxError> {
     let rest = strip_keyword(rest, "FROM:").ok_or(SyntaxError::Arguments("expected MAIL FROM:<address>"))?;
     let (address, params) = path(rest, true)?;
-    let mut mail = MailFrom {
-        address,
-        size: None,
-        body: None,
-        smtputf8: false,
-        dsn: Vec::new(),
-    };
+    let mut mail = MailFrom { address, size: None, body: None, smtputf8: false, dsn: Vec::new() };
     for p in params {
         match p.keyword.as_str() {
             "SIZE" => {
@@ -218,10 +218,7 @@ fn bdat(rest: &str) -> Result<Command, SyntaxError> {
 
 fn auth(rest: &str) -> Result<Command, SyntaxError> {
     let mut words = rest.split(' ').filter(|w| !w.is_empty());
-    let mechanism = words
-        .next()
-        .ok_or(SyntaxError::Arguments("AUTH needs a mechanism"))?
-        .to_ascii_uppercase();
+    let mechanism = words.next().ok_or(SyntaxError::Arguments("AUTH needs a mechanism"))?.to_ascii_uppercase();
     let initial = words.next().map(str::to_string);
     if words.next().is_some() {
         return Err(SyntaxError::Arguments("expected AUTH mechanism [initial-response]"));
@@ -313,10 +310,7 @@ fn params(s: &str) -> Result<Vec<Param>, SyntaxError> {
         if out.len() >= 16 {
             return Err(SyntaxError::Arguments("too many parameters"));
         }
-        out.push(Param {
-            keyword: k.to_ascii_uppercase(),
-            value: v.map(str::to_string),
-        });
+        out.push(Param { keyword: k.to_ascii_uppercase(), value: v.map(str::to_string) });
     }
     Ok(out)
 }

@@ -97,7 +97,13 @@ struct Driver {
 }
 
 /// Serves one accepted connection to its end. `io` is the raw TCP stream (TLS is layered here).
-pub async fn serve(ctx: Arc<ListenerContext>, io: tokio::net::TcpStream, peer: SocketAddr, local: SocketAddr, conn_id: String) -> CloseReason {
+pub async fn serve(
+    ctx: Arc<ListenerContext>,
+    io: tokio::net::TcpStream,
+    peer: SocketAddr,
+    local: SocketAddr,
+    conn_id: String,
+) -> CloseReason {
     let _ = io.set_nodelay(true);
     let name = match ctx.reverse_dns {
         Some(limit) => reverse_name(peer.ip(), limit).await,
@@ -177,11 +183,11 @@ impl Driver {
             self.rbuf.advance(n);
             let step = match line {
                 Some(line) => {
-                    crate::metrics::command(&line);
+                    crate::metrics::command(crate::metrics::Verb::from_line(&line));
                     self.session.command(&line)
                 }
                 None => {
-                    crate::metrics::limit_hit("max_command_line");
+                    crate::metrics::limit_hit(crate::metrics::Limit::MaxCommandLine);
                     self.session.line_too_long(self.ctx.max_command_line)
                 }
             };
@@ -205,7 +211,7 @@ impl Driver {
             Step::Reply(r) => self.queue(&r),
             Step::Close(r, reason) => {
                 if reason == CloseReason::TooManyErrors {
-                    crate::metrics::limit_hit("max_errors");
+                    crate::metrics::limit_hit(crate::metrics::Limit::MaxErrors);
                 }
                 self.queue(&r);
                 return Ok(Some(reason));
@@ -247,19 +253,31 @@ impl Driver {
         match tokio::time::timeout(self.ctx.tls_handshake_timeout, acceptor.accept(plain)).await {
             Ok(Ok(tls)) => {
                 let info = TlsInfo::from_server(tls.get_ref().1);
-                crate::metrics::tls_handshake(&listener, info.version, "ok");
+                crate::metrics::tls_handshake(
+                    &listener,
+                    crate::metrics::TlsVersion::from_name(info.version),
+                    crate::metrics::TlsResult::Ok,
+                );
                 debug!(tls.version = info.version, tls.cipher = %info.cipher, "tls established");
                 self.tls = Some(info);
                 self.io = Box::new(tls);
                 Ok(())
             }
             Ok(Err(e)) => {
-                crate::metrics::tls_handshake(&listener, "none", "error");
+                crate::metrics::tls_handshake(
+                    &listener,
+                    crate::metrics::TlsVersion::None,
+                    crate::metrics::TlsResult::Error,
+                );
                 debug!(error = %e, "tls handshake failed");
                 Err(CloseReason::TlsFailed)
             }
             Err(_) => {
-                crate::metrics::tls_handshake(&listener, "none", "timeout");
+                crate::metrics::tls_handshake(
+                    &listener,
+                    crate::metrics::TlsVersion::None,
+                    crate::metrics::TlsResult::Timeout,
+                );
                 Err(CloseReason::TlsFailed)
             }
         }
@@ -356,7 +374,14 @@ impl Driver {
             },
             (None, None) => Reply::upstream_failed(),
         };
-        crate::metrics::recipient(&self.ctx.name, reply.is_positive());
+        crate::metrics::recipient(
+            &self.ctx.name,
+            if reply.is_positive() {
+                crate::metrics::RcptResult::Accepted
+            } else {
+                crate::metrics::RcptResult::Rejected
+            },
+        );
         if let Some(txn) = self.txn.as_mut() {
             txn.rcpts.push((rcpt.address.clone(), reply.clone()));
         }
@@ -377,15 +402,15 @@ impl Driver {
                 self.flush().await?;
                 Err(Stop::Close(CloseReason::Shutdown))
             }
-            r = self.read_some(idle, "idle_timeout") => r,
+            r = self.read_some(idle, crate::metrics::Limit::IdleTimeout) => r,
         }
     }
 
     /// One read into the buffer, bounded by `limit` and the session deadline.
-    async fn read_some(&mut self, limit: Duration, limit_name: &'static str) -> Result<(), Stop> {
+    async fn read_some(&mut self, limit: Duration, limit_name: crate::metrics::Limit) -> Result<(), Stop> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         let (wait, reason, name) = if left < limit {
-            (left, CloseReason::SessionTimeout, "session_timeout")
+            (left, CloseReason::SessionTimeout, crate::metrics::Limit::SessionTimeout)
         } else {
             (limit, CloseReason::Idle, limit_name)
         };

@@ -15,10 +15,7 @@ pub struct Reply {
 impl Reply {
     /// A reply with one line of text (which should start with the enhanced code when it has one).
     pub fn new(code: u16, text: impl Into<String>) -> Reply {
-        Reply {
-            code,
-            lines: vec![text.into()],
-        }
+        Reply { code, lines: vec![text.into()] }
     }
 
     /// Whether this is a positive completion (2xx).
@@ -224,10 +221,7 @@ mod tests {
     #[test]
     fn renders_single_and_multi_line() {
         assert_eq!(Reply::ok().render(), b"250 2.0.0 OK\r\n");
-        let r = Reply {
-            code: 250,
-            lines: vec!["mx.test".into(), "PIPELINING".into(), "SIZE 10".into()],
-        };
+        let r = Reply { code: 250, lines: vec!["mx.test".into(), "PIPELINING".into(), "SIZE 10".into()] };
         assert_eq!(r.render(), b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 10\r\n");
     }
 

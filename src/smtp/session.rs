@@ -123,14 +123,7 @@ pub struct Session {
 impl Session {
     /// A session on a fresh connection; `tls` is true for implicit TLS.
     pub fn new(cfg: Arc<SessionConfig>, tls: bool) -> Session {
-        Session {
-            cfg,
-            state: State::Fresh,
-            helo: None,
-            tls,
-            authenticated: false,
-            errors: 0,
-        }
+        Session { cfg, state: State::Fresh, helo: None, tls, authenticated: false, errors: 0 }
     }
 
     /// The `220` greeting.
@@ -180,11 +173,7 @@ impl Session {
     /// The driver's outcome for a [`Step::Mail`]: the reply it sent.
     pub fn mail_done(&mut self, mail: MailFrom, reply: &Reply) {
         if reply.is_positive() && self.state == State::Ready {
-            self.state = State::Mail(Envelope {
-                mail,
-                rcpts: Vec::new(),
-                chunking: false,
-            });
+            self.state = State::Mail(Envelope { mail, rcpts: Vec::new(), chunking: false });
         } else if !reply.is_positive() {
             self.errors += u32::from(reply.is_permanent());
         }
@@ -251,11 +240,7 @@ impl Session {
     fn ehlo(&mut self, name: String, extended: bool) -> Step {
         // RFC 5321 4.1.4: EHLO/HELO resets any transaction in progress.
         self.state = State::Ready;
-        let reply = if extended {
-            self.capabilities(&name)
-        } else {
-            Reply::new(250, self.cfg.hostname.clone())
-        };
+        let reply = if extended { self.capabilities(&name) } else { Reply::new(250, self.cfg.hostname.clone()) };
         self.helo = Some(Helo { name, extended });
         Step::Reply(reply)
     }

@@ -64,18 +64,21 @@ pub enum UpstreamError {
     Protocol { phase: Phase, what: String },
     #[error("upstream refused during {phase:?}: {reply}")]
     Refused { phase: Phase, reply: Reply },
-    #[error("upstream does not offer XCLIENT to moat (add moat's address to Postfix's smtpd_authorized_xclient_hosts)")]
+    #[error(
+        "upstream does not offer XCLIENT to moat (add moat's address to Postfix's smtpd_authorized_xclient_hosts)"
+    )]
     NoXclient,
 }
 
 impl UpstreamError {
     /// The metric label for this error.
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> crate::metrics::UpstreamErrorKind {
+        use crate::metrics::UpstreamErrorKind as K;
         match self {
-            UpstreamError::Connect { .. } => "connect",
-            UpstreamError::Timeout(_) => "timeout",
-            UpstreamError::Io { .. } => "io",
-            UpstreamError::Protocol { .. } | UpstreamError::Refused { .. } | UpstreamError::NoXclient => "protocol",
+            UpstreamError::Connect { .. } => K::Connect,
+            UpstreamError::Timeout(_) => K::Timeout,
+            UpstreamError::Io { .. } => K::Io,
+            UpstreamError::Protocol { .. } | UpstreamError::Refused { .. } | UpstreamError::NoXclient => K::Protocol,
         }
     }
 
@@ -258,7 +261,7 @@ impl Connection {
             }
         }
         let reply = self.command(&line, Phase::Mail).await?;
-        crate::metrics::upstream_reply("mail", reply.code);
+        crate::metrics::upstream_reply(crate::metrics::UpstreamPhase::Mail, reply.code);
         self.in_transaction = reply.is_positive();
         Ok(reply)
     }
@@ -273,7 +276,7 @@ impl Connection {
             }
         }
         let reply = self.command(&line, Phase::Rcpt).await?;
-        crate::metrics::upstream_reply("rcpt", reply.code);
+        crate::metrics::upstream_reply(crate::metrics::UpstreamPhase::Rcpt, reply.code);
         Ok(reply)
     }
 
@@ -284,7 +287,7 @@ impl Connection {
         let reply = self.command("DATA", Phase::Data).await?;
         if reply.code != 354 {
             self.in_transaction = false;
-            crate::metrics::upstream_reply("data", reply.code);
+            crate::metrics::upstream_reply(crate::metrics::UpstreamPhase::Data, reply.code);
             return Ok(reply);
         }
         let io_err = |source| UpstreamError::Io { phase: Phase::Message, source };
@@ -308,7 +311,7 @@ impl Connection {
         self.flush(Phase::Message).await?;
         let reply = self.read_reply(Phase::Message, self.settings.data_timeout).await?;
         self.in_transaction = false;
-        crate::metrics::upstream_reply("data", reply.code);
+        crate::metrics::upstream_reply(crate::metrics::UpstreamPhase::Data, reply.code);
         crate::metrics::upstream_transaction_seconds(start.elapsed());
         Ok(reply)
     }
@@ -419,4 +422,3 @@ impl Connection {
         }
     }
 }
-

@@ -21,10 +21,7 @@ pub struct Pool {
 impl Pool {
     /// An empty pool.
     pub fn new(settings: UpstreamSettings) -> Arc<Pool> {
-        Arc::new(Pool {
-            settings: Arc::new(settings),
-            idle: Mutex::new(VecDeque::new()),
-        })
+        Arc::new(Pool { settings: Arc::new(settings), idle: Mutex::new(VecDeque::new()) })
     }
 
     /// The upstream settings.

@@ -140,7 +140,9 @@ impl FakeUpstream {
                         format!("{r}\r\n")
                     } else {
                         let _ = io.get_mut().write_all(b"354 go ahead\r\n").await;
-                        let Some(data) = read_data(&mut io, script.drop_at.as_deref() == Some("BODY")).await else { return };
+                        let Some(data) = read_data(&mut io, script.drop_at.as_deref() == Some("BODY")).await else {
+                            return;
+                        };
                         if script.hang_at_end {
                             tokio::time::sleep(Duration::from_secs(3600)).await;
                         }

@@ -137,15 +137,18 @@ fn stuffing() {
 
 /// Canonical text: lines of printable bytes and dots, each ended by CRLF.
 fn canonical() -> impl Strategy<Value = Vec<u8>> {
-    proptest::collection::vec(proptest::collection::vec(prop_oneof![Just(b'.'), 0x20u8..0x7f, 0x80u8..=0xff], 0..40), 0..30)
-        .prop_map(|lines| {
-            let mut v = Vec::new();
-            for l in lines {
-                v.extend_from_slice(&l);
-                v.extend_from_slice(b"\r\n");
-            }
-            v
-        })
+    proptest::collection::vec(
+        proptest::collection::vec(prop_oneof![Just(b'.'), 0x20u8..0x7f, 0x80u8..=0xff], 0..40),
+        0..30,
+    )
+    .prop_map(|lines| {
+        let mut v = Vec::new();
+        for l in lines {
+            v.extend_from_slice(&l);
+            v.extend_from_slice(b"\r\n");
+        }
+        v
+    })
 }
 
 proptest! {

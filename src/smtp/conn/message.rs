@@ -7,7 +7,8 @@ use bytes::Buf;
 use tracing::{debug, info};
 
 use super::{Driver, Stop, Txn, MAX_HEAD};
-use crate::audit::{RcptRecord, ReplyRecord, StageRecordOut, TransactionRecord, UpstreamRecord};
+use crate::audit::{RcptRecord, ReplyRecord, StageRecord, TransactionRecord, UpstreamRecord};
+use crate::metrics::MessageVerdict;
 use crate::pipeline::Verdict;
 use crate::smtp::codec::{DataDecoder, Framing};
 use crate::smtp::Reply;
@@ -31,7 +32,7 @@ impl Driver {
             if end {
                 return Ok(());
             }
-            self.read_some(self.ctx.data_timeout, "data_timeout").await?;
+            self.read_some(self.ctx.data_timeout, crate::metrics::Limit::DataTimeout).await?;
         }
     }
 
@@ -46,7 +47,7 @@ impl Driver {
         let limit = self.ctx.session.max_message_size;
         if txn.size > limit && !txn.too_big {
             txn.too_big = true;
-            crate::metrics::limit_hit("max_message_size");
+            crate::metrics::limit_hit(crate::metrics::Limit::MaxMessageSize);
         }
         let refused = txn.too_big || txn.spool_failed || decoder.refusal().is_some();
         if !txn.head_done {
@@ -72,7 +73,7 @@ impl Driver {
         let mut left = size;
         while left > 0 {
             if self.rbuf.is_empty() {
-                self.read_some(self.ctx.data_timeout, "data_timeout").await?;
+                self.read_some(self.ctx.data_timeout, crate::metrics::Limit::DataTimeout).await?;
             }
             let take = self.rbuf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
             let n = if refusal.is_some() { take } else { self.decode_input(take).await?.0 };
@@ -117,13 +118,13 @@ impl Driver {
         let (reply, verdict, upstream) = self.judge_and_relay(&mut txn).await;
         self.session.message_done();
         crate::metrics::message(&self.ctx.name, verdict, txn.size);
-        info!(txn.id = %txn.id, size = txn.size, rcpt.count = txn.rcpts.len(), verdict, reply.code = reply.code, "message");
-        self.audit(&txn, verdict, &reply, upstream);
+        info!(txn.id = %txn.id, size = txn.size, rcpt.count = txn.rcpts.len(), verdict = verdict.as_str(), reply.code = reply.code, "message");
+        self.audit(&txn, verdict.as_str(), &reply, upstream);
         self.queue(&reply);
     }
 
     /// Decides and, if accepted, relays. Returns the client's reply, the verdict label and the upstream reply.
-    async fn judge_and_relay(&mut self, txn: &mut Txn) -> (Reply, &'static str, Option<Reply>) {
+    async fn judge_and_relay(&mut self, txn: &mut Txn) -> (Reply, MessageVerdict, Option<Reply>) {
         let refusal = match txn.decoder.as_ref().and_then(DataDecoder::refusal) {
             Some(r) => Some(r),
             None if txn.spool_failed => Some(Reply::insufficient_storage()),
@@ -132,31 +133,31 @@ impl Driver {
         };
         if let Some(r) = refusal {
             self.reset_upstream().await;
-            return (r, "rejected", None);
+            return (r, MessageVerdict::Rejected, None);
         }
         let head = header_section(&txn.head).to_vec();
         match self.ctx.pipeline.end_of_data(&self.info, &mut txn.ctx, &head).await {
             Verdict::Reject(r) => {
                 self.reset_upstream().await;
-                return (r, "rejected", None);
+                return (r, MessageVerdict::Rejected, None);
             }
             Verdict::Tempfail(r) => {
                 self.reset_upstream().await;
-                return (r, "tempfailed", None);
+                return (r, MessageVerdict::Tempfailed, None);
             }
             Verdict::Accept | Verdict::Continue => {}
         }
         let prefix = self.prefix(txn);
         let Some(conn) = self.upstream.as_mut() else {
-            return (Reply::upstream_failed(), "tempfailed", None);
+            return (Reply::upstream_failed(), MessageVerdict::Tempfailed, None);
         };
         match conn.send_message(prefix.as_bytes(), &mut txn.spool).await {
-            Ok(r) if r.is_positive() => (r.clone(), "accepted", Some(r)),
-            Ok(r) if r.is_permanent() => (r.clone(), "rejected", Some(r)),
-            Ok(r) => (r.clone(), "tempfailed", Some(r)),
+            Ok(r) if r.is_positive() => (r.clone(), MessageVerdict::Accepted, Some(r)),
+            Ok(r) if r.is_permanent() => (r.clone(), MessageVerdict::Rejected, Some(r)),
+            Ok(r) => (r.clone(), MessageVerdict::Tempfailed, Some(r)),
             Err(e) => {
                 self.upstream = None;
-                (self.upstream_failure(e, Reply::upstream_failed()), "tempfailed", None)
+                (self.upstream_failure(e, Reply::upstream_failed()), MessageVerdict::Tempfailed, None)
             }
         }
     }
@@ -166,7 +167,8 @@ impl Driver {
         let mut out = String::new();
         if self.ctx.received_header {
             let helo = self.session.helo();
-            let accepted: Vec<&str> = txn.rcpts.iter().filter(|(_, r)| r.is_positive()).map(|(a, _)| a.as_str()).collect();
+            let accepted: Vec<&str> =
+                txn.rcpts.iter().filter(|(_, r)| r.is_positive()).map(|(a, _)| a.as_str()).collect();
             let info = ReceivedInfo {
                 helo: helo.map(|h| h.name.as_str()),
                 client_name: self.info.name.as_deref(),
@@ -199,7 +201,7 @@ impl Driver {
     pub(super) async fn abort_txn(&mut self, why: &'static str) {
         if let Some(txn) = self.txn.take() {
             debug!(txn.id = %txn.id, why, "transaction aborted");
-            crate::metrics::message(&self.ctx.name, "aborted", txn.size);
+            crate::metrics::message(&self.ctx.name, crate::metrics::MessageVerdict::Aborted, txn.size);
             let reply = Reply::new(0, why);
             self.audit(&txn, "aborted", &reply, None);
         }
@@ -216,16 +218,37 @@ impl Driver {
             client_port: self.info.peer.port(),
             client_name: self.info.name.clone(),
             helo: self.session.helo().map(|h| h.name.clone()),
-            tls: self.tls.as_ref().map(|t| crate::audit::TlsRecord { version: t.version.to_string(), cipher: t.cipher.clone() }),
+            tls: self
+                .tls
+                .as_ref()
+                .map(|t| crate::audit::TlsRecord { version: t.version.to_string(), cipher: t.cipher.clone() }),
             mail_from: txn.mail.address.clone(),
-            rcpts: txn.rcpts.iter().map(|(a, r)| RcptRecord { address: a.clone(), reply_code: r.code, reply_text: r.lines.join(" ") }).collect(),
+            rcpts: txn
+                .rcpts
+                .iter()
+                .map(|(a, r)| RcptRecord { address: a.clone(), reply_code: r.code, reply_text: r.lines.join(" ") })
+                .collect(),
             size: txn.size,
             message_id: header_value(head, "Message-ID"),
             subject_digest: header_value(head, "Subject").map(|s| crate::audit::digest(&s)),
-            stages: txn.ctx.records.iter().map(|s| StageRecordOut { stage: s.stage.to_string(), phase: s.phase.to_string(), verdict: s.verdict.to_string(), micros: s.micros }).collect(),
+            stages: txn
+                .ctx
+                .records
+                .iter()
+                .map(|s| StageRecord {
+                    stage: s.stage.to_string(),
+                    phase: s.phase.to_string(),
+                    verdict: s.verdict.to_string(),
+                    micros: s.micros,
+                })
+                .collect(),
             verdict: verdict.to_string(),
             reply: ReplyRecord { code: reply.code, text: reply.lines.join(" ") },
-            upstream: upstream.map(|u| UpstreamRecord { code: u.code, queue_id: crate::audit::queue_id_from_reply(&u.lines.join(" ")), text: u.lines.join(" ") }),
+            upstream: upstream.map(|u| UpstreamRecord {
+                code: u.code,
+                queue_id: crate::audit::queue_id_from_reply(&u.lines.join(" ")),
+                text: u.lines.join(" "),
+            }),
             ..TransactionRecord::new(txn.started)
         };
         self.ctx.audit.record(&rec);

@@ -49,7 +49,8 @@ impl Harness {
 fn happy_path() {
     let mut h = Harness::new(cfg());
     let Step::Reply(ehlo) = h.cmd("EHLO client.test", 250) else { panic!() };
-    for cap in ["PIPELINING", "SIZE 1000", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN", "STARTTLS"] {
+    for cap in ["PIPELINING", "SIZE 1000", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN", "STARTTLS"]
+    {
         assert!(ehlo.lines.iter().any(|l| l == cap), "{cap} missing: {ehlo:?}");
     }
     h.cmd("MAIL FROM:<a@example.org>", 250);

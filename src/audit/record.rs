@@ -1,0 +1,251 @@
+//! The audit record types (schema version 1, `docs/audit.md`) and the small formatters they need.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+/// The version every record carries in `v`; bumped on any incompatible change of the schema.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One SMTP transaction (MAIL FROM to end of data, or to its abort). Fill it progressively: start from
+/// [`TransactionRecord::new`] and set what is known.
+#[derive(Clone, Debug, Serialize)]
+pub struct TransactionRecord {
+    /// Schema version, always [`SCHEMA_VERSION`].
+    pub v: u32,
+    /// Always `"transaction"`.
+    #[serde(rename = "type")]
+    pub record_type: &'static str,
+    /// When the transaction ended (RFC 3339, UTC).
+    pub ts: String,
+    /// When the transaction started, at MAIL FROM (RFC 3339, UTC).
+    pub start: String,
+    /// The connection's id, as in the logs.
+    pub conn_id: String,
+    /// The transaction's id (also in moat's `Received` header).
+    pub txn_id: String,
+    /// The configured name of the listener.
+    pub listener: String,
+    /// The client's address.
+    pub client_ip: String,
+    /// The client's port.
+    pub client_port: u16,
+    /// The client's verified reverse DNS name, if looked up and found.
+    pub client_name: Option<String>,
+    /// The EHLO/HELO argument.
+    pub helo: Option<String>,
+    /// The TLS session with the client, if any.
+    pub tls: Option<TlsRecord>,
+    /// The authenticated user, if the client authenticated.
+    pub auth_user: Option<String>,
+    /// The MAIL FROM address (empty for the null sender `<>`).
+    pub mail_from: String,
+    /// Every RCPT TO, accepted or not, with moat's reply to it.
+    pub rcpts: Vec<RcptRecord>,
+    /// Message size in bytes as received (after dot-unstuffing), 0 when no data came.
+    pub size: u64,
+    /// The `Message-ID` header, if present.
+    pub message_id: Option<String>,
+    /// Hex SHA-256 of the `Subject` header (see [`digest`]); never the subject itself.
+    pub subject_digest: Option<String>,
+    /// Each pipeline stage that ran, in order.
+    pub stages: Vec<StageRecord>,
+    /// `"accepted"`, `"rejected"`, `"tempfailed"`, `"discarded"` or `"aborted"`.
+    pub verdict: String,
+    /// What moat told the client at the end of data (code 0 when the transaction was aborted).
+    pub reply: ReplyRecord,
+    /// The upstream's final reply to the message, when it was relayed.
+    pub upstream: Option<UpstreamRecord>,
+    /// From `start` to `ts`, in milliseconds.
+    pub duration_ms: u64,
+}
+
+/// The TLS parameters of the client connection.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TlsRecord {
+    /// `"TLSv1.2"` or `"TLSv1.3"`.
+    pub version: String,
+    /// The cipher suite, e.g. `"TLS13_AES_256_GCM_SHA384"`.
+    pub cipher: String,
+}
+
+/// One recipient and moat's reply to its RCPT TO.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct RcptRecord {
+    /// The address as given in RCPT TO.
+    pub address: String,
+    /// The reply code the client got.
+    pub reply_code: u16,
+    /// The reply text (multi-line replies joined with a space).
+    pub reply_text: String,
+}
+
+/// One stage's part in the verdict.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StageRecord {
+    /// The stage's name.
+    pub stage: String,
+    /// The hook that ran (`"connect"`, `"mail"`, `"rcpt"`, `"data"`, ...).
+    pub phase: String,
+    /// Its verdict (`"continue"`, `"accept"`, `"reject"`, `"tempfail"`, ...).
+    pub verdict: String,
+    /// How long it took, in microseconds.
+    pub micros: u64,
+}
+
+/// An SMTP reply.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ReplyRecord {
+    /// The three-digit code.
+    pub code: u16,
+    /// The text, enhanced status code included (multi-line replies joined with a space).
+    pub text: String,
+}
+
+/// The upstream's final reply to a relayed message.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct UpstreamRecord {
+    /// The three-digit code.
+    pub code: u16,
+    /// The text (multi-line replies joined with a space).
+    pub text: String,
+    /// The upstream's queue id, when its reply names one (see [`queue_id_from_reply`]).
+    pub queue_id: Option<String>,
+}
+
+/// One AUTH attempt. Holds who tried and how it ended, never a password or any part of the SASL exchange.
+#[derive(Clone, Debug, Serialize)]
+pub struct AuthRecord {
+    /// Schema version, always [`SCHEMA_VERSION`].
+    pub v: u32,
+    /// Always `"auth"`.
+    #[serde(rename = "type")]
+    pub record_type: &'static str,
+    /// When the attempt ended (RFC 3339, UTC).
+    pub ts: String,
+    /// The connection's id, as in the logs.
+    pub conn_id: String,
+    /// The configured name of the listener.
+    pub listener: String,
+    /// The client's address.
+    pub client_ip: String,
+    /// The user name the client gave (empty if it gave none).
+    pub user: String,
+    /// The SASL mechanism, e.g. `"PLAIN"`.
+    pub mechanism: String,
+    /// `"success"`, `"failure"`, `"locked"` (refused by the brute-force lockout) or `"cancelled"`.
+    pub result: String,
+}
+
+impl TransactionRecord {
+    /// A record for a transaction that started at `start` and ends now: versioned, timestamped, the rest empty.
+    pub fn new(start: SystemTime) -> TransactionRecord {
+        let now = SystemTime::now();
+        TransactionRecord {
+            v: SCHEMA_VERSION,
+            record_type: "transaction",
+            ts: rfc3339(now),
+            start: rfc3339(start),
+            conn_id: String::new(),
+            txn_id: String::new(),
+            listener: String::new(),
+            client_ip: String::new(),
+            client_port: 0,
+            client_name: None,
+            helo: None,
+            tls: None,
+            auth_user: None,
+            mail_from: String::new(),
+            rcpts: Vec::new(),
+            size: 0,
+            message_id: None,
+            subject_digest: None,
+            stages: Vec::new(),
+            verdict: String::new(),
+            reply: ReplyRecord::default(),
+            upstream: None,
+            duration_ms: now.duration_since(start).unwrap_or_default().as_millis() as u64,
+        }
+    }
+}
+
+impl Default for TransactionRecord {
+    /// A record that starts and ends now.
+    fn default() -> Self {
+        TransactionRecord::new(SystemTime::now())
+    }
+}
+
+impl AuthRecord {
+    /// A record for an attempt that ends now: versioned, timestamped, the rest empty.
+    pub fn new() -> AuthRecord {
+        AuthRecord {
+            v: SCHEMA_VERSION,
+            record_type: "auth",
+            ts: rfc3339(SystemTime::now()),
+            conn_id: String::new(),
+            listener: String::new(),
+            client_ip: String::new(),
+            user: String::new(),
+            mechanism: String::new(),
+            result: String::new(),
+        }
+    }
+}
+
+impl Default for AuthRecord {
+    fn default() -> Self {
+        AuthRecord::new()
+    }
+}
+
+// === helpers ===
+
+/// Formats a time as RFC 3339 in UTC with milliseconds, e.g. `2024-05-01T09:03:07.250Z`. Times before 1970
+/// are clamped to the epoch.
+pub fn rfc3339(t: SystemTime) -> String {
+    let since = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+    let secs = since.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar (Howard Hinnant's
+/// `civil_from_days`, restricted to dates after the epoch).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Hex SHA-256 of `text` (lower-case, 64 characters): how a subject appears in the audit trail.
+pub fn digest(text: &str) -> String {
+    let hash = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    hash.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The queue id in an upstream's reply to the end of data: Postfix's `250 2.0.0 Ok: queued as 4XyZ123`,
+/// and Exim's `250 OK id=1uAbCd-000123-Xy`. `None` when the reply names none.
+pub fn queue_id_from_reply(text: &str) -> Option<String> {
+    let lower = text.to_ascii_lowercase();
+    ["queued as ", "id="].iter().find_map(|marker| {
+        let at = lower.find(marker)? + marker.len();
+        let id: String =
+            text[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')).collect();
+        (!id.is_empty() && id.len() <= 64).then_some(id)
+    })
+}

@@ -1,0 +1,391 @@
+//! Metrics: the Prometheus registry, every metric family moat exports, and the `/metrics`, `/healthz` and
+//! `/readyz` listener ([`serve`]).
+//!
+//! Sits at the end of the connection flow: the server, the SMTP driver, the pipeline, the spool and the
+//! upstream client call the small helpers below (`connection`, `command`, `message`, ...) so that every metric
+//! name and label lives in this one file. Names start with `moat_` and use the `_total`, `_seconds` and
+//! `_bytes` suffixes. Label values come only from closed enums or from the configuration (listener and
+//! certificate names), never from addresses, senders or domains, so cardinality stays bounded.
+//!
+//! The recorder is process-wide ([`install`] keeps it in a `OnceLock`); the helpers are no-ops until it is
+//! installed, which keeps unit tests of other modules free of metrics set-up.
+
+mod http;
+mod labels;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Gauge, Unit};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub use self::http::{serve, HttpAuth};
+pub use self::labels::{
+    ConnResult, Limit, MessageVerdict, RcptResult, ReloadResult, TlsResult, TlsVersion, UpstreamErrorKind,
+    UpstreamPhase, Verb,
+};
+use crate::smtp::session::CloseReason;
+
+// === names ===
+
+/// Connections seen by a listener, by admission result.
+pub const CONNECTIONS_TOTAL: &str = "moat_connections_total";
+/// Connections currently open, per listener.
+pub const CONNECTIONS_ACTIVE: &str = "moat_connections_active";
+/// Sessions that ended, by reason.
+pub const SESSIONS_CLOSED_TOTAL: &str = "moat_sessions_closed_total";
+/// TLS handshakes (STARTTLS and implicit TLS), by version and result.
+pub const TLS_HANDSHAKES_TOTAL: &str = "moat_tls_handshakes_total";
+/// SMTP commands received, by verb.
+pub const COMMANDS_TOTAL: &str = "moat_commands_total";
+/// Messages (transactions) that ended, by verdict.
+pub const MESSAGES_TOTAL: &str = "moat_messages_total";
+/// Size of messages that reached the end of DATA/BDAT.
+pub const MESSAGE_BYTES: &str = "moat_message_bytes";
+/// Message bytes received from clients.
+pub const RECEIVED_BYTES_TOTAL: &str = "moat_received_bytes_total";
+/// RCPT TO commands, by the reply the client got.
+pub const RECIPIENTS_TOTAL: &str = "moat_recipients_total";
+/// Times a configured limit was reached.
+pub const LIMIT_HITS_TOTAL: &str = "moat_limit_hits_total";
+/// Time to open a connection to the upstream, up to its greeting and EHLO.
+pub const UPSTREAM_CONNECT_SECONDS: &str = "moat_upstream_connect_seconds";
+/// Time from upstream DATA to its final reply for one message.
+pub const UPSTREAM_TRANSACTION_SECONDS: &str = "moat_upstream_transaction_seconds";
+/// Upstream failures, by kind.
+pub const UPSTREAM_ERRORS_TOTAL: &str = "moat_upstream_errors_total";
+/// Upstream replies, by phase and class.
+pub const UPSTREAM_REPLIES_TOTAL: &str = "moat_upstream_replies_total";
+/// Idle upstream connections in the pool.
+pub const UPSTREAM_POOL_IDLE: &str = "moat_upstream_pool_idle";
+/// Time each pipeline stage took, per hook call.
+pub const STAGE_SECONDS: &str = "moat_stage_seconds";
+/// Rule reloads, by result.
+pub const RULES_RELOAD_TOTAL: &str = "moat_rules_reload_total";
+/// When each configured certificate expires (Unix time).
+pub const TLS_CERTIFICATE_EXPIRY: &str = "moat_tls_certificate_expiry_timestamp_seconds";
+/// Certificate reloads, by result.
+pub const TLS_RELOAD_TOTAL: &str = "moat_tls_reload_total";
+/// Message bytes the spool holds in memory.
+pub const SPOOL_MEMORY_BYTES: &str = "moat_spool_memory_bytes";
+/// Messages the spool moved to a temporary file.
+pub const SPOOL_SPILLED_TOTAL: &str = "moat_spool_spilled_total";
+/// Audit records dropped because the audit queue was full or the destination failed.
+pub const AUDIT_RECORDS_DROPPED_TOTAL: &str = "moat_audit_records_dropped_total";
+/// Always 1; the `version` label carries the build's version.
+pub const BUILD_INFO: &str = "moat_build_info";
+
+/// Buckets for every `*_seconds` histogram: from half a millisecond (a local stage) to a minute (a slow upstream
+/// at end of data); roughly ×2–×2.5 steps, which keeps the series count at 16 per label set.
+pub const SECONDS_BUCKETS: &[f64] =
+    &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// Buckets for [`MESSAGE_BYTES`]: ×4 steps from 1 KiB to 64 MiB, which covers plain notes through large
+/// attachments up to common size limits.
+pub const MESSAGE_BYTES_BUCKETS: &[f64] =
+    &[1024.0, 4096.0, 16384.0, 65536.0, 262144.0, 1048576.0, 4194304.0, 16777216.0, 67108864.0];
+
+/// How often histogram samples are folded into their buckets when nobody scrapes, so memory stays bounded.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Setting up the recorder failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The exporter refused the configuration, or another recorder was installed first.
+    #[error("cannot install the metrics recorder")]
+    Install(#[source] BuildError),
+}
+
+// === install ===
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static INSTALL: Mutex<()> = Mutex::new(());
+
+/// Installs the process-wide Prometheus recorder and describes every metric. Idempotent: later calls return
+/// a handle to the same registry (several servers in one test binary share it).
+pub fn install() -> Result<PrometheusHandle, MetricsError> {
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let _guard = INSTALL.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(MESSAGE_BYTES.into()), MESSAGE_BYTES_BUCKETS))
+        .and_then(PrometheusBuilder::install_recorder)
+        .map_err(MetricsError::Install)?;
+    describe();
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Unlabelled counters exist from the start, so alerts on their rate see 0 rather than nothing.
+    counter!(SPOOL_SPILLED_TOTAL).absolute(0);
+    counter!(AUDIT_RECORDS_DROPPED_TOTAL).absolute(0);
+    spawn_upkeep(handle.clone());
+    Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// Histogram samples wait in a buffer until a render or an upkeep folds them in; without a scraper that buffer
+/// would grow forever. A plain thread (not a task) keeps this independent of which runtime called `install`.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    let spawned = std::thread::Builder::new().name("moat-metrics-upkeep".into()).spawn(move || loop {
+        std::thread::park_timeout(UPKEEP_INTERVAL);
+        handle.run_upkeep();
+    });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the metrics upkeep thread; histograms are folded on scrape only");
+    }
+}
+
+/// The kind of a metric family, for [`FAMILIES`].
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every family with its help text and unit (the `# HELP` lines of `/metrics`).
+const FAMILIES: &[(&str, Kind, Unit, &str)] = &[
+    (CONNECTIONS_TOTAL, Kind::Counter, Unit::Count, "Connections seen by a listener, by admission result."),
+    (CONNECTIONS_ACTIVE, Kind::Gauge, Unit::Count, "Connections currently open, per listener."),
+    (SESSIONS_CLOSED_TOTAL, Kind::Counter, Unit::Count, "Sessions that ended, by reason."),
+    (TLS_HANDSHAKES_TOTAL, Kind::Counter, Unit::Count, "TLS handshakes, by protocol version and result."),
+    (COMMANDS_TOTAL, Kind::Counter, Unit::Count, "SMTP commands received, by verb."),
+    (MESSAGES_TOTAL, Kind::Counter, Unit::Count, "Transactions that ended, by verdict."),
+    (MESSAGE_BYTES, Kind::Histogram, Unit::Bytes, "Size of messages that reached the end of data."),
+    (RECEIVED_BYTES_TOTAL, Kind::Counter, Unit::Bytes, "Message bytes received from clients."),
+    (RECIPIENTS_TOTAL, Kind::Counter, Unit::Count, "RCPT TO commands, by whether the recipient was accepted."),
+    (LIMIT_HITS_TOTAL, Kind::Counter, Unit::Count, "Times a configured limit was reached."),
+    (UPSTREAM_CONNECT_SECONDS, Kind::Histogram, Unit::Seconds, "Time to connect to the upstream and greet it."),
+    (UPSTREAM_TRANSACTION_SECONDS, Kind::Histogram, Unit::Seconds, "Time from upstream DATA to its final reply."),
+    (UPSTREAM_ERRORS_TOTAL, Kind::Counter, Unit::Count, "Upstream failures, by kind."),
+    (UPSTREAM_REPLIES_TOTAL, Kind::Counter, Unit::Count, "Upstream replies, by phase and reply class."),
+    (UPSTREAM_POOL_IDLE, Kind::Gauge, Unit::Count, "Idle upstream connections in the pool."),
+    (STAGE_SECONDS, Kind::Histogram, Unit::Seconds, "Time a pipeline stage took for one hook call."),
+    (RULES_RELOAD_TOTAL, Kind::Counter, Unit::Count, "Rule reloads, by result."),
+    (TLS_CERTIFICATE_EXPIRY, Kind::Gauge, Unit::Seconds, "Expiry of each configured certificate, Unix time."),
+    (TLS_RELOAD_TOTAL, Kind::Counter, Unit::Count, "Certificate reloads, by result."),
+    (SPOOL_MEMORY_BYTES, Kind::Gauge, Unit::Bytes, "Message bytes the spool holds in memory."),
+    (SPOOL_SPILLED_TOTAL, Kind::Counter, Unit::Count, "Messages the spool moved to a temporary file."),
+    (AUDIT_RECORDS_DROPPED_TOTAL, Kind::Counter, Unit::Count, "Audit records dropped (queue full or write failed)."),
+    (BUILD_INFO, Kind::Gauge, Unit::Count, "Always 1; the version label carries the build version."),
+];
+
+fn describe() {
+    for &(name, kind, unit, help) in FAMILIES {
+        match kind {
+            Kind::Counter => describe_counter!(name, unit, help),
+            Kind::Gauge => describe_gauge!(name, unit, help),
+            Kind::Histogram => describe_histogram!(name, unit, help),
+        }
+    }
+}
+
+// === helpers ===
+
+/// Counts a connection by admission result.
+pub fn connection(listener: &str, result: ConnResult) {
+    counter!(CONNECTIONS_TOTAL, "listener" => listener.to_owned(), "result" => result.as_str()).increment(1);
+}
+
+/// Marks a connection open on `listener` until the returned guard is dropped.
+pub fn connection_active(listener: &str) -> ActiveConnection {
+    let gauge = gauge!(CONNECTIONS_ACTIVE, "listener" => listener.to_owned());
+    gauge.increment(1.0);
+    ActiveConnection { gauge }
+}
+
+/// Keeps [`CONNECTIONS_ACTIVE`] raised while alive; dropping it (even when the task is cut off) lowers it.
+#[must_use = "the connection counts as active only while the guard lives"]
+#[derive(Debug)]
+pub struct ActiveConnection {
+    gauge: Gauge,
+}
+
+impl Drop for ActiveConnection {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+    }
+}
+
+/// Counts a finished session.
+pub fn session_closed(listener: &str, reason: CloseReason) {
+    counter!(SESSIONS_CLOSED_TOTAL, "listener" => listener.to_owned(), "reason" => reason.as_str()).increment(1);
+}
+
+/// Counts a TLS handshake.
+pub fn tls_handshake(listener: &str, version: TlsVersion, result: TlsResult) {
+    counter!(TLS_HANDSHAKES_TOTAL, "listener" => listener.to_owned(), "version" => version.as_str(), "result" => result.as_str())
+        .increment(1);
+}
+
+/// Counts a command by verb.
+pub fn command(verb: Verb) {
+    counter!(COMMANDS_TOTAL, "command" => verb.as_str()).increment(1);
+}
+
+/// Counts a finished transaction; its size goes into [`MESSAGE_BYTES`] unless it was aborted before the end
+/// of data.
+pub fn message(listener: &str, verdict: MessageVerdict, size: u64) {
+    counter!(MESSAGES_TOTAL, "listener" => listener.to_owned(), "verdict" => verdict.as_str()).increment(1);
+    if verdict != MessageVerdict::Aborted {
+        histogram!(MESSAGE_BYTES).record(size as f64);
+    }
+}
+
+/// Adds message bytes received from a client.
+pub fn received_bytes(listener: &str, bytes: u64) {
+    counter!(RECEIVED_BYTES_TOTAL, "listener" => listener.to_owned()).increment(bytes);
+}
+
+/// Counts a RCPT TO by the reply the client got.
+pub fn recipient(listener: &str, result: RcptResult) {
+    counter!(RECIPIENTS_TOTAL, "listener" => listener.to_owned(), "result" => result.as_str()).increment(1);
+}
+
+/// Counts a limit being reached.
+pub fn limit_hit(limit: Limit) {
+    counter!(LIMIT_HITS_TOTAL, "limit" => limit.as_str()).increment(1);
+}
+
+/// Records how long opening an upstream connection took.
+pub fn upstream_connect_seconds(elapsed: Duration) {
+    histogram!(UPSTREAM_CONNECT_SECONDS).record(elapsed.as_secs_f64());
+}
+
+/// Records how long relaying one message took (DATA to final reply).
+pub fn upstream_transaction_seconds(elapsed: Duration) {
+    histogram!(UPSTREAM_TRANSACTION_SECONDS).record(elapsed.as_secs_f64());
+}
+
+/// Counts an upstream failure.
+pub fn upstream_error(kind: UpstreamErrorKind) {
+    counter!(UPSTREAM_ERRORS_TOTAL, "kind" => kind.as_str()).increment(1);
+}
+
+/// Counts an upstream reply by class; codes outside 2xx/4xx/5xx (such as `354`) are not counted.
+pub fn upstream_reply(phase: UpstreamPhase, code: u16) {
+    let class = match code / 100 {
+        2 => "2xx",
+        4 => "4xx",
+        5 => "5xx",
+        _ => return,
+    };
+    counter!(UPSTREAM_REPLIES_TOTAL, "phase" => phase.as_str(), "class" => class).increment(1);
+}
+
+/// Sets the number of idle pooled upstream connections.
+pub fn upstream_pool_idle(idle: usize) {
+    gauge!(UPSTREAM_POOL_IDLE).set(idle as f64);
+}
+
+/// Records one stage hook's duration. `stage` is the stage's static name (closed by the code, not by input).
+pub fn stage_seconds(stage: &'static str, elapsed: Duration) {
+    histogram!(STAGE_SECONDS, "stage" => stage).record(elapsed.as_secs_f64());
+}
+
+/// Counts a rules reload.
+pub fn rules_reload(result: ReloadResult) {
+    counter!(RULES_RELOAD_TOTAL, "result" => result.as_str()).increment(1);
+}
+
+/// Counts a certificate reload.
+pub fn tls_reload(result: ReloadResult) {
+    counter!(TLS_RELOAD_TOTAL, "result" => result.as_str()).increment(1);
+}
+
+/// Sets when the certificate `name` (its first configured DNS name) expires, in Unix seconds.
+pub fn tls_certificate_expiry(name: &str, not_after_unix: i64) {
+    gauge!(TLS_CERTIFICATE_EXPIRY, "name" => name.to_owned()).set(not_after_unix as f64);
+}
+
+/// Sets how many message bytes the spool holds in memory.
+pub fn spool_memory(bytes: usize) {
+    gauge!(SPOOL_MEMORY_BYTES).set(bytes as f64);
+}
+
+/// Counts a message spilled from memory to a temporary file.
+pub fn spool_spilled() {
+    counter!(SPOOL_SPILLED_TOTAL).increment(1);
+}
+
+/// Counts an audit record that was dropped.
+pub fn audit_record_dropped() {
+    counter!(AUDIT_RECORDS_DROPPED_TOTAL).increment(1);
+}
+
+// === readiness ===
+
+/// What `/readyz` reports. Cheap to clone; all clones share the same flags.
+///
+/// Defaults: listeners not yet bound, rules loaded (there are none to wait for yet), upstream ok (it is marked
+/// down when it fails, not probed up front).
+#[derive(Clone, Debug)]
+pub struct Readiness {
+    flags: Arc<Flags>,
+}
+
+#[derive(Debug)]
+struct Flags {
+    listeners_bound: AtomicBool,
+    rules_loaded: AtomicBool,
+    upstream_ok: AtomicBool,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            flags: Arc::new(Flags {
+                listeners_bound: AtomicBool::new(false),
+                rules_loaded: AtomicBool::new(true),
+                upstream_ok: AtomicBool::new(true),
+            }),
+        }
+    }
+}
+
+impl Readiness {
+    /// A fresh set of flags with the defaults above.
+    pub fn new() -> Readiness {
+        Readiness::default()
+    }
+
+    /// Whether every SMTP listener is bound.
+    pub fn set_listeners_bound(&self, bound: bool) {
+        self.flags.listeners_bound.store(bound, Ordering::Relaxed);
+    }
+
+    /// Whether a valid rule set is in force.
+    pub fn set_rules_loaded(&self, loaded: bool) {
+        self.flags.rules_loaded.store(loaded, Ordering::Relaxed);
+    }
+
+    /// Whether the upstream answers.
+    pub fn set_upstream_ok(&self, ok: bool) {
+        self.flags.upstream_ok.store(ok, Ordering::Relaxed);
+    }
+
+    /// True when nothing is missing.
+    pub fn is_ready(&self) -> bool {
+        self.reasons().is_empty()
+    }
+
+    /// What is not ready, one short phrase each (empty when ready).
+    pub fn reasons(&self) -> Vec<&'static str> {
+        let f = &self.flags;
+        [
+            (f.listeners_bound.load(Ordering::Relaxed), "listeners not bound"),
+            (f.rules_loaded.load(Ordering::Relaxed), "rules not loaded"),
+            (f.upstream_ok.load(Ordering::Relaxed), "upstream unreachable"),
+        ]
+        .into_iter()
+        .filter(|(ok, _)| !ok)
+        .map(|(_, reason)| reason)
+        .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;
