@@ -114,7 +114,12 @@ struct Admission {
     max_per_ip: usize,
     next_id: AtomicU64,
     hostname: String,
+    /// Refusals being written; a flood past this is closed without a reply rather than queueing tasks.
+    refusals: Arc<Semaphore>,
 }
+
+/// Connections being told `421` at once; enough for bursts, bounded so a flood cannot pile up tasks.
+const MAX_PENDING_REFUSALS: usize = 64;
 
 /// Binds everything and starts serving. Blocking file reads (certificates) happen here, at start-up.
 pub async fn start(config: &Config) -> Result<Running, ServerError> {
@@ -144,6 +149,7 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
         max_per_ip: config.limits.max_connections_per_ip,
         next_id: AtomicU64::new(1),
         hostname: hostname.clone(),
+        refusals: Arc::new(Semaphore::new(MAX_PENDING_REFUSALS)),
     });
     let mut bound = Vec::new();
     for l in &config.listeners {
@@ -263,13 +269,13 @@ fn admit(stream: TcpStream, peer: SocketAddr, ctx: &Arc<ListenerContext>, adm: &
     let Some(permit) = permit else {
         crate::metrics::connection(&ctx.name, crate::metrics::ConnResult::RejectedLimit);
         crate::metrics::limit_hit(crate::metrics::Limit::MaxConnections);
-        refuse(stream, Reply::too_many_connections(&adm.hostname), shutdown);
+        refuse(stream, Reply::too_many_connections(&adm.hostname), adm, shutdown);
         return;
     };
     let Some(slot) = adm.per_ip.acquire(peer.ip(), adm.max_per_ip) else {
         crate::metrics::connection(&ctx.name, crate::metrics::ConnResult::RejectedLimit);
         crate::metrics::limit_hit(crate::metrics::Limit::MaxConnectionsPerIp);
-        refuse(stream, Reply::too_many_connections(&adm.hostname), shutdown);
+        refuse(stream, Reply::too_many_connections(&adm.hostname), adm, shutdown);
         return;
     };
     crate::metrics::connection(&ctx.name, crate::metrics::ConnResult::Accepted);
@@ -294,9 +300,14 @@ fn admit(stream: TcpStream, peer: SocketAddr, ctx: &Arc<ListenerContext>, adm: &
     );
 }
 
-/// Answers `421` and closes, without holding a permit (bounded by a short timeout).
-fn refuse(mut stream: TcpStream, reply: Reply, shutdown: &Shutdown) {
+/// Answers `421` and closes, without holding a connection permit; at most [`MAX_PENDING_REFUSALS`] at once,
+/// each bounded by a short timeout. Past that the socket is simply closed.
+fn refuse(mut stream: TcpStream, reply: Reply, adm: &Admission, shutdown: &Shutdown) {
+    let Ok(slot) = adm.refusals.clone().try_acquire_owned() else {
+        return;
+    };
     shutdown.tasks.spawn(async move {
+        let _slot = slot;
         let _ = tokio::time::timeout(Duration::from_secs(5), async {
             let _ = stream.write_all(&reply.render()).await;
             let _ = stream.shutdown().await;
