@@ -1,0 +1,250 @@
+//! Brute-force protection: failed AUTH attempts counted per client IP and per login name in a sliding
+//! window. Past the threshold the key is locked for a while, and every failure is answered after a delay
+//! that grows with the failures in the window. In memory and bounded: past [`MAX_ENTRIES`] keys the oldest
+//! is evicted.
+//!
+//! A success clears the failures of the name it authenticated, never those of the IP: an address that
+//! tries many names stays counted even if it guesses one right.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Most keys (IPs plus names) tracked at once.
+pub const MAX_ENTRIES: usize = 65_536;
+/// The growing delay never exceeds this.
+pub const MAX_DELAY: Duration = Duration::from_secs(8);
+
+/// What is counted.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Key {
+    Ip(IpAddr),
+    Name(String),
+}
+
+#[derive(Debug, Default)]
+struct Entry {
+    /// Failure times inside the window, oldest first (at most `threshold` kept).
+    failures: VecDeque<Instant>,
+    locked_until: Option<Instant>,
+    last: Option<Instant>,
+}
+
+/// Lockout settings.
+#[derive(Clone, Copy, Debug)]
+pub struct LockoutSettings {
+    /// Failures within `window` that lock a key.
+    pub threshold: u32,
+    pub window: Duration,
+    /// How long a lock lasts.
+    pub duration: Duration,
+    /// Delay before answering the first failure; doubles with each failure in the window.
+    pub failure_delay: Duration,
+}
+
+/// The shared failure counters.
+#[derive(Debug)]
+pub struct Lockout {
+    settings: LockoutSettings,
+    inner: Mutex<Table>,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    entries: HashMap<Key, Entry>,
+    /// Insertion order, for eviction; may hold keys already removed.
+    order: VecDeque<Key>,
+}
+
+/// Whether an attempt may go ahead.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    Allowed,
+    /// Locked until then.
+    Locked(Instant),
+}
+
+// === impl Lockout ===
+
+impl Lockout {
+    pub fn new(settings: LockoutSettings) -> Lockout {
+        Lockout { settings, inner: Mutex::new(Table::default()) }
+    }
+
+    /// Whether the client IP (and, when known, the name) may attempt now.
+    pub fn check(&self, ip: IpAddr, name: Option<&str>, now: Instant) -> Check {
+        let t = self.lock();
+        let mut keys = vec![Key::Ip(ip)];
+        if let Some(n) = name {
+            keys.push(Key::Name(normalize(n)));
+        }
+        let until =
+            keys.iter().filter_map(|k| t.entries.get(k).and_then(|e| e.locked_until)).filter(|u| *u > now).max();
+        until.map_or(Check::Allowed, Check::Locked)
+    }
+
+    /// Records a failure; returns how long to wait before answering and whether a key just got locked.
+    pub fn failure(&self, ip: IpAddr, name: Option<&str>, now: Instant) -> (Duration, bool) {
+        let s = self.settings;
+        let mut t = self.lock();
+        let mut worst = 0usize;
+        let mut locked = false;
+        let mut keys = vec![Key::Ip(ip)];
+        if let Some(n) = name {
+            keys.push(Key::Name(normalize(n)));
+        }
+        for key in keys {
+            let e = t.entry(key, now);
+            while e.failures.front().is_some_and(|f| now.duration_since(*f) >= s.window) {
+                e.failures.pop_front();
+            }
+            e.failures.push_back(now);
+            while e.failures.len() > s.threshold.max(1) as usize {
+                e.failures.pop_front();
+            }
+            e.last = Some(now);
+            worst = worst.max(e.failures.len());
+            if e.failures.len() >= s.threshold as usize && e.locked_until.is_none_or(|u| u <= now) {
+                e.locked_until = Some(now + s.duration);
+                e.failures.clear();
+                locked = true;
+            }
+        }
+        let exp = u32::try_from(worst.saturating_sub(1)).unwrap_or(u32::MAX).min(16);
+        let delay = s.failure_delay.saturating_mul(1 << exp).min(MAX_DELAY);
+        (delay, locked)
+    }
+
+    /// Records a success for `name`: clears that name's failures (not the IP's).
+    pub fn success(&self, name: &str) {
+        let mut t = self.lock();
+        t.entries.remove(&Key::Name(normalize(name)));
+    }
+
+    /// Keys tracked now (for tests).
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Whether nothing is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        // Plain counters: a panic while holding the lock cannot leave them inconsistent.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Table {
+    fn entry(&mut self, key: Key, now: Instant) -> &mut Entry {
+        if !self.entries.contains_key(&key) {
+            while self.entries.len() >= MAX_ENTRIES {
+                match self.order.pop_front() {
+                    Some(old) => {
+                        self.entries.remove(&old);
+                    }
+                    None => break,
+                }
+            }
+            // Bound the order queue too: it may hold keys removed by `success`.
+            if self.order.len() >= 2 * MAX_ENTRIES {
+                let entries = &self.entries;
+                self.order.retain(|k| entries.contains_key(k));
+            }
+            self.order.push_back(key.clone());
+        }
+        let e = self.entries.entry(key).or_default();
+        e.last.get_or_insert(now);
+        e
+    }
+}
+
+fn normalize(name: &str) -> String {
+    name.to_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lockout() -> Lockout {
+        Lockout::new(LockoutSettings {
+            threshold: 3,
+            window: Duration::from_secs(60),
+            duration: Duration::from_secs(300),
+            failure_delay: Duration::from_millis(100),
+        })
+    }
+
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+
+    #[test]
+    fn locks_after_threshold_and_expires() {
+        let l = lockout();
+        let t0 = Instant::now();
+        assert_eq!(l.failure(IP, Some("alice"), t0), (Duration::from_millis(100), false));
+        assert_eq!(l.failure(IP, Some("alice"), t0), (Duration::from_millis(200), false));
+        assert_eq!(l.check(IP, Some("alice"), t0), Check::Allowed);
+        let (_, locked) = l.failure(IP, Some("alice"), t0);
+        assert!(locked);
+        assert!(matches!(l.check(IP, None, t0), Check::Locked(_)));
+        assert!(matches!(l.check("192.0.2.9".parse().unwrap(), Some("ALICE"), t0), Check::Locked(_)));
+        let later = t0 + Duration::from_secs(301);
+        assert_eq!(l.check(IP, Some("alice"), later), Check::Allowed);
+    }
+
+    #[test]
+    fn window_slides() {
+        let l = lockout();
+        let t0 = Instant::now();
+        l.failure(IP, Some("a"), t0);
+        l.failure(IP, Some("b"), t0);
+        let (_, locked) = l.failure(IP, Some("c"), t0 + Duration::from_secs(61));
+        assert!(!locked, "the first two fell out of the window");
+    }
+
+    #[test]
+    fn success_keeps_the_ip_count() {
+        let l = lockout();
+        let t0 = Instant::now();
+        l.failure(IP, Some("a"), t0);
+        l.failure(IP, Some("b"), t0);
+        l.success("c");
+        let (_, locked) = l.failure(IP, Some("d"), t0);
+        assert!(locked, "a success for another name did not reset the IP");
+    }
+
+    #[test]
+    fn one_name_from_many_ips() {
+        let l = lockout();
+        let t0 = Instant::now();
+        for i in 1..=3u8 {
+            l.failure(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, i)), Some("bob"), t0);
+        }
+        assert!(matches!(l.check("127.0.0.9".parse().unwrap(), Some("bob"), t0), Check::Locked(_)));
+        assert_eq!(l.check("127.0.0.9".parse().unwrap(), Some("carol"), t0), Check::Allowed);
+    }
+
+    #[test]
+    fn delay_is_capped_and_table_bounded() {
+        let l = Lockout::new(LockoutSettings {
+            threshold: 1000,
+            window: Duration::from_secs(60),
+            duration: Duration::from_secs(1),
+            failure_delay: Duration::from_secs(1),
+        });
+        let t0 = Instant::now();
+        let mut last = Duration::ZERO;
+        for _ in 0..50 {
+            last = l.failure(IP, None, t0).0;
+        }
+        assert_eq!(last, MAX_DELAY);
+        for i in 0..(MAX_ENTRIES + 10) {
+            l.failure(IP, Some(&format!("user{i}")), t0);
+        }
+        assert!(l.len() <= MAX_ENTRIES);
+    }
+}

@@ -1,0 +1,275 @@
+//! SMTP AUTH: SASL decoding ([`sasl`]), the users file ([`store`]), brute-force lockout ([`lockout`]) and
+//! TOTP ([`totp`]). [`Authenticator`] ties them together for the SMTP driver: it verifies credentials off
+//! the async threads, behind a semaphore, and answers which senders a user owns.
+//!
+//! Nothing in this module logs a password, a code or an AUTH payload.
+
+pub mod cli;
+pub mod lockout;
+pub mod sasl;
+pub mod store;
+pub mod totp;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::lockout::{Lockout, LockoutSettings};
+use self::sasl::Credentials;
+use self::store::{Matched, StoreError, UserStore};
+use crate::config::AuthConfig;
+
+/// Why a verification did not succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("invalid credentials")]
+    Invalid,
+    #[error("verification failed internally")]
+    Internal,
+}
+
+/// The credential checker shared by every listener.
+pub struct Authenticator {
+    path: PathBuf,
+    users: ArcSwap<UserStore>,
+    /// The users file's modification stamp when last loaded.
+    stamp: Mutex<Option<SystemTime>>,
+    permits: Arc<Semaphore>,
+    lockout: Lockout,
+    /// Last TOTP step used per user (lower-cased), so a code works once.
+    totp_used: Mutex<HashMap<String, u64>>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// A hash of a random password with the default parameters: what an unknown user is verified against.
+fn dummy_hash() -> &'static str {
+    static DUMMY: OnceLock<String> = OnceLock::new();
+    DUMMY.get_or_init(|| {
+        let mut pw = [0u8; 16];
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut pw);
+        store::hash_password(&data_encoding::HEXLOWER.encode(&pw)).unwrap_or_default()
+    })
+}
+
+// === impl Authenticator ===
+
+impl Authenticator {
+    /// Loads the users file named in `[auth]`; `Ok(None)` when AUTH is off. Blocking (reads the file and
+    /// computes the dummy hash): call it at start-up.
+    pub fn load(cfg: &AuthConfig) -> Result<Option<Arc<Authenticator>>, StoreError> {
+        if cfg.users_file.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let users = UserStore::load(&cfg.users_file)?;
+        let stamp = std::fs::metadata(&cfg.users_file).and_then(|m| m.modified()).ok();
+        let _ = dummy_hash();
+        let permits = match cfg.max_concurrent_verifications {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        info!(users = users.len(), file = %cfg.users_file.display(), "users loaded");
+        Ok(Some(Arc::new(Authenticator {
+            path: cfg.users_file.clone(),
+            users: ArcSwap::from_pointee(users),
+            stamp: Mutex::new(stamp),
+            permits: Arc::new(Semaphore::new(permits)),
+            lockout: Lockout::new(LockoutSettings {
+                threshold: cfg.lockout_threshold,
+                window: cfg.lockout_window.get(),
+                duration: cfg.lockout_duration.get(),
+                failure_delay: cfg.failure_delay.get(),
+            }),
+            totp_used: Mutex::new(HashMap::new()),
+        })))
+    }
+
+    /// The brute-force counters.
+    pub fn lockout(&self) -> &Lockout {
+        &self.lockout
+    }
+
+    /// Verifies credentials on the blocking pool, at most `max_concurrent_verifications` at once. Returns
+    /// the user's canonical name.
+    pub async fn verify(&self, creds: Credentials, listener: &str) -> Result<String, AuthError> {
+        let _permit = self.permits.acquire().await.map_err(|_| AuthError::Internal)?;
+        let users = self.users.load_full();
+        let key = creds.user.to_lowercase();
+        let last = self.totp_used.lock().unwrap_or_else(|p| p.into_inner()).get(&key).copied();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let listener = listener.to_string();
+        let verified = tokio::task::spawn_blocking(move || users.verify(&creds, &listener, now, last, dummy_hash()))
+            .await
+            .map_err(|_| AuthError::Internal)?
+            .ok_or(AuthError::Invalid)?;
+        if let Matched::Password { totp_step: Some(step) } = verified.matched {
+            // Check and set under one lock: two sessions racing with the same code cannot both pass.
+            let mut used = self.totp_used.lock().unwrap_or_else(|p| p.into_inner());
+            if used.get(&key).is_some_and(|l| *l >= step) {
+                return Err(AuthError::Invalid);
+            }
+            used.insert(key, step);
+        }
+        Ok(verified.user)
+    }
+
+    /// Whether `user` may send as `address` (MAIL FROM or a From header address).
+    pub fn sender_allowed(&self, user: &str, address: &str) -> bool {
+        self.users.load().sender_allowed(user, address)
+    }
+
+    /// Re-reads the users file; on any problem the store in force stays. Returns whether it changed. Blocking.
+    pub fn reload(&self) -> Result<bool, StoreError> {
+        let stamp = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
+        let users = UserStore::load(&self.path)?;
+        *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = stamp;
+        info!(users = users.len(), "users file reloaded");
+        self.users.store(Arc::new(users));
+        Ok(true)
+    }
+
+    /// [`Authenticator::reload`] on the blocking pool, with the outcome logged.
+    pub async fn reload_logged(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        match tokio::task::spawn_blocking(move || me.reload()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(error = %e, "users file reload refused; the old users stay"),
+            Err(e) => warn!(error = %e, "users file reload task failed"),
+        }
+    }
+
+    /// Polls the users file's modification time every `interval` and reloads on a change, until `shutdown`.
+    pub fn spawn_watcher(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                tokio::select! {
+                    biased;
+                    () = shutdown.cancelled() => return,
+                    _ = ticker.tick() => {}
+                }
+                let now = tokio::fs::metadata(&me.path).await.and_then(|m| m.modified()).ok();
+                let known = *me.stamp.lock().unwrap_or_else(|p| p.into_inner());
+                if now.is_some() && now != known {
+                    debug!("users file changed");
+                    // Remember the stamp even when the reload is refused, so a bad file is reported once.
+                    *me.stamp.lock().unwrap_or_else(|p| p.into_inner()) = now;
+                    me.reload_logged().await;
+                }
+            }
+        });
+    }
+}
+
+/// Whether `rcpt` is in one of the local domains (exact, or `.parent` for subdomains), with no
+/// sender-specified routing (`%`, `!`, or a second `@` in the local part) that could relay past them.
+pub fn is_local_recipient(rcpt: &str, local_domains: &[String]) -> bool {
+    let Some((local, domain)) = rcpt.rsplit_once('@') else {
+        // RFC 5321 4.5.1: a bare "postmaster" is always local.
+        return rcpt.eq_ignore_ascii_case("postmaster");
+    };
+    if local.is_empty() || local.contains(['@', '%', '!']) {
+        return false;
+    }
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    local_domains.iter().any(|d| {
+        let d = d.to_ascii_lowercase();
+        match d.strip_prefix('.') {
+            Some(parent) => domain.len() > parent.len() + 1 && domain.ends_with(&d),
+            None => domain == d,
+        }
+    })
+}
+
+/// The addresses of every `From:` header in a header section, or `None` when a From header holds something
+/// that is not an address (which then cannot be checked).
+pub fn from_addresses(head: &[u8]) -> Option<Vec<String>> {
+    let raw_count = head
+        .split(|&b| b == b'\n')
+        .filter(|l| {
+            let name_end = l.iter().position(|&b| b == b':').unwrap_or(0);
+            let name = String::from_utf8_lossy(&l[..name_end]);
+            !l.starts_with(b" ") && !l.starts_with(b"\t") && name.trim_end().eq_ignore_ascii_case("from")
+        })
+        .count();
+    if raw_count == 0 {
+        return Some(Vec::new());
+    }
+    let msg = mail_parser::MessageParser::default().parse_headers(head)?;
+    let mut out = Vec::new();
+    let mut headers = 0;
+    for v in msg.header_values(mail_parser::HeaderName::From) {
+        headers += 1;
+        let list = v.as_address()?;
+        let before = out.len();
+        for a in list.iter() {
+            out.push(a.address()?.to_string());
+        }
+        if out.len() == before {
+            return None;
+        }
+    }
+    // A From header the parser did not see would reach the upstream unchecked.
+    (headers == raw_count).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_recipients() {
+        let domains = vec!["example.test".to_string(), ".corp.example".to_string()];
+        for (rcpt, want) in [
+            ("a@example.test", true),
+            ("a@EXAMPLE.TEST", true),
+            ("a@example.test.", true),
+            ("a@sub.example.test", false),
+            ("a@evil.example", false),
+            ("a@corp.example", false),
+            ("a@mail.corp.example", true),
+            ("a@xcorp.example", false),
+            ("a%evil.example@example.test", false),
+            ("evil.example!a@example.test", false),
+            ("\"a@evil.example\"@example.test", false),
+            ("Postmaster", true),
+            ("root", false),
+            ("@example.test", false),
+            ("a@[127.0.0.1]", false),
+        ] {
+            assert_eq!(is_local_recipient(rcpt, &domains), want, "{rcpt}");
+        }
+        assert!(!is_local_recipient("a@example.test", &[]), "empty list: nothing is local");
+    }
+
+    #[test]
+    fn from_header_addresses() {
+        let f = |s: &str| from_addresses(s.as_bytes());
+        assert_eq!(f("Subject: x\r\n\r\n"), Some(vec![]));
+        assert_eq!(
+            f("From: Alice <alice@example.test>\r\nSubject: x\r\n\r\n"),
+            Some(vec!["alice@example.test".into()])
+        );
+        assert_eq!(
+            f("From: a@example.test, \"B\" <b@example.org>\r\n\r\n"),
+            Some(vec!["a@example.test".into(), "b@example.org".into()])
+        );
+        assert_eq!(f("From: a@example.test\r\nFROM: b@evil.example\r\n\r\n").map(|v| v.len()), Some(2));
+        assert_eq!(f("From: not an address\r\n\r\n"), None);
+        assert_eq!(f("From:\r\n\r\n"), None);
+        assert_eq!(f("From : spaced@example.test\r\n\r\n").map(|v| v.len()).unwrap_or(1), 1);
+    }
+}

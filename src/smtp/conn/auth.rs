@@ -1,0 +1,178 @@
+//! The AUTH side of a connection: the SASL exchange (read here with the command-line limit and the idle
+//! timeout, and never logged), the lockout, verification, the audit record, and sender binding.
+
+use std::time::Instant;
+
+use bytes::Buf;
+use tracing::debug;
+
+use super::{Driver, Stop};
+use crate::audit::AuthRecord;
+use crate::auth::lockout::Check;
+use crate::auth::sasl::{Exchange, Mechanism, SaslError, SaslStep};
+use crate::auth::AuthError;
+use crate::metrics::AuthResult;
+use crate::smtp::codec::Framed;
+use crate::smtp::session::{CloseReason, InitialResponse, Step};
+use crate::smtp::Reply;
+
+fn metric_attempt(mechanism: Mechanism, result: &'static str) {
+    let result = match result {
+        "success" => AuthResult::Success,
+        "locked" => AuthResult::Locked,
+        "cancelled" => AuthResult::Cancelled,
+        _ => AuthResult::Failure,
+    };
+    crate::metrics::auth_attempt(mechanism.as_str(), result);
+}
+
+impl Driver {
+    /// Runs one AUTH command to its end. `Some(reason)` closes the session.
+    pub(super) async fn auth(
+        &mut self,
+        mechanism: Mechanism,
+        initial: Option<InitialResponse>,
+    ) -> Result<Option<CloseReason>, Stop> {
+        let Some(auth) = self.ctx.auth.clone() else {
+            self.queue(&Reply::bad_sequence("authentication not enabled"));
+            return Ok(None);
+        };
+        let ip = self.info.peer.ip();
+        if let Check::Locked(_) = auth.lockout().check(ip, None, Instant::now()) {
+            return Ok(self.auth_locked(mechanism, ""));
+        }
+        let (mut ex, mut step) = Exchange::start(mechanism, initial.as_ref().map(|i| i.0.as_str()));
+        let creds = loop {
+            match step {
+                SaslStep::Done(c) => break c,
+                SaslStep::Challenge(r) => {
+                    self.queue(&r);
+                    self.flush().await?;
+                    match self.read_auth_line().await? {
+                        Some(line) => step = ex.respond(&line),
+                        None => {
+                            self.auth_record(mechanism, "", "failure");
+                            let s = self.session.line_too_long(self.ctx.max_command_line);
+                            return Ok(self.auth_reply(s));
+                        }
+                    }
+                }
+                SaslStep::Failed(e) => {
+                    let result = if e == SaslError::Cancelled { "cancelled" } else { "failure" };
+                    self.auth_record(mechanism, "", result);
+                    let s = self.session.auth_failed(e.reply());
+                    return Ok(self.auth_reply(s));
+                }
+            }
+        };
+        let name = creds.user.clone();
+        if let Check::Locked(_) = auth.lockout().check(ip, Some(&name), Instant::now()) {
+            return Ok(self.auth_locked(mechanism, &name));
+        }
+        match auth.verify(creds, &self.ctx.name).await {
+            Ok(user) => {
+                auth.lockout().success(&user);
+                self.auth_record(mechanism, &user, "success");
+                debug!(user = %user, mechanism = mechanism.as_str(), "authenticated");
+                self.session.auth_done(user.clone());
+                self.ident.login = Some(user);
+                // A connection introduced before AUTH carries no LOGIN: give it back, so the next MAIL
+                // borrows one and re-introduces the client with its login.
+                if let Some(conn) = self.upstream.take() {
+                    self.ctx.pool.checkin(conn).await;
+                }
+                self.queue(&Reply::auth_ok());
+                Ok(None)
+            }
+            Err(AuthError::Internal) => {
+                metric_attempt(mechanism, "error");
+                self.queue(&Reply::auth_temporary());
+                Ok(None)
+            }
+            Err(AuthError::Invalid) => {
+                let (delay, locked) = auth.lockout().failure(ip, Some(&name), Instant::now());
+                if locked {
+                    crate::metrics::auth_lockout();
+                }
+                self.auth_record(mechanism, &name, "failure");
+                debug!(mechanism = mechanism.as_str(), delay = ?delay, "authentication failed");
+                tokio::time::sleep(delay).await;
+                let s = self.session.auth_failed(Reply::auth_invalid());
+                Ok(self.auth_reply(s))
+            }
+        }
+    }
+
+    /// Answers an attempt refused by the lockout.
+    fn auth_locked(&mut self, mechanism: Mechanism, user: &str) -> Option<CloseReason> {
+        self.auth_record(mechanism, user, "locked");
+        let s = self.session.auth_locked();
+        self.auth_reply(s)
+    }
+
+    fn auth_reply(&mut self, step: Step) -> Option<CloseReason> {
+        match step {
+            Step::Close(r, reason) => {
+                self.queue(&r);
+                Some(reason)
+            }
+            Step::Reply(r) => {
+                self.queue(&r);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// Reads one response line of the exchange; `None` when it was over the command-line limit.
+    async fn read_auth_line(&mut self) -> Result<Option<Vec<u8>>, Stop> {
+        loop {
+            let (n, framed) = self.lines.frame(&self.rbuf);
+            match framed {
+                Some(Framed::Line(len)) => {
+                    let line = self.rbuf[..len].to_vec();
+                    self.rbuf.advance(n);
+                    return Ok(Some(line));
+                }
+                Some(Framed::TooLong) => {
+                    self.rbuf.advance(n);
+                    return Ok(None);
+                }
+                None => {
+                    self.rbuf.advance(n);
+                    self.read_some(self.ctx.idle_timeout, crate::metrics::Limit::IdleTimeout).await?;
+                }
+            }
+        }
+    }
+
+    /// One audit record and one metric per attempt: who and how it ended, never a secret.
+    fn auth_record(&self, mechanism: Mechanism, user: &str, result: &'static str) {
+        metric_attempt(mechanism, result);
+        self.ctx.audit.record(&AuthRecord {
+            conn_id: self.conn_id.clone(),
+            listener: self.ctx.name.to_string(),
+            client_ip: self.info.peer.ip().to_string(),
+            user: user.to_string(),
+            mechanism: mechanism.as_str().to_string(),
+            result: result.to_string(),
+            ..AuthRecord::new()
+        });
+    }
+
+    /// `553` when an authenticated user gives a MAIL FROM address it does not own.
+    pub(super) fn sender_refusal(&self, address: &str) -> Option<Reply> {
+        let (user, auth) = (self.session.user()?, self.ctx.auth.as_ref()?);
+        (!auth.sender_allowed(user, address)).then(|| Reply::sender_not_owned(user))
+    }
+
+    /// `550` when an authenticated user's message has a From header address it does not own (or one that
+    /// cannot be read).
+    pub(super) fn header_from_refusal(&self, head: &[u8]) -> Option<Reply> {
+        let (user, auth) = (self.session.user()?, self.ctx.auth.as_ref()?);
+        match crate::auth::from_addresses(head) {
+            Some(addrs) if addrs.iter().all(|a| !a.is_empty() && auth.sender_allowed(user, a)) => None,
+            _ => Some(Reply::from_not_owned(user)),
+        }
+    }
+}
