@@ -117,6 +117,7 @@ set_keys = {
     ("server", "reverse_dns"): rdns,
     ("limits", "max_connections"): maxconn,
     ("limits", "max_connections_per_ip"): maxconn,
+    ("relay", "local_domains"): '["sink.example"]',
 }
 seen = set()
 for line in open(src):

@@ -122,7 +122,7 @@ relaying to Postfix on 127.0.0.1:$PF_PORT; metrics on http://127.0.0.1:9925/metr
 Send a test message:
   swaks --server 127.0.0.1:2525 --from a@example.org --to b@example.test
   swaks --server 127.0.0.1:2525 --from a@example.org --to b@example.test --tls    # with STARTTLS
-  swaks --server 127.0.0.1:2525 --from a@example.org --to x@reject.test           # Postfix says 550
+  swaks --server 127.0.0.1:2525 --from a@example.org --to reject@example.test     # Postfix says 550, moat passes it on
 
 Delivered mail:  $PF_DIR/mail/new/   (one file per message)
 Logs:            moat $LOG

@@ -12,7 +12,8 @@
 #   DIR/mail/new/  every accepted message, for any recipient domain, one file each (Maildir, virtual(8))
 #
 # The instance listens on 127.0.0.1:PORT only, accepts XCLIENT from 127.0.0.0/8, rejects any recipient
-# @reject.test with "550 5.1.1", restricts nothing else, and takes messages up to 200 MiB.
+# @reject.test and the local part reject@ (any domain) with "550 5.1.1", restricts nothing else, and
+# takes messages up to 200 MiB.
 # Extra name=value arguments are applied to main.cf last (e.g. smtpd_upstream_proxy_protocol=haproxy).
 #
 # Delivered files are what virtual(8) writes: Return-Path: and Delivered-To: first, then Postfix's
@@ -155,6 +156,7 @@ relayhost =
 EOF
     cat >"$etc/recipient_access" <<'EOF'
 reject.test    550 5.1.1 Recipient rejected by the test instance (reject.test)
+reject@        550 5.1.1 Recipient rejected by the test instance (reject@)
 EOF
     # No chroot anywhere (the Debian default master.cf chroots, which needs copies of /etc files).
     cat >"$etc/master.cf" <<EOF

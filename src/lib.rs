@@ -17,7 +17,9 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod auth;
 pub mod config;
+pub mod health;
 pub mod metrics;
 pub mod pipeline;
 pub mod server;

@@ -8,13 +8,25 @@ use std::process::ExitCode;
 use moat::config::{Config, LogFormat};
 use tracing::{error, info, warn};
 
-const USAGE: &str = "usage: moat <serve|check> [--config FILE]\n\
+const USAGE: &str = "usage: moat <serve|check> [--config FILE] | moat user ... (see moat user --help)\n\
   serve   run the proxy (default config: config/moat.toml)\n\
   check   validate the configuration and everything it points at; print every problem\n\
   --version";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("user") {
+        return match moat::auth::cli::run(&args[1..]) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(msg) => {
+                eprintln!("moat user: {msg}\n{}", moat::auth::cli::USAGE);
+                ExitCode::from(2)
+            }
+        };
+    }
     let (cmd, config) = match parse_args(&args) {
         Ok(x) => x,
         Err(msg) => {
@@ -53,7 +65,9 @@ fn parse_args(args: &[String]) -> Result<(String, PathBuf), String> {
 
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
-        Ok(config) => match moat::tls::ServerTls::load(&config.tls, &config.hostname()) {
+        Ok(config) => match moat::tls::ServerTls::load(&config.tls, &config.hostname())
+            .and_then(|_| moat::upstream::UpstreamTls::from_config(&config.upstream))
+        {
             Ok(_) => {
                 println!("{}: configuration ok", path.display());
                 ExitCode::SUCCESS
@@ -123,6 +137,9 @@ async fn signals(running: &moat::server::Running) {
                         Err(e) => warn!(error = %e, "tls reload task failed"),
                     }
                 }
+                if let Some(auth) = &running.auth {
+                    auth.reload_logged().await;
+                }
             }
         }
     }
@@ -132,7 +149,9 @@ fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour codes only for a terminal; a log file or journald gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match config.log.format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Human => builder.init(),

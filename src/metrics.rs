@@ -22,8 +22,8 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 
 pub use self::http::{serve, HttpAuth};
 pub use self::labels::{
-    ConnResult, Limit, MessageVerdict, RcptResult, ReloadResult, TlsResult, TlsVersion, UpstreamErrorKind,
-    UpstreamPhase, Verb,
+    AuthMechanism, AuthResult, ConnResult, Limit, MessageVerdict, RcptResult, ReloadResult, TlsResult, TlsVersion,
+    UpstreamErrorKind, UpstreamPhase, Verb,
 };
 use crate::smtp::session::CloseReason;
 
@@ -57,8 +57,14 @@ pub const UPSTREAM_TRANSACTION_SECONDS: &str = "moat_upstream_transaction_second
 pub const UPSTREAM_ERRORS_TOTAL: &str = "moat_upstream_errors_total";
 /// Upstream replies, by phase and class.
 pub const UPSTREAM_REPLIES_TOTAL: &str = "moat_upstream_replies_total";
+/// 1 when the last upstream health check (or relay connect) reached the upstream, else 0.
+pub const UPSTREAM_UP: &str = "moat_upstream_up";
 /// Idle upstream connections in the pool.
 pub const UPSTREAM_POOL_IDLE: &str = "moat_upstream_pool_idle";
+/// AUTH attempts, by mechanism and result.
+pub const AUTH_ATTEMPTS_TOTAL: &str = "moat_auth_attempts_total";
+/// Client IPs or login names locked out after too many AUTH failures.
+pub const AUTH_LOCKOUTS_TOTAL: &str = "moat_auth_lockouts_total";
 /// Time each pipeline stage took, per hook call.
 pub const STAGE_SECONDS: &str = "moat_stage_seconds";
 /// Rule reloads, by result.
@@ -95,6 +101,37 @@ pub enum MetricsError {
     /// The exporter refused the configuration, or another recorder was installed first.
     #[error("cannot install the metrics recorder")]
     Install(#[source] BuildError),
+    /// A `[metrics]` secret file could not be read.
+    #[error("cannot read metrics secret file {}", path.display())]
+    Secret {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The credentials `[metrics]` asks the listener to require, or `None`. Reads `bearer_token_file` and
+/// `basic_password_file` (blocking: call at start-up); their trailing line ending is ignored.
+/// `Config::validate` has already refused contradictory settings; bearer wins if both slipped through.
+pub fn http_auth(c: &crate::config::MetricsConfig) -> Result<Option<HttpAuth>, MetricsError> {
+    let secret = |inline: &str, file: &std::path::Path| -> Result<String, MetricsError> {
+        if file.as_os_str().is_empty() {
+            return Ok(inline.to_owned());
+        }
+        let text =
+            std::fs::read_to_string(file).map_err(|source| MetricsError::Secret { path: file.to_owned(), source })?;
+        Ok(text.trim_end_matches(['\r', '\n']).to_owned())
+    };
+    // A configured but empty secret file still requires credentials: an empty secret never matches
+    // (fail closed), rather than leaving the listener open.
+    if !c.bearer_token.is_empty() || !c.bearer_token_file.as_os_str().is_empty() {
+        return Ok(Some(HttpAuth::Bearer(secret(&c.bearer_token, &c.bearer_token_file)?)));
+    }
+    if c.basic_user.is_empty() {
+        return Ok(None);
+    }
+    let password = secret(&c.basic_password, &c.basic_password_file)?;
+    Ok(Some(HttpAuth::Basic { user: c.basic_user.clone(), password }))
 }
 
 // === install ===
@@ -119,11 +156,45 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
         .map_err(MetricsError::Install)?;
     describe();
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
-    // Unlabelled counters exist from the start, so alerts on their rate see 0 rather than nothing.
-    counter!(SPOOL_SPILLED_TOTAL).absolute(0);
-    counter!(AUDIT_RECORDS_DROPPED_TOTAL).absolute(0);
+    initialise_series();
     spawn_upkeep(handle.clone());
     Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+/// Counters whose labels are all closed sets exist from the start at 0, so an alert on their `rate` or
+/// `increase` sees the first event (a series born at 1 has no increase) and the names are in `/metrics`
+/// before anything happened. Per-listener families start in [`listener_started`].
+fn initialise_series() {
+    counter!(SPOOL_SPILLED_TOTAL).absolute(0);
+    counter!(AUDIT_RECORDS_DROPPED_TOTAL).absolute(0);
+    counter!(AUTH_LOCKOUTS_TOTAL).absolute(0);
+    for &mechanism in AuthMechanism::ALL {
+        for &result in AuthResult::ALL {
+            counter!(AUTH_ATTEMPTS_TOTAL, "mechanism" => mechanism.as_str(), "result" => result.as_str()).absolute(0);
+        }
+    }
+    for &result in ReloadResult::ALL {
+        counter!(RULES_RELOAD_TOTAL, "result" => result.as_str()).absolute(0);
+        counter!(TLS_RELOAD_TOTAL, "result" => result.as_str()).absolute(0);
+    }
+    for &kind in UpstreamErrorKind::ALL {
+        counter!(UPSTREAM_ERRORS_TOTAL, "kind" => kind.as_str()).absolute(0);
+    }
+    for &limit in Limit::ALL {
+        counter!(LIMIT_HITS_TOTAL, "limit" => limit.as_str()).absolute(0);
+    }
+}
+
+/// Starts the per-listener counters at 0 (every admission result and verdict), for the same reason as
+/// [`initialise_series`]. Called once per configured listener at start-up; harmless to repeat.
+pub fn listener_started(listener: &str) {
+    for &result in ConnResult::ALL {
+        counter!(CONNECTIONS_TOTAL, "listener" => listener.to_owned(), "result" => result.as_str()).increment(0);
+    }
+    for &verdict in MessageVerdict::ALL {
+        counter!(MESSAGES_TOTAL, "listener" => listener.to_owned(), "verdict" => verdict.as_str()).increment(0);
+    }
+    counter!(RECEIVED_BYTES_TOTAL, "listener" => listener.to_owned()).increment(0);
 }
 
 /// Histogram samples wait in a buffer until a render or an upkeep folds them in; without a scraper that buffer
@@ -162,7 +233,10 @@ const FAMILIES: &[(&str, Kind, Unit, &str)] = &[
     (UPSTREAM_TRANSACTION_SECONDS, Kind::Histogram, Unit::Seconds, "Time from upstream DATA to its final reply."),
     (UPSTREAM_ERRORS_TOTAL, Kind::Counter, Unit::Count, "Upstream failures, by kind."),
     (UPSTREAM_REPLIES_TOTAL, Kind::Counter, Unit::Count, "Upstream replies, by phase and reply class."),
+    (UPSTREAM_UP, Kind::Gauge, Unit::Count, "1 when the upstream answered its last check, else 0."),
     (UPSTREAM_POOL_IDLE, Kind::Gauge, Unit::Count, "Idle upstream connections in the pool."),
+    (AUTH_ATTEMPTS_TOTAL, Kind::Counter, Unit::Count, "AUTH attempts, by mechanism and result."),
+    (AUTH_LOCKOUTS_TOTAL, Kind::Counter, Unit::Count, "Lockouts after too many AUTH failures."),
     (STAGE_SECONDS, Kind::Histogram, Unit::Seconds, "Time a pipeline stage took for one hook call."),
     (RULES_RELOAD_TOTAL, Kind::Counter, Unit::Count, "Rule reloads, by result."),
     (TLS_CERTIFICATE_EXPIRY, Kind::Gauge, Unit::Seconds, "Expiry of each configured certificate, Unix time."),
@@ -276,6 +350,23 @@ pub fn upstream_reply(phase: UpstreamPhase, code: u16) {
     counter!(UPSTREAM_REPLIES_TOTAL, "phase" => phase.as_str(), "class" => class).increment(1);
 }
 
+/// Sets whether the upstream is reachable (the health check, or a relay connect).
+pub fn upstream_up(up: bool) {
+    gauge!(UPSTREAM_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+/// Counts an AUTH attempt. `mechanism` is the SASL mechanism name (`PLAIN`, `LOGIN`, any case); names
+/// outside that closed set are not counted, so a client cannot create series.
+pub fn auth_attempt(mechanism: &str, result: AuthResult) {
+    let Some(mechanism) = AuthMechanism::from_name(mechanism) else { return };
+    counter!(AUTH_ATTEMPTS_TOTAL, "mechanism" => mechanism.as_str(), "result" => result.as_str()).increment(1);
+}
+
+/// Counts a lockout (a client IP or login name locked after too many AUTH failures).
+pub fn auth_lockout() {
+    counter!(AUTH_LOCKOUTS_TOTAL).increment(1);
+}
+
 /// Sets the number of idle pooled upstream connections.
 pub fn upstream_pool_idle(idle: usize) {
     gauge!(UPSTREAM_POOL_IDLE).set(idle as f64);
@@ -362,9 +453,15 @@ impl Readiness {
         self.flags.rules_loaded.store(loaded, Ordering::Relaxed);
     }
 
-    /// Whether the upstream answers.
+    /// Whether the upstream answers; also sets [`UPSTREAM_UP`]. Logs when the state changes.
     pub fn set_upstream_ok(&self, ok: bool) {
-        self.flags.upstream_ok.store(ok, Ordering::Relaxed);
+        let was = self.flags.upstream_ok.swap(ok, Ordering::Relaxed);
+        upstream_up(ok);
+        match (was, ok) {
+            (true, false) => tracing::warn!("upstream unreachable; /readyz reports not ready"),
+            (false, true) => tracing::info!("upstream reachable again"),
+            _ => {}
+        }
     }
 
     /// True when nothing is missing.

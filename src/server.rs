@@ -38,6 +38,10 @@ pub enum ServerError {
     Tls(#[source] crate::tls::TlsError),
     #[error("cannot start the metrics listener")]
     Metrics(#[source] std::io::Error),
+    #[error("cannot set up the metrics listener's credentials")]
+    MetricsAuth(#[source] crate::metrics::MetricsError),
+    #[error("cannot load the users file")]
+    Auth(#[source] crate::auth::store::StoreError),
 }
 
 /// A started server: its bound addresses and the means to stop it.
@@ -50,6 +54,8 @@ pub struct Running {
     pub shutdown: Shutdown,
     /// The TLS certificate store, for reloads.
     pub tls: Option<Arc<ServerTls>>,
+    /// The credential checker (users file), for reloads; `None` when AUTH is off.
+    pub auth: Option<Arc<crate::auth::Authenticator>>,
     grace: Duration,
     audit: AuditSink,
 }
@@ -126,6 +132,8 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     let hostname = config.hostname();
     let shutdown = Shutdown::new();
     let metrics_handle = crate::metrics::install().ok();
+    let metrics_auth = crate::metrics::http_auth(&config.metrics).map_err(ServerError::MetricsAuth)?;
+    let ready = crate::metrics::Readiness::default();
     let tls = if config.listeners.iter().any(|l| l.mode != ListenerMode::Plain) {
         let t = ServerTls::load(&config.tls, &hostname).map_err(ServerError::Tls)?;
         let t = Arc::new(t);
@@ -134,8 +142,13 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     } else {
         None
     };
-    let settings = UpstreamSettings::from_config(&config.upstream, &hostname);
+    let auth = crate::auth::Authenticator::load(&config.auth).map_err(ServerError::Auth)?;
+    if let Some(a) = &auth {
+        a.spawn_watcher(Duration::from_secs(5), shutdown.soft.clone());
+    }
+    let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
     let pool = Pool::new(settings);
+    pool.report_health(ready.clone());
     tokio::spawn(pool.clone().reap(shutdown.soft.clone()));
     let spool_dir = (!config.spool.directory.as_os_str().is_empty()).then(|| config.spool.directory.clone());
     let spool = SpoolBudget::new(config.spool.memory_budget.bytes(), config.spool.memory_threshold.bytes(), spool_dir);
@@ -168,8 +181,10 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
             spool.clone(),
             audit.clone(),
             &shutdown,
+            auth.clone(),
         ));
         info!(listener = %l.name, address = %addr, mode = ?l.mode, role = ?l.role, "listening");
+        crate::metrics::listener_started(&l.name);
         bound.push((l.name.clone(), addr));
         tokio::spawn(accept_loop(listener, ctx, admission.clone(), shutdown.clone()));
     }
@@ -177,16 +192,21 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
         (Some(handle), Ok(addr)) => {
             let l = TcpListener::bind(addr).await.map_err(ServerError::Metrics)?;
             let local = l.local_addr().map_err(ServerError::Metrics)?;
-            let ready = crate::metrics::Readiness::default();
             ready.set_listeners_bound(true);
-            ready.set_upstream_ok(true);
-            tokio::spawn(crate::metrics::serve(l, handle.clone(), ready, None, shutdown.soft.clone()));
+            let check = crate::health::UpstreamCheck {
+                address: config.upstream.address,
+                timeout: config.upstream.connect_timeout.get(),
+                proxy_v2: config.upstream.identity == crate::config::Identity::ProxyV2,
+            };
+            let every = config.metrics.upstream_check_interval.get();
+            crate::health::spawn(check, every, ready.clone(), shutdown.soft.clone());
+            tokio::spawn(crate::metrics::serve(l, handle.clone(), ready, metrics_auth, shutdown.soft.clone()));
             info!(address = %local, "metrics listening");
             Some(local)
         }
         _ => None,
     };
-    Ok(Running { listeners: bound, metrics, shutdown, tls, grace: config.shutdown.grace_period.get(), audit })
+    Ok(Running { listeners: bound, metrics, shutdown, tls, auth, grace: config.shutdown.grace_period.get(), audit })
 }
 
 fn audit_destination(dest: &str) -> AuditDestination {
@@ -207,6 +227,7 @@ fn listener_context(
     spool: SpoolBudget,
     audit: AuditSink,
     shutdown: &Shutdown,
+    auth: Option<Arc<crate::auth::Authenticator>>,
 ) -> ListenerContext {
     let lim = &config.limits;
     let acceptor = if l.mode == ListenerMode::Plain { None } else { tls.map(ServerTls::acceptor) };
@@ -222,6 +243,9 @@ fn listener_context(
             max_message_size: lim.max_message_size.bytes(),
             max_recipients: lim.max_recipients,
             max_errors: lim.max_errors,
+            auth: auth.is_some(),
+            auth_without_tls: l.auth_without_tls,
+            local_domains: config.relay.local_domains.clone().into(),
         }),
         max_command_line: lim.max_command_line,
         max_text_line: lim.max_text_line,
@@ -239,6 +263,7 @@ fn listener_context(
         pipeline: Pipeline::default(),
         audit,
         shutdown: shutdown.soft.clone(),
+        auth,
     }
 }
 

@@ -102,6 +102,9 @@ pub enum TlsError {
         #[source]
         source: Option<rustls_native_certs::Error>,
     },
+    /// `upstream.tls_server_name` is neither a DNS name nor an IP address.
+    #[error("invalid tls server name {name:?}")]
+    ServerName { name: String },
     /// rustls refused the configuration.
     #[error("cannot build the tls configuration")]
     Config {
@@ -340,7 +343,9 @@ impl ServerTls {
         let store = Arc::new(CertStore { current: ArcSwap::from_pointee(set) });
         let config = server_config(cfg.min_version, Arc::clone(&provider), Arc::clone(&store))?;
         let pairs = cfg.certificates.clone();
-        Ok(ServerTls { pairs, store, config, provider })
+        let tls = ServerTls { pairs, store, config, provider };
+        tls.publish_expiries();
+        Ok(tls)
     }
 
     /// A tokio-rustls acceptor whose configuration resolves certificates through the reloadable
@@ -353,16 +358,35 @@ impl ServerTls {
     /// swaps the new set in atomically and returns `Ok(true)` when any chain changed, `Ok(false)`
     /// when none did (or the certificate is the generated one). On any error the current set stays
     /// and the error is returned.
+    ///
+    /// Every caller (the watcher, SIGHUP) gets the metrics from here: `moat_tls_reload_total` counts a
+    /// swap as `ok` and a refused set as `error` (an unchanged set is no reload), and a swap updates
+    /// `moat_tls_certificate_expiry_timestamp_seconds`.
     pub fn reload(&self) -> Result<bool, TlsError> {
         if self.pairs.is_empty() {
             return Ok(false);
         }
-        let fresh = CertSet::load(&self.pairs, &self.provider)?;
+        let fresh = match CertSet::load(&self.pairs, &self.provider) {
+            Ok(fresh) => fresh,
+            Err(err) => {
+                crate::metrics::tls_reload(crate::metrics::ReloadResult::Error);
+                return Err(err);
+            }
+        };
         if fresh.same_chains(&self.store.current.load()) {
             return Ok(false);
         }
         self.store.current.store(Arc::new(fresh));
+        crate::metrics::tls_reload(crate::metrics::ReloadResult::Ok);
+        self.publish_expiries();
         Ok(true)
+    }
+
+    /// Sets the expiry gauge of every served certificate.
+    fn publish_expiries(&self) {
+        for (name, not_after) in self.expiries() {
+            crate::metrics::tls_certificate_expiry(&name, not_after);
+        }
     }
 
     /// Spawns a task that polls the files' (mtime, length, inode) every `interval` and reloads

@@ -29,7 +29,7 @@ impl MoatProcess {
             &config,
             format!(
                 "server.hostname = \"moat.test\"\nmetrics.address = \"\"\naudit.destination = \"off\"\n\
-                 upstream.address = \"{upstream}\"\n{extra}\n\
+                 upstream.address = \"{upstream}\"\nrelay.local_domains = [\"example.test\", \"reject.test\"]\n{extra}\n\
                  [[listener]]\nname = \"smtp\"\naddress = \"127.0.0.1:{port}\"\nmode = \"plain\"\n"
             ),
         )
@@ -217,4 +217,28 @@ fn fifty_mib_message_with_flat_memory() {
     assert!(msgs[0].len() >= expect_min, "delivered {} bytes, sent {sent}", msgs[0].len());
     eprintln!("moat peak RSS: before {before} KiB, after a 50 MiB message {peak} KiB");
     assert!(peak < 24 * 1024, "peak RSS {peak} KiB is not far below the 50 MiB message");
+}
+
+/// With `upstream.identity = "proxy-v2"` and Postfix's `smtpd_upstream_proxy_protocol = haproxy`, Postfix
+/// logs the real client address from the PROXY v2 header.
+#[test]
+fn proxy_v2_identity_reaches_postfix() {
+    if !require_peer("postfix") || !require_peer("swaks") {
+        return;
+    }
+    let pf = Postfix::start_with(&["smtpd_upstream_proxy_protocol=haproxy"]);
+    let moat = MoatProcess::start(pf.addr(), "server.reverse_dns = false\nupstream.identity = \"proxy-v2\"");
+    let (ok, out) = swaks(&[
+        "--server",
+        &moat.addr.to_string(),
+        "--local-interface",
+        "127.0.0.4",
+        "--from",
+        "a@example.org",
+        "--to",
+        "b@example.test",
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(pf.wait_for_messages(1, Duration::from_secs(20)).len(), 1, "{}", pf.log());
+    assert!(pf.wait_for_log("client=unknown[127.0.0.4]", Duration::from_secs(10)), "{}", pf.log());
 }

@@ -33,6 +33,46 @@ pub struct Config {
     pub audit: AuditConfig,
     pub log: LogConfig,
     pub shutdown: ShutdownConfig,
+    pub auth: AuthConfig,
+    pub relay: RelayConfig,
+}
+
+/// `[auth]`: SMTP AUTH (docs/auth.md).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The users file; empty disables AUTH (submission listeners then refuse MAIL with `530`).
+    pub users_file: PathBuf,
+    /// Password verifications running at once; 0 means the number of cores.
+    pub max_concurrent_verifications: usize,
+    /// Failures per client IP or per login name within `lockout_window` that lock it.
+    pub lockout_threshold: u32,
+    pub lockout_window: Span,
+    pub lockout_duration: Span,
+    /// Delay before answering a failed attempt; doubles with each failure in the window (at most 8 s).
+    pub failure_delay: Span,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            users_file: PathBuf::new(),
+            max_concurrent_verifications: 0,
+            lockout_threshold: 5,
+            lockout_window: secs(600),
+            lockout_duration: secs(900),
+            failure_delay: Span(Duration::from_millis(500)),
+        }
+    }
+}
+
+/// `[relay]`: where unauthenticated mail may go.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RelayConfig {
+    /// Domains an `mx` listener takes unauthenticated mail for: exact names, or `.example.org` for every
+    /// subdomain of example.org (as Postfix writes it). Empty: unauthenticated RCPT is always refused.
+    pub local_domains: Vec<String>,
 }
 
 /// `[audit]`: where the per-transaction audit records go.
@@ -99,6 +139,9 @@ pub struct ListenerConfig {
     /// Refuse MAIL before TLS with `530 5.7.0`.
     #[serde(default)]
     pub require_tls: bool,
+    /// Offer AUTH before TLS too (loopback tests only: the password would cross the network in clear).
+    #[serde(default)]
+    pub auth_without_tls: bool,
 }
 
 fn default_mode() -> ListenerMode {
@@ -159,6 +202,39 @@ pub struct UpstreamConfig {
     pub connect_timeout: Span,
     pub command_timeout: Span,
     pub data_timeout: Span,
+    /// STARTTLS to the upstream.
+    pub tls: UpstreamTlsMode,
+    /// How the upstream's certificate is checked.
+    pub tls_verify: UpstreamTlsVerify,
+    /// CA certificates (PEM) for `tls_verify = "ca-file"`.
+    pub tls_ca_file: PathBuf,
+    /// The name the upstream's certificate must carry (and the SNI sent). Empty: the host of `address`.
+    pub tls_server_name: String,
+}
+
+/// Whether moat uses STARTTLS towards the upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTlsMode {
+    /// Plaintext, even when STARTTLS is offered.
+    Off,
+    /// STARTTLS when the upstream offers it, plaintext when it does not. A failed handshake or
+    /// certificate check is still a failure (no downgrade after a failed handshake).
+    Opportunistic,
+    /// STARTTLS or no relay: an upstream that does not offer it is a failure.
+    Required,
+}
+
+/// How the upstream's certificate is verified.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpstreamTlsVerify {
+    /// Against the operating system's trust store.
+    System,
+    /// Against the CA certificates in `tls_ca_file`.
+    CaFile,
+    /// Not at all (only the handshake signature is checked); allowed only for a loopback upstream.
+    InsecureLoopback,
 }
 
 /// What to do with bare LF / bare CR inside message data.
@@ -210,6 +286,17 @@ pub struct TraceConfig {
 pub struct MetricsConfig {
     /// Empty disables the listener.
     pub address: String,
+    /// How often the upstream is checked for `/readyz` (connect, greeting, QUIT).
+    pub upstream_check_interval: Span,
+    /// `Authorization: Bearer` token the listener requires (all but `/healthz`); empty: none.
+    pub bearer_token: String,
+    /// A file holding the bearer token (trailing newline ignored); instead of `bearer_token`.
+    pub bearer_token_file: PathBuf,
+    /// Basic auth user name; needs `basic_password` or `basic_password_file`.
+    pub basic_user: String,
+    pub basic_password: String,
+    /// A file holding the basic auth password (trailing newline ignored); instead of `basic_password`.
+    pub basic_password_file: PathBuf,
 }
 
 /// Log output format.
@@ -251,6 +338,7 @@ impl Default for Config {
                 mode: ListenerMode::Starttls,
                 role: Role::Mx,
                 require_tls: false,
+                auth_without_tls: false,
             }],
             tls: TlsConfig::default(),
             upstream: UpstreamConfig::default(),
@@ -261,6 +349,8 @@ impl Default for Config {
             audit: AuditConfig::default(),
             log: LogConfig::default(),
             shutdown: ShutdownConfig::default(),
+            auth: AuthConfig::default(),
+            relay: RelayConfig::default(),
         }
     }
 }
@@ -293,6 +383,10 @@ impl Default for UpstreamConfig {
             connect_timeout: secs(10),
             command_timeout: secs(60),
             data_timeout: secs(300),
+            tls: UpstreamTlsMode::Off,
+            tls_verify: UpstreamTlsVerify::System,
+            tls_ca_file: PathBuf::new(),
+            tls_server_name: String::new(),
         }
     }
 }
@@ -333,7 +427,60 @@ impl Default for TraceConfig {
 
 impl Default for MetricsConfig {
     fn default() -> Self {
-        MetricsConfig { address: "127.0.0.1:9925".into() }
+        MetricsConfig {
+            address: "127.0.0.1:9925".into(),
+            upstream_check_interval: secs(10),
+            bearer_token: String::new(),
+            bearer_token_file: PathBuf::new(),
+            basic_user: String::new(),
+            basic_password: String::new(),
+            basic_password_file: PathBuf::new(),
+        }
+    }
+}
+
+impl MetricsConfig {
+    /// Problems with the listener's credentials, as `(key, message)`: at most one way to give each secret,
+    /// not bearer and basic at once, a basic user with a password and no password without a user, files that
+    /// exist, and a positive check interval.
+    fn auth_problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let token_file = !self.bearer_token_file.as_os_str().is_empty();
+        let password_file = !self.basic_password_file.as_os_str().is_empty();
+        let bearer = !self.bearer_token.is_empty() || token_file;
+        let password = !self.basic_password.is_empty() || password_file;
+        if !self.bearer_token.is_empty() && token_file {
+            out.push(("bearer_token_file", "metrics.bearer_token and metrics.bearer_token_file are both set".into()));
+        }
+        if !self.basic_password.is_empty() && password_file {
+            out.push((
+                "basic_password_file",
+                "metrics.basic_password and metrics.basic_password_file are both set".into(),
+            ));
+        }
+        if !self.basic_user.is_empty() && !password {
+            out.push(("basic_user", "metrics.basic_user needs metrics.basic_password or basic_password_file".into()));
+        }
+        if self.basic_user.is_empty() && password {
+            out.push(("basic_user", "metrics.basic_password is set but metrics.basic_user is empty".into()));
+        }
+        if self.basic_user.contains(':') {
+            out.push(("basic_user", "metrics.basic_user must not contain ':'".into()));
+        }
+        if bearer && (password || !self.basic_user.is_empty()) {
+            out.push(("bearer_token", "metrics: set either a bearer token or basic auth, not both".into()));
+        }
+        for (key, path) in
+            [("bearer_token_file", &self.bearer_token_file), ("basic_password_file", &self.basic_password_file)]
+        {
+            if !path.as_os_str().is_empty() && !path.is_file() {
+                out.push((key, format!("metrics.{key} {} does not exist", path.display())));
+            }
+        }
+        if self.upstream_check_interval.get().is_zero() {
+            out.push(("upstream_check_interval", "metrics.upstream_check_interval must be positive".into()));
+        }
+        out
     }
 }
 
@@ -506,6 +653,35 @@ impl Config {
                 format!("upstream.address {} is also a listener address: moat would relay to itself", up.address),
             );
         }
+        if up.tls_verify == UpstreamTlsVerify::InsecureLoopback && !up.address.ip().is_loopback() {
+            bad(
+                "tls_verify",
+                format!(
+                    "upstream.tls_verify = \"insecure-loopback\" is only allowed for a loopback upstream, not {}",
+                    up.address
+                ),
+            );
+        }
+        match (up.tls_verify, up.tls_ca_file.as_os_str().is_empty()) {
+            (UpstreamTlsVerify::CaFile, true) => {
+                bad("tls_verify", "upstream.tls_verify = \"ca-file\" needs upstream.tls_ca_file".into())
+            }
+            (UpstreamTlsVerify::CaFile, false) if !up.tls_ca_file.is_file() => {
+                bad("tls_ca_file", format!("upstream.tls_ca_file {} does not exist", up.tls_ca_file.display()))
+            }
+            (UpstreamTlsVerify::System | UpstreamTlsVerify::InsecureLoopback, false) => {
+                bad("tls_ca_file", "upstream.tls_ca_file is set but upstream.tls_verify is not \"ca-file\"".into())
+            }
+            _ => {}
+        }
+        if !up.tls_server_name.is_empty()
+            && rustls::pki_types::ServerName::try_from(up.tls_server_name.as_str()).is_err()
+        {
+            bad(
+                "tls_server_name",
+                format!("upstream.tls_server_name {:?} is not a DNS name or IP address", up.tls_server_name),
+            );
+        }
         for c in &self.tls.certificates {
             for p in [&c.cert, &c.key] {
                 if !p.is_file() {
@@ -516,8 +692,24 @@ impl Config {
         if !self.metrics.address.is_empty() && self.metrics.address.parse::<SocketAddr>().is_err() {
             bad("address", format!("metrics.address {:?} is not an address:port", self.metrics.address));
         }
+        for (key, problem) in self.metrics.auth_problems() {
+            bad(key, problem);
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             bad("level", format!("log.level {:?} is not a valid filter", self.log.level));
+        }
+        let auth = &self.auth;
+        if !auth.users_file.as_os_str().is_empty() && !auth.users_file.is_file() {
+            bad("users_file", format!("auth.users_file {} does not exist", auth.users_file.display()));
+        }
+        if auth.lockout_threshold == 0 {
+            bad("lockout_threshold", "auth.lockout_threshold must be at least 1".into());
+        }
+        for d in &self.relay.local_domains {
+            let name = d.strip_prefix('.').unwrap_or(d);
+            if name.is_empty() || name.contains(['@', ' ', '[']) || name.starts_with('.') {
+                bad("local_domains", format!("relay.local_domains entry {d:?} is not a domain or .domain"));
+            }
         }
         if !self.spool.directory.as_os_str().is_empty() && !self.spool.directory.is_dir() {
             bad("directory", format!("spool.directory {} is not a directory", self.spool.directory.display()));
@@ -601,8 +793,57 @@ mod tests {
     }
 
     #[test]
+    fn upstream_tls_defaults_to_off_and_system_roots() {
+        let c = parse("").unwrap();
+        assert_eq!(c.upstream.tls, UpstreamTlsMode::Off);
+        assert_eq!(c.upstream.tls_verify, UpstreamTlsVerify::System);
+        let c = parse("[upstream]\ntls = \"required\"\ntls_verify = \"insecure-loopback\"\n").unwrap();
+        assert_eq!(c.upstream.tls, UpstreamTlsMode::Required);
+    }
+
+    #[test]
+    fn upstream_tls_settings_are_checked() {
+        let e =
+            parse("[upstream]\naddress = \"192.0.2.1:25\"\ntls = \"required\"\ntls_verify = \"insecure-loopback\"\n")
+                .unwrap_err();
+        assert_eq!(e.problems().len(), 1, "{e}");
+        assert_eq!(e.problems()[0].line, Some(4), "{e}");
+        assert!(e.problems()[0].message.contains("only allowed for a loopback upstream"), "{e}");
+
+        let e = parse("[upstream]\ntls_verify = \"ca-file\"\n").unwrap_err();
+        assert!(e.problems()[0].message.contains("needs upstream.tls_ca_file"), "{e}");
+        let e = parse("[upstream]\ntls_verify = \"ca-file\"\ntls_ca_file = \"/nonexistent/ca.pem\"\n").unwrap_err();
+        assert!(e.problems()[0].message.contains("does not exist"), "{e}");
+        let e = parse("[upstream]\ntls_ca_file = \"/etc/hostname\"\n").unwrap_err();
+        assert!(e.problems()[0].message.contains("is not \"ca-file\""), "{e}");
+        let e = parse("[upstream]\ntls_server_name = \"not a name\"\n").unwrap_err();
+        assert!(e.problems()[0].message.contains("not a DNS name"), "{e}");
+        let e = parse("[upstream]\ntls = \"maybe\"\n").unwrap_err();
+        assert_eq!(e.problems()[0].line, Some(2), "{e}");
+    }
+
+    #[test]
     fn bad_units_are_refused() {
         let e = parse("[limits]\nidle_timeout = \"5 weeks\"\n").unwrap_err();
         assert_eq!(e.problems()[0].line, Some(2));
+    }
+
+    #[test]
+    fn metrics_auth_settings_are_checked() {
+        let c = parse("[metrics]\nbasic_user = \"prom\"\nbasic_password = \"s3cret\"\n").unwrap();
+        assert_eq!(c.metrics.upstream_check_interval.get(), Duration::from_secs(10));
+        parse("[metrics]\nbearer_token = \"t\"\nupstream_check_interval = \"2s\"\n").unwrap();
+        let e = parse("[metrics]\nbasic_user = \"prom\"\n").unwrap_err();
+        assert_eq!(e.problems().len(), 1, "{e}");
+        assert_eq!(e.problems()[0].line, Some(2), "{e}");
+        assert!(e.problems()[0].message.contains("needs metrics.basic_password"), "{e}");
+        let e = parse("[metrics]\nbasic_password = \"x\"\n").unwrap_err();
+        assert!(e.problems()[0].message.contains("basic_user is empty"), "{e}");
+        let e = parse("[metrics]\nbearer_token = \"t\"\nbasic_user = \"u\"\nbasic_password = \"p\"\n").unwrap_err();
+        assert!(e.problems()[0].message.contains("not both"), "{e}");
+        let e = parse("[metrics]\nbearer_token_file = \"/nonexistent/token\"\n").unwrap_err();
+        assert!(e.problems()[0].message.contains("does not exist"), "{e}");
+        let e = parse("[metrics]\nupstream_check_interval = \"0s\"\n").unwrap_err();
+        assert!(e.problems()[0].message.contains("must be positive"), "{e}");
     }
 }

@@ -190,6 +190,37 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// `mechanism` of [`AUTH_ATTEMPTS_TOTAL`]: the SASL mechanisms moat offers.
+    AuthMechanism {
+        /// AUTH PLAIN (RFC 4616).
+        Plain => "PLAIN",
+        /// AUTH LOGIN.
+        Login => "LOGIN",
+    }
+}
+
+label_enum! {
+    /// `result` of [`AUTH_ATTEMPTS_TOTAL`].
+    AuthResult {
+        /// The credentials were right.
+        Success => "success",
+        /// Wrong or unknown credentials (also a malformed exchange).
+        Failure => "failure",
+        /// Refused by the brute-force lockout without checking the credentials.
+        Locked => "locked",
+        /// The client cancelled the exchange with `*`.
+        Cancelled => "cancelled",
+    }
+}
+
+impl AuthMechanism {
+    /// From a mechanism name as the client sent it (case-insensitive); `None` outside the closed set.
+    pub fn from_name(name: &str) -> Option<AuthMechanism> {
+        AuthMechanism::ALL.iter().copied().find(|m| m.as_str().eq_ignore_ascii_case(name))
+    }
+}
+
 impl Verb {
     /// The verb of a command line (case-insensitive, up to the first space or `:`); `Unknown` otherwise.
     pub fn from_line(line: &[u8]) -> Verb {

@@ -271,5 +271,39 @@ fn every_family_is_documented() {
     for (name, ..) in FAMILIES {
         assert!(doc.contains(&format!("`{name}`")), "{name} missing from docs/metrics.md");
     }
-    assert_eq!(FAMILIES.len(), 23);
+    assert_eq!(FAMILIES.len(), 26);
+}
+
+#[test]
+fn http_auth_from_config() {
+    use crate::config::MetricsConfig;
+    assert!(http_auth(&MetricsConfig::default()).unwrap().is_none());
+    let c = MetricsConfig { bearer_token: "t0k".into(), ..MetricsConfig::default() };
+    assert!(matches!(http_auth(&c).unwrap(), Some(HttpAuth::Bearer(t)) if t == "t0k"));
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pw");
+    std::fs::write(&file, "pa55\r\n").unwrap();
+    let c = MetricsConfig { basic_user: "prom".into(), basic_password_file: file, ..MetricsConfig::default() };
+    assert!(
+        matches!(http_auth(&c).unwrap(), Some(HttpAuth::Basic { user, password }) if user == "prom" && password == "pa55")
+    );
+    // A configured but empty token file locks the listener rather than opening it.
+    let empty = dir.path().join("empty");
+    std::fs::write(&empty, "").unwrap();
+    let c = MetricsConfig { bearer_token_file: empty, ..MetricsConfig::default() };
+    let auth = http_auth(&c).unwrap().expect("credentials are still required");
+    assert!(!auth.allows(Some("Bearer ")));
+    let c = MetricsConfig { bearer_token_file: dir.path().join("missing"), ..MetricsConfig::default() };
+    assert!(matches!(http_auth(&c), Err(MetricsError::Secret { .. })));
+}
+
+#[test]
+fn auth_series_start_at_zero_and_unknown_mechanisms_are_ignored() {
+    let h = install().unwrap();
+    auth_attempt("XOAUTH2", AuthResult::Failure);
+    let text = h.render();
+    assert!(text.lines().any(|l| l.starts_with("moat_auth_attempts_total{mechanism=\"LOGIN\",result=\"cancelled\"} ")));
+    assert!(text.lines().any(|l| l.starts_with("moat_auth_lockouts_total ")));
+    assert!(text.lines().any(|l| l.starts_with("moat_rules_reload_total{result=\"error\"} ")));
+    assert!(!text.contains("XOAUTH2"));
 }

@@ -6,6 +6,7 @@
 //! Replies are buffered and flushed only when no further complete command is waiting in the input
 //! (RFC 2920 3.1), so a pipelining client gets its replies in one write.
 
+mod auth;
 mod message;
 
 use std::net::SocketAddr;
@@ -53,6 +54,8 @@ pub struct ListenerContext {
     pub pipeline: Pipeline,
     pub audit: AuditSink,
     pub shutdown: CancellationToken,
+    /// The credential checker; `None` when AUTH is off.
+    pub auth: Option<Arc<crate::auth::Authenticator>>,
 }
 
 /// One open transaction's data-side state.
@@ -227,6 +230,7 @@ impl Driver {
                 self.end_of_message().await;
             }
             Step::Bdat { size, last, refusal } => self.bdat(size, last, refusal).await?,
+            Step::Auth { mechanism, initial } => return self.auth(mechanism, initial).await,
         }
         Ok(None)
     }
@@ -286,6 +290,11 @@ impl Driver {
     // --- MAIL / RCPT ---
 
     async fn mail(&mut self, mail: MailFrom) {
+        if let Some(reply) = self.sender_refusal(&mail.address) {
+            self.session.mail_done(mail, &reply);
+            self.queue(&reply);
+            return;
+        }
         let mut ctx = TxnContext::default();
         let verdict = self.ctx.pipeline.mail(&self.info, &mut ctx, &mail).await;
         let reply = match verdict.refusal() {

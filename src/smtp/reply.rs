@@ -212,6 +212,50 @@ impl Reply {
     pub fn insufficient_storage() -> Reply {
         Reply::new(452, "4.3.1 Insufficient system storage")
     }
+    /// `235 2.7.0` to a successful AUTH.
+    pub fn auth_ok() -> Reply {
+        Reply::new(235, "2.7.0 Authentication successful")
+    }
+    /// `535 5.7.8` to wrong credentials (the same whatever was wrong).
+    pub fn auth_invalid() -> Reply {
+        Reply::new(535, "5.7.8 Authentication credentials invalid")
+    }
+    /// `538 5.7.11` to AUTH before TLS (RFC 4954 6).
+    pub fn auth_needs_tls() -> Reply {
+        Reply::new(538, "5.7.11 Encryption required for requested authentication mechanism")
+    }
+    /// `504 5.5.4` to an unknown SASL mechanism.
+    pub fn auth_unknown_mechanism() -> Reply {
+        Reply::new(504, "5.5.4 Unrecognized authentication type")
+    }
+    /// `454 4.7.0` while the client IP or the login name is locked out.
+    pub fn auth_locked() -> Reply {
+        Reply::new(454, "4.7.0 Too many authentication failures, try later")
+    }
+    /// `421 4.7.0` closing a connection that keeps trying while locked out.
+    pub fn auth_locked_close(host: &str) -> Reply {
+        Reply::new(421, format!("4.7.0 {host} Too many authentication failures, closing connection"))
+    }
+    /// `454 4.7.0` when verification itself failed (moat's side).
+    pub fn auth_temporary() -> Reply {
+        Reply::new(454, "4.7.0 Temporary authentication failure")
+    }
+    /// `530 5.7.0` to MAIL on a listener that requires AUTH.
+    pub fn auth_required() -> Reply {
+        Reply::new(530, "5.7.0 Authentication required")
+    }
+    /// `554 5.7.1` to an unauthenticated RCPT outside the local domains.
+    pub fn relay_denied() -> Reply {
+        Reply::new(554, "5.7.1 Relay access denied")
+    }
+    /// `553 5.7.1` to a MAIL FROM the authenticated user does not own.
+    pub fn sender_not_owned(user: &str) -> Reply {
+        Reply::new(553, format!("5.7.1 Sender address rejected: not owned by user {user}"))
+    }
+    /// `550 5.7.1` at end of data to a From header address the authenticated user does not own.
+    pub fn from_not_owned(user: &str) -> Reply {
+        Reply::new(550, format!("5.7.1 From header address rejected: not owned by user {user}"))
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use crate::auth::sasl::Mechanism;
 use crate::config::{ListenerMode, Role};
 use crate::smtp::command::{self, Command, MailFrom, RcptTo, SyntaxError};
 use crate::smtp::Reply;
@@ -25,7 +26,16 @@ pub struct SessionConfig {
     pub max_message_size: u64,
     pub max_recipients: usize,
     pub max_errors: u32,
+    /// Whether AUTH is available (a users file is configured).
+    pub auth: bool,
+    /// Offer AUTH before TLS too (loopback tests).
+    pub auth_without_tls: bool,
+    /// Domains an `mx` listener takes unauthenticated mail for (see [`crate::auth::is_local_recipient`]).
+    pub local_domains: Arc<[String]>,
 }
+
+/// Locked-out AUTH attempts answered `454` in one session before it is closed with `421`.
+pub const MAX_LOCKED_ATTEMPTS: u32 = 3;
 
 /// Why a session ended (for logs and the `moat_sessions_closed_total{reason}` metric).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,6 +49,8 @@ pub enum CloseReason {
     TlsFailed,
     Rejected,
     Io,
+    /// Kept trying AUTH while locked out.
+    AuthLocked,
 }
 
 impl CloseReason {
@@ -54,6 +66,7 @@ impl CloseReason {
             CloseReason::TlsFailed => "tls_failed",
             CloseReason::Rejected => "rejected",
             CloseReason::Io => "io",
+            CloseReason::AuthLocked => "auth_locked",
         }
     }
 }
@@ -105,6 +118,19 @@ pub enum Step {
     /// Read exactly `size` octets. With `refusal`, discard them and send it; otherwise they are the next
     /// chunk of the message (on `last`, the message is complete: call [`Session::message_done`]).
     Bdat { size: u64, last: bool, refusal: Option<Reply> },
+    /// Run the SASL exchange (the driver reads the `334` responses itself, never logging them), verify,
+    /// then call [`Session::auth_done`], [`Session::auth_failed`] or [`Session::auth_locked`].
+    Auth { mechanism: Mechanism, initial: Option<InitialResponse> },
+}
+
+/// The AUTH command's initial response: secret, so it never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct InitialResponse(pub String);
+
+impl std::fmt::Debug for InitialResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
 }
 
 /// One client session.
@@ -114,7 +140,10 @@ pub struct Session {
     state: State,
     helo: Option<Helo>,
     tls: bool,
-    authenticated: bool,
+    /// The authenticated user, after a successful AUTH.
+    user: Option<String>,
+    /// AUTH attempts answered `454` because of a lockout.
+    locked_attempts: u32,
     errors: u32,
 }
 
@@ -123,7 +152,7 @@ pub struct Session {
 impl Session {
     /// A session on a fresh connection; `tls` is true for implicit TLS.
     pub fn new(cfg: Arc<SessionConfig>, tls: bool) -> Session {
-        Session { cfg, state: State::Fresh, helo: None, tls, authenticated: false, errors: 0 }
+        Session { cfg, state: State::Fresh, helo: None, tls, user: None, locked_attempts: 0, errors: 0 }
     }
 
     /// The `220` greeting.
@@ -139,6 +168,35 @@ impl Session {
     /// Whether the session is encrypted.
     pub fn is_tls(&self) -> bool {
         self.tls
+    }
+
+    /// The authenticated user, if any.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// AUTH succeeded for `user` (its canonical name).
+    pub fn auth_done(&mut self, user: String) {
+        self.user = Some(user);
+    }
+
+    /// AUTH failed with `reply` (`535`, `501`, ...): counted as an error like any refused command.
+    pub fn auth_failed(&mut self, reply: Reply) -> Step {
+        self.count_error(Step::Reply(reply))
+    }
+
+    /// AUTH refused by the lockout: `454`, and after [`MAX_LOCKED_ATTEMPTS`] the connection closes with `421`.
+    pub fn auth_locked(&mut self) -> Step {
+        self.locked_attempts += 1;
+        if self.locked_attempts >= MAX_LOCKED_ATTEMPTS {
+            return Step::Close(Reply::auth_locked_close(&self.cfg.hostname), CloseReason::AuthLocked);
+        }
+        Step::Reply(Reply::auth_locked())
+    }
+
+    /// Whether AUTH is offered now: configured, and over TLS unless the listener allows it in plaintext.
+    fn auth_offered(&self) -> bool {
+        self.cfg.auth && (self.tls || self.cfg.auth_without_tls)
     }
 
     /// The current envelope, if a transaction is open.
@@ -204,6 +262,7 @@ impl Session {
     pub fn tls_started(&mut self) {
         self.tls = true;
         self.helo = None;
+        self.user = None;
         self.state = State::Fresh;
     }
 
@@ -233,7 +292,7 @@ impl Session {
             Command::Expn => Step::Reply(Reply::not_implemented()),
             Command::Help => Step::Reply(Reply::help()),
             Command::StartTls => self.starttls(),
-            Command::Auth { .. } => self.auth(),
+            Command::Auth { mechanism, initial } => self.auth(&mechanism, initial),
         }
     }
 
@@ -260,6 +319,9 @@ impl Session {
         if self.cfg.starttls && !self.tls {
             lines.push("STARTTLS".to_string());
         }
+        if self.auth_offered() {
+            lines.push("AUTH PLAIN LOGIN".to_string());
+        }
         Reply { code: 250, lines }
     }
 
@@ -272,8 +334,8 @@ impl Session {
         if self.cfg.require_tls && !self.tls {
             return Step::Reply(Reply::must_starttls());
         }
-        if self.cfg.role == Role::Submission && !self.authenticated {
-            return Step::Reply(Reply::new(530, "5.7.0 Authentication required"));
+        if self.cfg.role == Role::Submission && self.user.is_none() {
+            return Step::Reply(Reply::auth_required());
         }
         if !mail.smtputf8 && !mail.address.is_ascii() {
             return Step::Reply(Reply::utf8_without_smtputf8());
@@ -296,6 +358,10 @@ impl Session {
         }
         if !env.mail.smtputf8 && !rcpt.address.is_ascii() {
             return Step::Reply(Reply::utf8_without_smtputf8());
+        }
+        // Never an open relay, whatever the upstream would allow: unauthenticated mail only to local domains.
+        if self.user.is_none() && !crate::auth::is_local_recipient(&rcpt.address, &self.cfg.local_domains) {
+            return Step::Reply(Reply::relay_denied());
         }
         Step::Rcpt(rcpt)
     }
@@ -349,9 +415,25 @@ impl Session {
         }
     }
 
-    fn auth(&mut self) -> Step {
-        // SMTP AUTH lands with its own issue; until then it is not offered, and so out of sequence.
-        Step::Reply(Reply::bad_sequence("authentication not enabled"))
+    fn auth(&mut self, mechanism: &str, initial: Option<String>) -> Step {
+        if !self.cfg.auth {
+            return Step::Reply(Reply::bad_sequence("authentication not enabled"));
+        }
+        if !self.auth_offered() {
+            return Step::Reply(Reply::auth_needs_tls());
+        }
+        match self.state {
+            State::Fresh => return Step::Reply(Reply::bad_sequence("send EHLO first")),
+            State::Mail(_) | State::Data(_) => return Step::Reply(Reply::bad_sequence("MAIL transaction in progress")),
+            State::Ready => {}
+        }
+        if self.user.is_some() {
+            return Step::Reply(Reply::bad_sequence("already authenticated"));
+        }
+        match Mechanism::from_name(mechanism) {
+            Some(mechanism) => Step::Auth { mechanism, initial: initial.map(InitialResponse) },
+            None => Step::Reply(Reply::auth_unknown_mechanism()),
+        }
     }
 }
 

@@ -17,7 +17,7 @@ pub struct ClientIdentity {
     pub helo: Option<String>,
     /// Whether the client used EHLO (ESMTP) rather than HELO.
     pub esmtp: bool,
-    /// The SASL login name, once AUTH exists.
+    /// The SASL login name, after a successful AUTH.
     pub login: Option<String>,
 }
 
@@ -25,6 +25,13 @@ impl ClientIdentity {
     /// The `XCLIENT` command line (without CRLF). Values are xtext-encoded (RFC 3461 4); unknown ones are
     /// `[UNAVAILABLE]` as Postfix expects.
     pub fn xclient_command(&self) -> String {
+        self.xclient_line(self.login.is_some())
+    }
+
+    /// The `XCLIENT` line; with `with_login` (the upstream offers the LOGIN attribute) it always carries
+    /// `LOGIN=`, `[UNAVAILABLE]` for an unauthenticated client, so a pooled connection re-introduced for a new
+    /// client never keeps the previous client's login.
+    pub fn xclient_line(&self, with_login: bool) -> String {
         let mut cmd = String::from("XCLIENT");
         let addr = match self.peer.ip() {
             IpAddr::V4(a) => a.to_string(),
@@ -37,8 +44,9 @@ impl ClientIdentity {
             let _ = write!(cmd, " HELO={}", xtext(h));
         }
         let _ = write!(cmd, " PROTO={}", if self.esmtp { "ESMTP" } else { "SMTP" });
-        if let Some(l) = &self.login {
-            let _ = write!(cmd, " LOGIN={}", xtext(l));
+        if with_login {
+            let login = self.login.as_deref().map(xtext).unwrap_or_else(|| "[UNAVAILABLE]".into());
+            let _ = write!(cmd, " LOGIN={login}");
         }
         cmd
     }
@@ -115,6 +123,15 @@ mod tests {
         i.peer = "[2001:db8::1]:25".parse().unwrap();
         i.name = None;
         assert!(i.xclient_command().contains("ADDR=IPV6:2001:db8::1 PORT=25 NAME=[UNAVAILABLE]"));
+    }
+
+    #[test]
+    fn xclient_login() {
+        let mut i = ident();
+        assert!(i.xclient_line(true).ends_with(" PROTO=ESMTP LOGIN=[UNAVAILABLE]"));
+        i.login = Some("al ice".into());
+        assert!(i.xclient_line(true).ends_with(" LOGIN=al+20ice"));
+        assert!(!i.xclient_line(false).contains("LOGIN"), "not offered by the upstream");
     }
 
     #[test]

@@ -4,25 +4,36 @@
 //! the client's identity (XCLIENT, which Postfix accepts between transactions), relays MAIL and RCPT and
 //! passes the upstream's replies back, and sends the message only after moat's verdict accepted it. Every
 //! wait has a deadline; every failure is an [`UpstreamError`] that the session turns into a `4xx`.
+//!
+//! With `upstream.tls` set, [`Connection::connect`] upgrades the connection with STARTTLS right after the
+//! first EHLO (RFC 3207), verifies the upstream's certificate with the client configuration built once
+//! per [`Pool`], and says EHLO again over TLS; everything after that, XCLIENT included, is encrypted.
 
 mod identity;
 mod pool;
+#[cfg(test)]
+mod tests;
 
 pub use identity::{xtext, ClientIdentity};
 pub use pool::Pool;
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tracing::debug;
 
-use crate::config::{Identity, UpstreamConfig};
+use crate::config::{Identity, UpstreamConfig, UpstreamTlsMode, UpstreamTlsVerify};
 use crate::smtp::command::{Body, MailFrom, RcptTo};
 use crate::smtp::Reply;
 use crate::spool::Spool;
+use crate::tls::{TlsError, UpstreamVerify};
 
 /// Longest reply line accepted from the upstream (RFC 5321 4.5.3.1.5 says 512; be generous).
 const MAX_REPLY_LINE: usize = 4096;
@@ -41,6 +52,7 @@ pub enum Phase {
     Data,
     Message,
     Rset,
+    Starttls,
 }
 
 /// Why the upstream could not do what was asked. Replies the upstream actually sent are not errors.
@@ -68,6 +80,16 @@ pub enum UpstreamError {
         "upstream does not offer XCLIENT to moat (add moat's address to Postfix's smtpd_authorized_xclient_hosts)"
     )]
     NoXclient,
+    /// `upstream.tls = "required"` and the upstream's EHLO reply has no STARTTLS.
+    #[error("upstream does not offer STARTTLS and upstream.tls = \"required\"")]
+    TlsNotOffered,
+    /// The TLS handshake failed, the upstream's certificate among other things (chain, name, expiry).
+    #[error("tls handshake with upstream {server_name} failed")]
+    Tls {
+        server_name: String,
+        #[source]
+        source: io::Error,
+    },
 }
 
 impl UpstreamError {
@@ -78,6 +100,10 @@ impl UpstreamError {
             UpstreamError::Connect { .. } => K::Connect,
             UpstreamError::Timeout(_) => K::Timeout,
             UpstreamError::Io { .. } => K::Io,
+            UpstreamError::Tls { .. }
+            | UpstreamError::TlsNotOffered
+            | UpstreamError::Refused { phase: Phase::Starttls, .. }
+            | UpstreamError::Protocol { phase: Phase::Starttls, .. } => K::Tls,
             UpstreamError::Protocol { .. } | UpstreamError::Refused { .. } | UpstreamError::NoXclient => K::Protocol,
         }
     }
@@ -99,12 +125,52 @@ pub struct UpstreamSettings {
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
+    /// STARTTLS towards the upstream; `None` with `upstream.tls = "off"`.
+    pub tls: Option<UpstreamTls>,
+}
+
+/// What upstream STARTTLS needs, built once (per [`Pool`]) from `[upstream]`.
+#[derive(Clone, Debug)]
+pub struct UpstreamTls {
+    /// Whether an upstream without STARTTLS is a failure (`"required"`) or relayed to in plaintext
+    /// (`"opportunistic"`).
+    pub required: bool,
+    /// The rustls client configuration (roots or the loopback verifier), shared by all connections.
+    pub config: Arc<ClientConfig>,
+    /// The name the certificate must be valid for, sent as SNI when it is a DNS name.
+    pub server_name: ServerName<'static>,
+}
+
+impl UpstreamTls {
+    /// From `[upstream]`; `None` when `tls = "off"`. Reads the CA file or the system trust store, so call it
+    /// at start-up.
+    pub fn from_config(c: &UpstreamConfig) -> Result<Option<UpstreamTls>, TlsError> {
+        let required = match c.tls {
+            UpstreamTlsMode::Off => return Ok(None),
+            UpstreamTlsMode::Opportunistic => false,
+            UpstreamTlsMode::Required => true,
+        };
+        let verify = match c.tls_verify {
+            UpstreamTlsVerify::System => UpstreamVerify::SystemRoots,
+            UpstreamTlsVerify::CaFile => UpstreamVerify::CaFile(c.tls_ca_file.clone()),
+            UpstreamTlsVerify::InsecureLoopback => UpstreamVerify::InsecureLoopback,
+        };
+        let server_name = if c.tls_server_name.is_empty() {
+            ServerName::from(c.address.ip())
+        } else {
+            let bad = |_| TlsError::ServerName { name: c.tls_server_name.clone() };
+            ServerName::try_from(c.tls_server_name.clone()).map_err(bad)?
+        };
+        let config = crate::tls::client_config(&verify)?;
+        Ok(Some(UpstreamTls { required, config, server_name }))
+    }
 }
 
 impl UpstreamSettings {
-    /// From the config section; `hostname` is used when `helo_name` is empty.
-    pub fn from_config(c: &UpstreamConfig, hostname: &str) -> UpstreamSettings {
-        UpstreamSettings {
+    /// From the config section; `hostname` is used when `helo_name` is empty. Builds the TLS client
+    /// configuration when upstream TLS is on (blocking file reads: call it at start-up).
+    pub fn from_config(c: &UpstreamConfig, hostname: &str) -> Result<UpstreamSettings, TlsError> {
+        Ok(UpstreamSettings {
             address: c.address,
             identity: c.identity,
             helo_name: if c.helo_name.is_empty() { hostname.to_string() } else { c.helo_name.clone() },
@@ -113,7 +179,8 @@ impl UpstreamSettings {
             connect_timeout: c.connect_timeout.get(),
             command_timeout: c.command_timeout.get(),
             data_timeout: c.data_timeout.get(),
-        }
+            tls: UpstreamTls::from_config(c)?,
+        })
     }
 }
 
@@ -125,6 +192,8 @@ pub struct Extensions {
     pub smtputf8: bool,
     pub dsn: bool,
     pub xclient: bool,
+    /// XCLIENT offers the LOGIN attribute.
+    pub xclient_login: bool,
     pub starttls: bool,
 }
 
@@ -138,7 +207,10 @@ impl Extensions {
                 "8BITMIME" => e.eight_bit = true,
                 "SMTPUTF8" => e.smtputf8 = true,
                 "DSN" => e.dsn = true,
-                "XCLIENT" => e.xclient = true,
+                "XCLIENT" => {
+                    e.xclient = true;
+                    e.xclient_login = line.split(' ').skip(1).any(|a| a.eq_ignore_ascii_case("LOGIN"));
+                }
                 "STARTTLS" => e.starttls = true,
                 _ => {}
             }
@@ -147,7 +219,7 @@ impl Extensions {
     }
 }
 
-/// A byte stream to the upstream: plain TCP today, TLS once upstream STARTTLS is configured.
+/// A byte stream to the upstream: plain TCP, or TLS after STARTTLS.
 pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 
@@ -158,19 +230,22 @@ pub struct Connection {
     settings: std::sync::Arc<UpstreamSettings>,
     /// Whether MAIL was sent and the transaction not yet finished or reset.
     in_transaction: bool,
+    /// Whether STARTTLS succeeded.
+    tls: bool,
     line: Vec<u8>,
 }
 
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connection").field("ext", &self.ext).finish_non_exhaustive()
+        f.debug_struct("Connection").field("ext", &self.ext).field("tls", &self.tls).finish_non_exhaustive()
     }
 }
 
 // === impl Connection ===
 
 impl Connection {
-    /// Connects, reads the greeting, sends EHLO; with PROXY v2 the header goes first.
+    /// Connects, reads the greeting, sends EHLO; with PROXY v2 the header goes first. With upstream TLS on,
+    /// upgrades with STARTTLS and says EHLO again.
     pub async fn connect(
         settings: std::sync::Arc<UpstreamSettings>,
         ident: Option<&ClientIdentity>,
@@ -188,10 +263,13 @@ impl Connection {
             ext: Extensions::default(),
             settings,
             in_transaction: false,
+            tls: false,
             line: Vec::with_capacity(256),
         };
         if let (Identity::ProxyV2, Some(id)) = (conn.settings.identity, ident) {
             conn.write(&id.proxy_v2_header(), Phase::Connect).await?;
+            // The upstream sends nothing before it has the header: it must leave our buffer now.
+            conn.flush(Phase::Connect).await?;
         }
         let greeting = conn.read_reply(Phase::Greeting, conn.settings.command_timeout).await?;
         if greeting.code != 220 {
@@ -199,6 +277,9 @@ impl Connection {
         }
         let name = conn.settings.helo_name.clone();
         conn.ehlo(&name).await?;
+        if let Some(tls) = conn.settings.tls.clone() {
+            conn.starttls(&tls, &name).await?;
+        }
         crate::metrics::upstream_connect_seconds(start.elapsed());
         Ok(conn)
     }
@@ -217,6 +298,60 @@ impl Connection {
         Ok(())
     }
 
+    /// STARTTLS after the first EHLO: handshake, verify, EHLO again (RFC 3207 4.2: forget what was learnt
+    /// before TLS). An upstream that does not offer STARTTLS, or refuses it, is relayed to in plaintext only
+    /// in opportunistic mode; a failed handshake is always an error (the connection is unusable, and
+    /// reconnecting in plaintext would let anyone who can break handshakes force a downgrade).
+    async fn starttls(&mut self, tls: &UpstreamTls, helo: &str) -> Result<(), UpstreamError> {
+        if !self.ext.starttls {
+            if tls.required {
+                return Err(UpstreamError::TlsNotOffered);
+            }
+            debug!(upstream.addr = %self.settings.address, "upstream does not offer STARTTLS; relaying in plaintext");
+            return Ok(());
+        }
+        let reply = self.command("STARTTLS", Phase::Starttls).await?;
+        if reply.code != 220 {
+            if tls.required {
+                return Err(UpstreamError::Refused { phase: Phase::Starttls, reply });
+            }
+            debug!(reply.code = reply.code, "upstream refused STARTTLS; relaying in plaintext");
+            return Ok(());
+        }
+        // Anything the upstream sent after its 220 would be read as if it came over TLS (the upstream-side
+        // twin of the STARTTLS injection attack).
+        if !self.io.buffer().is_empty() {
+            let what = "upstream sent data after its STARTTLS reply".into();
+            return Err(UpstreamError::Protocol { phase: Phase::Starttls, what });
+        }
+        // The write buffer is empty: `command` flushed it. Take the stream out, leaving an inert placeholder.
+        let placeholder: Box<dyn Stream> = Box::new(tokio::io::empty());
+        let io = std::mem::replace(&mut self.io, BufReader::new(BufWriter::new(placeholder)));
+        let tcp = io.into_inner().into_inner();
+        let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config));
+        let handshake = connector.connect(tls.server_name.clone(), tcp);
+        let stream = timeout(self.settings.command_timeout, handshake)
+            .await
+            .map_err(|_| UpstreamError::Timeout(Phase::Starttls))?
+            .map_err(|source| UpstreamError::Tls { server_name: tls.server_name.to_str().into_owned(), source })?;
+        let session = stream.get_ref().1;
+        debug!(
+            upstream.addr = %self.settings.address,
+            tls.version = ?session.protocol_version(),
+            tls.cipher = ?session.negotiated_cipher_suite().map(|s| s.suite()),
+            "upstream tls established"
+        );
+        self.io = BufReader::new(BufWriter::new(Box::new(stream)));
+        self.tls = true;
+        self.ext = Extensions::default();
+        self.ehlo(helo).await
+    }
+
+    /// Whether the connection runs over TLS (STARTTLS succeeded).
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
     /// Introduces the client with XCLIENT (when configured), then EHLO again as the client's name.
     pub async fn introduce(&mut self, ident: &ClientIdentity) -> Result<(), UpstreamError> {
         if self.settings.identity != Identity::Xclient {
@@ -225,7 +360,7 @@ impl Connection {
         if !self.ext.xclient {
             return Err(UpstreamError::NoXclient);
         }
-        let reply = self.command(&ident.xclient_command(), Phase::Xclient).await?;
+        let reply = self.command(&ident.xclient_line(self.ext.xclient_login), Phase::Xclient).await?;
         if reply.code != 220 {
             return Err(UpstreamError::Refused { phase: Phase::Xclient, reply });
         }

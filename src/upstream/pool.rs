@@ -3,30 +3,39 @@
 //! a PROXY v2 header are bound to one client and never pooled.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use super::{ClientIdentity, Connection, UpstreamError, UpstreamSettings};
 use crate::config::Identity;
+use crate::metrics::{Readiness, UpstreamErrorKind};
 
 /// Idle upstream connections, newest last.
 #[derive(Debug)]
 pub struct Pool {
     settings: Arc<UpstreamSettings>,
     idle: Mutex<VecDeque<(Instant, Connection)>>,
+    /// Where a new connection's outcome is reported (`/readyz`), once set.
+    health: OnceLock<Readiness>,
 }
 
 impl Pool {
     /// An empty pool.
     pub fn new(settings: UpstreamSettings) -> Arc<Pool> {
-        Arc::new(Pool { settings: Arc::new(settings), idle: Mutex::new(VecDeque::new()) })
+        Arc::new(Pool { settings: Arc::new(settings), idle: Mutex::new(VecDeque::new()), health: OnceLock::new() })
     }
 
     /// The upstream settings.
     pub fn settings(&self) -> &Arc<UpstreamSettings> {
         &self.settings
+    }
+
+    /// Reports every new connection's outcome to `ready`: unreachable (connect refused, timed out, broken
+    /// before EHLO) marks the upstream down at once, a successful connection marks it up. Set once.
+    pub fn report_health(&self, ready: Readiness) {
+        let _ = self.health.set(ready);
     }
 
     fn pooling(&self) -> bool {
@@ -51,7 +60,16 @@ impl Pool {
 
     /// A new connection, introduced as `ident`.
     pub async fn connect(&self, ident: &ClientIdentity) -> Result<Connection, UpstreamError> {
-        let mut conn = Connection::connect(self.settings.clone(), Some(ident)).await?;
+        let connected = Connection::connect(self.settings.clone(), Some(ident)).await;
+        if let Some(ready) = self.health.get() {
+            use UpstreamErrorKind as K;
+            match connected.as_ref().map_err(UpstreamError::kind) {
+                Ok(_) => ready.set_upstream_ok(true),
+                Err(K::Connect | K::Timeout | K::Io) => ready.set_upstream_ok(false),
+                Err(_) => {} // it answered, just not as hoped: reachable, and the error is counted elsewhere
+            }
+        }
+        let mut conn = connected?;
         conn.introduce(ident).await?;
         Ok(conn)
     }

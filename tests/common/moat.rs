@@ -10,11 +10,12 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 /// A config for tests: one plain listener on a free port, relaying to `upstream`, no metrics, no audit,
-/// no reverse DNS; `extra` is TOML with dotted keys (`limits.max_recipients = 1`) appended at the root.
+/// no reverse DNS, the test domains local ([`LOCAL_DOMAINS`]); `extra` is TOML with dotted keys
+/// (`limits.max_recipients = 1`) appended at the root.
 pub fn test_config(upstream: SocketAddr, extra: &str) -> Config {
     let text = format!(
         "server.hostname = \"mx.test\"\nserver.reverse_dns = false\nmetrics.address = \"\"\naudit.destination = \"off\"\n\
-         upstream.address = \"{upstream}\"\nshutdown.grace_period = \"5s\"\n{extra}\n\
+         {LOCAL_DOMAINS}\nupstream.address = \"{upstream}\"\nshutdown.grace_period = \"5s\"\n{extra}\n\
          [[listener]]\nname = \"smtp\"\naddress = \"127.0.0.1:0\"\nmode = \"plain\"\n"
     );
     Config::parse(&text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"))
@@ -26,10 +27,13 @@ pub fn test_config(upstream: SocketAddr, extra: &str) -> Config {
 pub fn config_from(upstream: SocketAddr, extra: &str, listeners: &str) -> Config {
     let text = format!(
         "server.hostname = \"mx.test\"\nserver.reverse_dns = false\nmetrics.address = \"\"\naudit.destination = \"off\"\n\
-         upstream.address = \"{upstream}\"\nshutdown.grace_period = \"5s\"\n{extra}\n{listeners}\n"
+         {LOCAL_DOMAINS}\nupstream.address = \"{upstream}\"\nshutdown.grace_period = \"5s\"\n{extra}\n{listeners}\n"
     );
     Config::parse(&text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"))
 }
+
+/// The domains unauthenticated test mail goes to (an `mx` listener refuses every other one with `554`).
+pub const LOCAL_DOMAINS: &str = "relay.local_domains = [\"example.test\", \"reject.test\", \"sink.example\"]";
 
 /// Starts moat with `config`.
 pub async fn start(config: &Config) -> Running {

@@ -1,7 +1,8 @@
 //! A real Postfix for integration tests: a throwaway instance started with `scripts/postfix-instance.sh`
 //! in a fresh temporary directory, listening on a free loopback port, accepting XCLIENT from 127.0.0.0/8,
 //! delivering every message (any recipient domain) into one Maildir, and rejecting `@reject.test`
-//! recipients with `550 5.1.1`. Tests that need it call [`require_peer`]`("postfix")` first.
+//! recipients and the local part `reject@` (any domain) with `550 5.1.1`. Tests that need it call
+//! [`require_peer`]`("postfix")` first.
 //!
 //! Delivered files are what Postfix's virtual(8) writes: `Return-Path:`, `X-Original-To:` and
 //! `Delivered-To:` first, then Postfix's own `Received:` header, then the message as received, with LF

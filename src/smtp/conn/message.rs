@@ -118,6 +118,7 @@ impl Driver {
         let (reply, verdict, upstream) = self.judge_and_relay(&mut txn).await;
         self.session.message_done();
         crate::metrics::message(&self.ctx.name, verdict, txn.size);
+        crate::metrics::received_bytes(&self.ctx.name, txn.size);
         info!(txn.id = %txn.id, size = txn.size, rcpt.count = txn.rcpts.len(), verdict = verdict.as_str(), reply.code = reply.code, "message");
         self.audit(&txn, verdict.as_str(), &reply, upstream);
         self.queue(&reply);
@@ -131,7 +132,7 @@ impl Driver {
             None if txn.too_big => Some(Reply::too_big(self.ctx.session.max_message_size)),
             None => None,
         };
-        if let Some(r) = refusal {
+        if let Some(r) = refusal.or_else(|| self.header_from_refusal(header_section(&txn.head))) {
             self.reset_upstream().await;
             return (r, MessageVerdict::Rejected, None);
         }
@@ -176,7 +177,7 @@ impl Driver {
                 hostname: &self.ctx.session.hostname,
                 esmtp: helo.is_some_and(|h| h.extended),
                 tls: self.tls.as_ref(),
-                authenticated: false,
+                authenticated: self.session.user().is_some(),
                 id: &txn.id,
                 single_rcpt: (accepted.len() == 1).then(|| accepted[0]),
             };
@@ -222,6 +223,7 @@ impl Driver {
                 .tls
                 .as_ref()
                 .map(|t| crate::audit::TlsRecord { version: t.version.to_string(), cipher: t.cipher.clone() }),
+            auth_user: self.session.user().map(str::to_string),
             mail_from: txn.mail.address.clone(),
             rcpts: txn
                 .rcpts

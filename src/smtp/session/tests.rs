@@ -11,6 +11,9 @@ fn cfg() -> SessionConfig {
         max_message_size: 1000,
         max_recipients: 2,
         max_errors: 5,
+        auth: false,
+        auth_without_tls: false,
+        local_domains: vec!["example.test".to_string(), "example.org".to_string()].into(),
     }
 }
 
@@ -39,6 +42,7 @@ impl Harness {
             Step::StartTls => 220,
             Step::Bdat { refusal: Some(r), .. } => r.code,
             Step::Bdat { .. } => 250,
+            Step::Auth { .. } => 334,
         };
         assert_eq!(got, code, "{line}: {step:?}");
         step
@@ -169,4 +173,66 @@ fn misc_commands() {
     h.cmd("HELP", 214);
     h.cmd("HELO client.test", 250);
     h.cmd("AUTH PLAIN", 503);
+}
+
+fn auth_cfg(role: Role) -> SessionConfig {
+    SessionConfig { auth: true, role, ..cfg() }
+}
+
+#[test]
+fn auth_offered_only_after_tls() {
+    let mut h = Harness::new(auth_cfg(Role::Submission));
+    let Step::Reply(r) = h.cmd("EHLO c", 250) else { panic!() };
+    assert!(!r.lines.iter().any(|l| l.starts_with("AUTH")), "{r:?}");
+    h.cmd("AUTH PLAIN AGFAYg==", 538);
+    h.cmd("MAIL FROM:<a@example.org>", 530);
+    h.0.tls_started();
+    let Step::Reply(r) = h.cmd("EHLO c", 250) else { panic!() };
+    assert!(r.lines.iter().any(|l| l == "AUTH PLAIN LOGIN"), "{r:?}");
+    let step = h.cmd("AUTH plain AGFAYg==", 334);
+    assert!(matches!(&step, Step::Auth { mechanism: Mechanism::Plain, initial: Some(_) }));
+    assert!(!format!("{step:?}").contains("AGFAYg"), "initial response is redacted");
+    h.cmd("AUTH CRAM-MD5", 504);
+    h.0.auth_done("alice".into());
+    assert_eq!(h.0.user(), Some("alice"));
+    h.cmd("AUTH LOGIN", 503);
+    h.cmd("MAIL FROM:<a@example.org>", 250);
+    h.cmd("RCPT TO:<x@elsewhere.example>", 250);
+}
+
+#[test]
+fn auth_sequence_errors() {
+    let mut h = Harness::new(SessionConfig { auth_without_tls: true, ..auth_cfg(Role::Mx) });
+    h.cmd("AUTH LOGIN", 503);
+    h.cmd("EHLO c", 250);
+    h.cmd("MAIL FROM:<a@example.org>", 250);
+    h.cmd("AUTH LOGIN", 503);
+    h.cmd("RSET", 250);
+    assert!(matches!(h.cmd("AUTH LOGIN", 334), Step::Auth { mechanism: Mechanism::Login, initial: None }));
+    // Not configured at all: out of sequence, as before.
+    let mut h = Harness::new(cfg());
+    h.cmd("EHLO c", 250);
+    h.cmd("AUTH PLAIN", 503);
+}
+
+#[test]
+fn mx_is_never_an_open_relay() {
+    let mut h = Harness::new(cfg());
+    h.cmd("EHLO c", 250);
+    h.cmd("MAIL FROM:<a@example.org>", 250);
+    h.cmd("RCPT TO:<b@example.test>", 250);
+    h.cmd("RCPT TO:<b@elsewhere.example>", 554);
+    h.cmd("RCPT TO:<b%elsewhere.example@example.test>", 554);
+    let mut h = Harness::new(SessionConfig { local_domains: Vec::new().into(), ..cfg() });
+    h.cmd("EHLO c", 250);
+    h.cmd("MAIL FROM:<a@example.org>", 250);
+    h.cmd("RCPT TO:<b@example.test>", 554);
+}
+
+#[test]
+fn locked_attempts_close_the_session() {
+    let mut h = Harness::new(auth_cfg(Role::Mx));
+    assert_eq!(h.0.auth_locked(), Step::Reply(Reply::auth_locked()));
+    assert!(matches!(h.0.auth_locked(), Step::Reply(_)));
+    assert!(matches!(h.0.auth_locked(), Step::Close(r, CloseReason::AuthLocked) if r.code == 421));
 }
