@@ -7,7 +7,7 @@
 //! 2. [`tls`] terminates TLS (STARTTLS or implicit) with rustls.
 //! 3. [`smtp`] speaks SMTP: a pure protocol core (`codec`, `command`, `reply`, `session`) and the async driver
 //!    `smtp::conn` that feeds it from the socket.
-//! 4. [`pipeline`] gives verdicts on the connection, envelope and message.
+//! 4. [`pipeline`] gives verdicts on the connection, envelope and message, driven by the [`rules`] files.
 //! 5. [`spool`] holds message data with bounded memory until the verdict.
 //! 6. [`upstream`] relays accepted mail to the MTA, passing the client's identity (XCLIENT or PROXY v2), and
 //!    its replies come back to the client.
@@ -22,6 +22,7 @@ pub mod config;
 pub mod health;
 pub mod metrics;
 pub mod pipeline;
+pub mod rules;
 pub mod server;
 pub mod shutdown;
 pub mod smtp;

@@ -68,6 +68,18 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(config) => match moat::tls::ServerTls::load(&config.tls, &config.hostname())
             .and_then(|_| moat::upstream::UpstreamTls::from_config(&config.upstream))
         {
+            Ok(_) if !config.rules.directory.as_os_str().is_empty() => {
+                match moat::rules::RuleSet::load_dir(&config.rules.directory, &config.relay.local_domains) {
+                    Ok(set) => {
+                        println!("{}: configuration ok, {} rules", path.display(), set.rules.len());
+                        ExitCode::SUCCESS
+                    }
+                    Err(errors) => {
+                        eprintln!("{}", moat::rules::format_errors(&errors));
+                        ExitCode::FAILURE
+                    }
+                }
+            }
             Ok(_) => {
                 println!("{}: configuration ok", path.display());
                 ExitCode::SUCCESS
@@ -139,6 +151,9 @@ async fn signals(running: &moat::server::Running) {
                 }
                 if let Some(auth) = &running.auth {
                     auth.reload_logged().await;
+                }
+                if let Some(rules) = &running.rules {
+                    rules.reload_logged().await;
                 }
             }
         }

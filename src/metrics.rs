@@ -69,6 +69,8 @@ pub const AUTH_LOCKOUTS_TOTAL: &str = "moat_auth_lockouts_total";
 pub const STAGE_SECONDS: &str = "moat_stage_seconds";
 /// Rule reloads, by result.
 pub const RULES_RELOAD_TOTAL: &str = "moat_rules_reload_total";
+/// Rule hits, by rule id (a closed set: the ids of the loaded rules).
+pub const RULE_HITS_TOTAL: &str = "moat_rule_hits_total";
 /// When each configured certificate expires (Unix time).
 pub const TLS_CERTIFICATE_EXPIRY: &str = "moat_tls_certificate_expiry_timestamp_seconds";
 /// Certificate reloads, by result.
@@ -239,6 +241,7 @@ const FAMILIES: &[(&str, Kind, Unit, &str)] = &[
     (AUTH_LOCKOUTS_TOTAL, Kind::Counter, Unit::Count, "Lockouts after too many AUTH failures."),
     (STAGE_SECONDS, Kind::Histogram, Unit::Seconds, "Time a pipeline stage took for one hook call."),
     (RULES_RELOAD_TOTAL, Kind::Counter, Unit::Count, "Rule reloads, by result."),
+    (RULE_HITS_TOTAL, Kind::Counter, Unit::Count, "Rule hits, by rule id."),
     (TLS_CERTIFICATE_EXPIRY, Kind::Gauge, Unit::Seconds, "Expiry of each configured certificate, Unix time."),
     (TLS_RELOAD_TOTAL, Kind::Counter, Unit::Count, "Certificate reloads, by result."),
     (SPOOL_MEMORY_BYTES, Kind::Gauge, Unit::Bytes, "Message bytes the spool holds in memory."),
@@ -380,6 +383,11 @@ pub fn stage_seconds(stage: &'static str, elapsed: Duration) {
 /// Counts a rules reload.
 pub fn rules_reload(result: ReloadResult) {
     counter!(RULES_RELOAD_TOTAL, "result" => result.as_str()).increment(1);
+}
+
+/// Counts a hit of the rule `id` (ids come from the loaded rule files, never from mail).
+pub fn rule_hit(id: &str) {
+    counter!(RULE_HITS_TOTAL, "rule" => id.to_string()).increment(1);
 }
 
 /// Counts a certificate reload.

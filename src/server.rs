@@ -42,6 +42,8 @@ pub enum ServerError {
     MetricsAuth(#[source] crate::metrics::MetricsError),
     #[error("cannot load the users file")]
     Auth(#[source] crate::auth::store::StoreError),
+    #[error("cannot load the rules:\n{}", crate::rules::format_errors(.0))]
+    Rules(Vec<crate::rules::RuleError>),
 }
 
 /// A started server: its bound addresses and the means to stop it.
@@ -56,6 +58,8 @@ pub struct Running {
     pub tls: Option<Arc<ServerTls>>,
     /// The credential checker (users file), for reloads; `None` when AUTH is off.
     pub auth: Option<Arc<crate::auth::Authenticator>>,
+    /// The rule set, for reloads; `None` when `rules.directory` is empty.
+    pub rules: Option<Arc<crate::rules::Rules>>,
     grace: Duration,
     audit: AuditSink,
 }
@@ -146,6 +150,7 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     if let Some(a) = &auth {
         a.spawn_watcher(Duration::from_secs(5), shutdown.soft.clone());
     }
+    let (rules, pipeline) = rules_pipeline(config, &shutdown)?;
     let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
     let pool = Pool::new(settings);
     pool.report_health(ready.clone());
@@ -182,6 +187,7 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
             audit.clone(),
             &shutdown,
             auth.clone(),
+            pipeline.clone(),
         ));
         info!(listener = %l.name, address = %addr, mode = ?l.mode, role = ?l.role, "listening");
         crate::metrics::listener_started(&l.name);
@@ -206,7 +212,33 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
         }
         _ => None,
     };
-    Ok(Running { listeners: bound, metrics, shutdown, tls, auth, grace: config.shutdown.grace_period.get(), audit })
+    Ok(Running {
+        listeners: bound,
+        metrics,
+        shutdown,
+        tls,
+        auth,
+        rules,
+        grace: config.shutdown.grace_period.get(),
+        audit,
+    })
+}
+
+/// Loads the rule files (blocking, at start-up) and builds the pipeline; starts the rules watcher.
+fn rules_pipeline(
+    config: &Config,
+    shutdown: &Shutdown,
+) -> Result<(Option<Arc<crate::rules::Rules>>, Pipeline), ServerError> {
+    let rc = &config.rules;
+    if rc.directory.as_os_str().is_empty() {
+        return Ok((None, Pipeline::default()));
+    }
+    let rules = crate::rules::Rules::load(&rc.directory, &config.relay.local_domains).map_err(ServerError::Rules)?;
+    let rules = Arc::new(rules);
+    info!(directory = %rc.directory.display(), rules = rules.snapshot().rules.len(), "rules loaded");
+    rules.spawn_watcher(rc.watch_interval.get(), shutdown.soft.clone());
+    let stage = crate::pipeline::rules::RulesStage::new(rules.clone(), rc);
+    Ok((Some(rules), Pipeline::new(vec![Arc::new(stage)])))
 }
 
 fn audit_destination(dest: &str) -> AuditDestination {
@@ -228,6 +260,7 @@ fn listener_context(
     audit: AuditSink,
     shutdown: &Shutdown,
     auth: Option<Arc<crate::auth::Authenticator>>,
+    pipeline: Pipeline,
 ) -> ListenerContext {
     let lim = &config.limits;
     let acceptor = if l.mode == ListenerMode::Plain { None } else { tls.map(ServerTls::acceptor) };
@@ -260,7 +293,7 @@ fn listener_context(
         reverse_dns: config.server.reverse_dns.then(|| config.server.reverse_dns_timeout.get()),
         pool,
         spool,
-        pipeline: Pipeline::default(),
+        pipeline,
         audit,
         shutdown: shutdown.soft.clone(),
         auth,

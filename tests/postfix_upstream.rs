@@ -173,7 +173,11 @@ fn fifty_mib_message_with_flat_memory() {
         return;
     }
     let pf = Postfix::start();
-    let moat = MoatProcess::start(pf.addr(), "server.reverse_dns = false\nlimits.max_message_size = \"60MiB\"");
+    let moat = MoatProcess::start(
+        pf.addr(),
+        // Without content rules: this measures the spool. Rules read up to `rules.scan_window` into memory.
+        "server.reverse_dns = false\nlimits.max_message_size = \"60MiB\"\nrules.directory = \"\"",
+    );
     let before = moat.peak_rss_kib();
     let mut s = TcpStream::connect(moat.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
@@ -241,4 +245,31 @@ fn proxy_v2_identity_reaches_postfix() {
     assert!(ok, "{out}");
     assert_eq!(pf.wait_for_messages(1, Duration::from_secs(20)).len(), 1, "{}", pf.log());
     assert!(pf.wait_for_log("client=unknown[127.0.0.4]", Duration::from_secs(10)), "{}", pf.log());
+}
+
+/// The shipped default rules in front of Postfix: a message with an `.exe` attachment (sent by swaks) is
+/// refused at end of data and never reaches Postfix; a clean one arrives.
+#[test]
+fn shipped_rules_refuse_an_exe_attachment_and_pass_a_clean_message() {
+    if !require_peer("postfix") || !require_peer("swaks") {
+        return;
+    }
+    let pf = Postfix::start();
+    let rules = concat!(env!("CARGO_MANIFEST_DIR"), "/rules");
+    let moat = MoatProcess::start(pf.addr(), &format!("server.reverse_dns = false\nrules.directory = {rules:?}"));
+    let server = moat.addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("setup.exe");
+    std::fs::write(&exe, b"MZ\x90\x00 not really a program").unwrap();
+    let attach = format!("@{}", exe.display());
+    let base = ["--server", &server, "--from", "alice@example.org", "--to", "bob@example.test"];
+    let (ok, out) =
+        swaks(&[&base[..], &["--header", "Subject: tool", "--body", "see attached", "--attach", &attach]].concat());
+    assert!(!ok, "{out}");
+    assert!(out.contains("<** 550 5.7.1 executable attachments are not accepted"), "{out}");
+    let (ok, out) = swaks(&[&base[..], &["--header", "Subject: clean one", "--body", "no attachment"]].concat());
+    assert!(ok, "{out}");
+    let msgs = pf.wait_for_messages(1, Duration::from_secs(10));
+    assert_eq!(msgs.len(), 1, "only the clean message arrives");
+    assert!(String::from_utf8_lossy(&msgs[0]).contains("Subject: clean one"));
 }

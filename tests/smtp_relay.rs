@@ -193,3 +193,26 @@ async fn shutdown_lets_transactions_finish_and_closes_idle_sessions() {
     // no new connections once stopped
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+/// Without an identity to send, a pooled connection is not probed; one that died while pooled fails at MAIL
+/// and the MAIL is retried once on a fresh connection, invisibly to the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_pooled_connection_is_replaced_at_mail() {
+    let fake = FakeUpstream::start(Script::default()).await;
+    let running = start(&test_config(fake.addr, "upstream.identity = \"none\"")).await;
+    let addr = running.addr("smtp").unwrap();
+    let (mut c, _) = Client::connect(addr).await;
+    envelope(&mut c).await;
+    c.expect("DATA", 354).await;
+    c.expect("x\r\n.", 250).await;
+    c.expect("QUIT", 221).await;
+    tokio::time::sleep(Duration::from_millis(100)).await; // back in the pool
+    fake.set_script(Script { drop_at: Some("MAIL".into()), ..Default::default() });
+    let (mut c, _) = Client::connect(addr).await;
+    envelope(&mut c).await;
+    c.expect("DATA", 354).await;
+    c.expect("y\r\n.", 250).await;
+    assert_eq!(*fake.connections.lock().unwrap(), 2, "the dead pooled connection was replaced");
+    assert_eq!(fake.wait_for(2).await.len(), 2);
+    running.stop().await;
+}

@@ -4,7 +4,7 @@
 //! Format (one directive a line; `#` first line is the title):
 //! - `config: KEY = VALUE` adds a dotted TOML key to the test config (`limits.max_recipients = 1`).
 //! - `script: FIELD = VALUE` scripts the fake upstream (`rcpt = reject.test 550 5.1.1 No such user`,
-//!   `mail = 451 4.3.0 busy`, `data = 554 no`, `end = 452 4.3.1 full`, `drop = RCPT`, `no_xclient`).
+//!   `mail = 451 4.3.0 busy`, `data = 554 no`, `end = 452 4.3.1 full`, `drop = RCPT` (closes the connection at that command, once), `no_xclient`).
 //! - `C: text` sends text + CRLF; `R: text` sends text with no CRLF added. Both decode `\r`, `\n`, `\\`.
 //! - `S: prefix` expects the next reply to start with prefix (multi-line replies are matched whole).
 //! - `S: closed` expects the server to have closed the connection.
@@ -12,6 +12,11 @@
 //! - `upstream-data: text` checks the last delivered message contains text (escapes decoded).
 //! - `upstream-cmd: text` checks some upstream command line contained text.
 //! - `wait: MS` sleeps.
+//! - `rules: TOML line` adds a line to a rule file written into a fresh temporary rules directory, which
+//!   the test config then uses (`rules.directory`); without `rules:` lines a transcript runs with no rules.
+//!   `rules-file: lists/x.txt = text` writes another file there (escapes decoded), e.g. a list file.
+//! - `greeting: CODE` checks the greeting's code (a connect-phase rule answers `554` instead of `220`).
+//! - `quarantined: N` checks how many messages the quarantine directory (`<rules dir>/quarantine`) holds.
 
 mod common;
 
@@ -45,11 +50,32 @@ fn script_from(lines: &[&str]) -> Script {
     s
 }
 
+/// Writes the `rules:` lines (and `rules-file:` files) into a temporary rules directory.
+fn write_rules(lines: &[&str]) -> Option<tempfile::TempDir> {
+    let rules: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("rules:")).map(str::trim).collect();
+    if rules.is_empty() {
+        return None;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("50-test.toml"), rules.join("\n") + "\n").unwrap();
+    for f in lines.iter().filter_map(|l| l.strip_prefix("rules-file:")) {
+        let (name, text) = f.split_once('=').unwrap();
+        let path = dir.path().join(name.trim());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, unescape(text.trim())).unwrap();
+    }
+    Some(dir)
+}
+
 async fn run_transcript(path: &Path) -> Result<(), String> {
     let text = std::fs::read_to_string(path).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    let config: Vec<String> =
+    let mut config: Vec<String> =
         lines.iter().filter_map(|l| l.strip_prefix("config:")).map(|s| s.trim().to_string()).collect();
+    let rules_dir = write_rules(&lines);
+    if let Some(d) = &rules_dir {
+        config.push(format!("rules.directory = {:?}", d.path().display().to_string()));
+    }
     let script: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("script:")).collect();
     let fake = FakeUpstream::start(script_from(&script)).await;
     let cfg = test_config(fake.addr, &config.join("\n"));
@@ -101,6 +127,18 @@ async fn run_transcript(path: &Path) -> Result<(), String> {
             let cmds = fake.commands.lock().unwrap().clone();
             if !cmds.iter().any(|c| c.contains(want)) {
                 result = Err(format!("{at}: no upstream command contains {want:?}: {cmds:#?}"));
+                break;
+            }
+        } else if let Some(want) = line.strip_prefix("greeting:") {
+            if code.to_string() != want.trim() {
+                result = Err(format!("{at}: greeting code {code}, expected {}", want.trim()));
+                break;
+            }
+        } else if let Some(want) = line.strip_prefix("quarantined:") {
+            let dir = rules_dir.as_ref().map(|d| d.path().join("quarantine")).unwrap();
+            let n_files = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+            if n_files != want.trim().parse::<usize>().unwrap() {
+                result = Err(format!("{at}: quarantine holds {n_files} messages, expected {}", want.trim()));
                 break;
             }
         } else if let Some(ms) = line.strip_prefix("wait:") {

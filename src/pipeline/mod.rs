@@ -14,6 +14,8 @@ use std::time::Instant;
 use crate::smtp::command::{MailFrom, RcptTo};
 use crate::smtp::Reply;
 
+pub mod rules;
+
 /// A boxed future returned by stage hooks (trait objects cannot have `async fn` yet).
 pub type HookFuture<'a> = Pin<Box<dyn Future<Output = Verdict> + Send + 'a>>;
 
@@ -28,6 +30,8 @@ pub enum Verdict {
     Reject(Reply),
     /// Refuse for now with this `4xx` reply.
     Tempfail(Reply),
+    /// At end of data: answer `250` but do not relay (audited as "discarded").
+    Discard,
 }
 
 impl Verdict {
@@ -38,6 +42,7 @@ impl Verdict {
             Verdict::Accept => "accept",
             Verdict::Reject(_) => "reject",
             Verdict::Tempfail(_) => "tempfail",
+            Verdict::Discard => "discard",
         }
     }
 
@@ -75,6 +80,23 @@ pub struct TxnContext {
     pub records: Vec<StageRecord>,
     /// Header lines (canonical CRLF) that accepted verdicts ask to add to the message.
     pub add_headers: Vec<String>,
+    /// The HELO/EHLO name when MAIL was given.
+    pub helo: Option<String>,
+    /// The authenticated user when MAIL was given.
+    pub auth_user: Option<String>,
+    /// The rules stage's state: the one rule-set snapshot this transaction is judged by, and its score.
+    pub rules: Option<rules::TxnRules>,
+}
+
+/// The message at end of data, as far as it is held for the stages.
+#[derive(Clone, Copy, Debug)]
+pub struct MessageView<'a> {
+    /// The header section (canonical CRLF, up to 64 KiB).
+    pub head: &'a [u8],
+    /// The message from its start, up to the largest [`Stage::scan_window`]; `None` when no stage asked.
+    pub data: Option<&'a [u8]>,
+    /// The whole message's size; larger than `data` when the message exceeds the window.
+    pub size: u64,
 }
 
 /// One check in the pipeline. Every hook has a default that continues.
@@ -97,15 +119,22 @@ pub trait Stage: Send + Sync {
         Box::pin(async { Verdict::Continue })
     }
 
-    /// At the end of data, before anything goes upstream, with the message's header section (canonical
-    /// CRLF, up to the spool's memory threshold). A refusal is the reply to the end of data.
+    /// At the end of data, before anything goes upstream, with the message (its header section, and its
+    /// first [`Stage::scan_window`] bytes when a stage asked). A refusal is the reply to the end of data;
+    /// [`Verdict::Discard`] answers `250` without relaying.
     fn on_end_of_data<'a>(
         &'a self,
         _conn: &'a ConnInfo,
         _txn: &'a mut TxnContext,
-        _headers: &'a [u8],
+        _msg: &'a MessageView<'a>,
     ) -> HookFuture<'a> {
         Box::pin(async { Verdict::Continue })
+    }
+
+    /// How many bytes of the message this stage wants to read at end of data; `None`: the header section
+    /// is enough.
+    fn scan_window(&self) -> Option<u64> {
+        None
     }
 }
 
@@ -143,8 +172,13 @@ impl Pipeline {
     }
 
     /// Runs `on_end_of_data`.
-    pub async fn end_of_data(&self, conn: &ConnInfo, txn: &mut TxnContext, headers: &[u8]) -> Verdict {
-        self.run(conn, txn, Hook::EndOfData(headers)).await
+    pub async fn end_of_data(&self, conn: &ConnInfo, txn: &mut TxnContext, msg: &MessageView<'_>) -> Verdict {
+        self.run(conn, txn, Hook::EndOfData(msg)).await
+    }
+
+    /// The largest scan window any stage asked for.
+    pub fn scan_window(&self) -> Option<u64> {
+        self.stages.iter().filter_map(|s| s.scan_window()).max()
     }
 
     async fn run(&self, conn: &ConnInfo, txn: &mut TxnContext, hook: Hook<'_>) -> Verdict {
@@ -175,7 +209,7 @@ impl Pipeline {
 enum Hook<'a> {
     Mail(&'a MailFrom),
     Rcpt(&'a RcptTo),
-    EndOfData(&'a [u8]),
+    EndOfData(&'a MessageView<'a>),
 }
 
 impl Hook<'_> {

@@ -243,7 +243,9 @@ impl Driver {
         self.lines = LineReader::new(self.ctx.max_command_line);
         self.handshake().await.map_err(Stop::Close)?;
         self.session.tls_started();
+        // RFC 3207 4.2: nothing learnt before TLS carries over, including a login.
         self.ident.helo = None;
+        self.ident.login = None;
         Ok(())
     }
 
@@ -295,7 +297,11 @@ impl Driver {
             self.queue(&reply);
             return;
         }
-        let mut ctx = TxnContext::default();
+        let mut ctx = TxnContext {
+            helo: self.session.helo().map(|h| h.name.clone()),
+            auth_user: self.session.user().map(str::to_string),
+            ..TxnContext::default()
+        };
         let verdict = self.ctx.pipeline.mail(&self.info, &mut ctx, &mail).await;
         let reply = match verdict.refusal() {
             Some(r) => r.clone(),
@@ -345,6 +351,11 @@ impl Driver {
             };
             let Some(conn) = self.upstream.as_mut() else { break };
             match conn.mail(mail, None).await {
+                // 421 from a connection we held or reused: the upstream closed it (smtpd_timeout); retry fresh.
+                Ok(r) if r.code == 421 && attempt == 0 && reused => {
+                    debug!("held upstream connection was closed by the upstream; reconnecting");
+                    self.upstream = None;
+                }
                 Ok(r) => return r,
                 Err(e) if attempt == 0 && reused && e.is_stale_connection() => {
                     debug!(error = %e, "pooled upstream connection was stale; reconnecting");
@@ -371,17 +382,20 @@ impl Driver {
             return;
         };
         let verdict = self.ctx.pipeline.rcpt(&self.info, &mut txn.ctx, &rcpt).await;
-        let reply = match (verdict.refusal(), self.upstream.as_mut()) {
-            (Some(r), _) => r.clone(),
-            (None, Some(conn)) => match conn.rcpt(&rcpt).await {
-                Ok(r) => r,
-                Err(e) => {
-                    self.upstream = None;
-                    self.session.abort_transaction();
-                    self.upstream_failure(e, Reply::upstream_failed())
-                }
+        let reply = match verdict.refusal() {
+            Some(r) => r.clone(),
+            None => match self.upstream_for_txn().await {
+                Err(r) => r,
+                Ok(conn) => match conn.rcpt(&rcpt).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Only this recipient gets the 4xx; the transaction stays open and the next command
+                        // replays it on a fresh connection (a 5xx later would bounce accepted recipients).
+                        self.upstream = None;
+                        self.upstream_failure(e, Reply::upstream_failed())
+                    }
+                },
             },
-            (None, None) => Reply::upstream_failed(),
         };
         crate::metrics::recipient(
             &self.ctx.name,
@@ -396,6 +410,46 @@ impl Driver {
         }
         self.session.rcpt_done(rcpt, &reply);
         self.queue(&reply);
+    }
+
+    /// The upstream connection carrying the open transaction. If it was lost (an error, or the upstream
+    /// closed it while the client was slow), a fresh connection gets the transaction's MAIL and accepted
+    /// RCPTs replayed first. `Err` is the reply for the client, already logged.
+    pub(super) async fn upstream_for_txn(&mut self) -> Result<&mut Connection, Reply> {
+        if self.upstream.is_none() {
+            let conn = self.replay_transaction().await?;
+            self.upstream = Some(conn);
+        }
+        self.upstream.as_mut().ok_or_else(Reply::upstream_failed)
+    }
+
+    async fn replay_transaction(&mut self) -> Result<Connection, Reply> {
+        let Some(env) = self.session.envelope() else {
+            return Err(Reply::upstream_failed());
+        };
+        let (mail, rcpts) = (env.mail.clone(), env.rcpts.clone());
+        let mut conn = match self.ctx.pool.connect(&self.ident).await {
+            Ok(c) => c,
+            Err(e) => return Err(self.upstream_failure(e, Reply::upstream_failed())),
+        };
+        debug!(rcpt.count = rcpts.len(), "replaying the transaction on a fresh upstream connection");
+        let mut replies = vec![conn.mail(&mail, None).await];
+        for r in &rcpts {
+            if !matches!(replies.last(), Some(Ok(r)) if r.is_positive()) {
+                break;
+            }
+            replies.push(conn.rcpt(r).await);
+        }
+        match replies.pop() {
+            Some(Ok(r)) if r.is_positive() => Ok(conn),
+            Some(Err(e)) => Err(self.upstream_failure(e, Reply::upstream_failed())),
+            _ => {
+                // The upstream now answers differently for this envelope: try again later, whole.
+                let _ = conn.reset().await;
+                self.ctx.pool.checkin(conn).await;
+                Err(Reply::upstream_failed())
+            }
+        }
     }
 
     // --- reading from the client ---
@@ -472,9 +526,10 @@ impl Driver {
         if self.txn.is_some() {
             self.abort_txn("aborted").await;
         }
-        let _ = self.io.shutdown().await;
         if let Some(conn) = self.upstream.take() {
             self.ctx.pool.checkin(conn).await;
         }
+        // A TLS close_notify can wait forever on a peer that stopped reading: bound it.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.io.shutdown()).await;
     }
 }

@@ -108,6 +108,12 @@ impl UpstreamError {
         }
     }
 
+    /// Whether the connection was found gone at the DATA command, before any message byte was sent, so the
+    /// transaction can be replayed elsewhere without risk of a duplicate.
+    pub fn is_lost_before_message(&self) -> bool {
+        matches!(self, UpstreamError::Io { phase: Phase::Data, .. })
+    }
+
     /// Whether the connection is simply gone (worth one retry on a fresh connection before anything was sent).
     pub fn is_stale_connection(&self) -> bool {
         matches!(self, UpstreamError::Io { .. })
@@ -421,8 +427,15 @@ impl Connection {
         let start = std::time::Instant::now();
         let reply = self.command("DATA", Phase::Data).await?;
         if reply.code != 354 {
-            self.in_transaction = false;
             crate::metrics::upstream_reply(crate::metrics::UpstreamPhase::Data, reply.code);
+            if reply.is_positive() {
+                // Never report a message as accepted that was not sent.
+                return Err(UpstreamError::Protocol {
+                    phase: Phase::Data,
+                    what: format!("{} in reply to DATA", reply.code),
+                });
+            }
+            // in_transaction stays set: Postfix keeps MAIL/RCPT after refusing DATA, so it must be reset.
             return Ok(reply);
         }
         let io_err = |source| UpstreamError::Io { phase: Phase::Message, source };
@@ -434,8 +447,12 @@ impl Connection {
         while let Some(chunk) = spool.next_chunk(&mut buf, &mut pos).await.map_err(io_err)? {
             for piece in chunk.chunks(crate::spool::FILE_CHUNK) {
                 crate::smtp::codec::stuff(piece, &mut at_line_start, &mut wire);
-                self.write(&wire, Phase::Message).await?;
-                wire.clear();
+                // Hold back the last piece so the end marker goes out in the same write (one syscall less
+                // per message; most messages are one piece).
+                if wire.len() >= crate::spool::FILE_CHUNK {
+                    self.write(&wire, Phase::Message).await?;
+                    wire.clear();
+                }
             }
         }
         if !at_line_start {

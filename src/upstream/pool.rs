@@ -45,14 +45,19 @@ impl Pool {
     /// A connection ready for a transaction on behalf of `ident`. Returns it and whether it was reused.
     pub async fn checkout(&self, ident: &ClientIdentity) -> Result<(Connection, bool), UpstreamError> {
         while let Some(mut conn) = self.take_idle() {
+            // XCLIENT re-introduces the client and proves the connection alive in one round trip. Without
+            // an identity there is nothing to send: a connection that died while pooled fails at MAIL, and
+            // the driver retries that once on a fresh connection (`Driver::upstream_mail`).
             let probe = match self.settings.identity {
                 Identity::Xclient => conn.introduce(ident).await,
-                _ => conn.reset().await,
+                _ => Ok(()),
             };
             match probe {
                 Ok(()) => return Ok((conn, true)),
-                Err(e) if e.is_stale_connection() => continue,
-                Err(e) => return Err(e),
+                // A pooled connection that fails its probe (gone, or answering 421/503) is dropped; only a
+                // slow upstream ends the search, since a fresh connection would wait the same.
+                Err(super::UpstreamError::Timeout(p)) => return Err(super::UpstreamError::Timeout(p)),
+                Err(_) => continue,
             }
         }
         Ok((self.connect(ident).await?, false))

@@ -19,7 +19,7 @@ pub struct Script {
     pub data: Option<String>,
     /// Reply after the message instead of 250.
     pub end: Option<String>,
-    /// Close the connection when this command arrives ("MAIL", "RCPT", "DATA", "BODY" = mid-message).
+    /// Close the connection when this command arrives ("MAIL", "RCPT", "DATA", "BODY" = mid-message); once.
     pub drop_at: Option<String>,
     /// Do not offer XCLIENT.
     pub no_xclient: bool,
@@ -108,6 +108,8 @@ impl FakeUpstream {
             let script = self.script.lock().unwrap().clone();
             let verb = cmd.split([' ', ':']).next().unwrap_or("").to_ascii_uppercase();
             if script.drop_at.as_deref() == Some(verb.as_str()) {
+                // one-shot: the next connection works again
+                self.script.lock().unwrap().drop_at = None;
                 return;
             }
             let reply: String = match verb.as_str() {
@@ -120,6 +122,8 @@ impl FakeUpstream {
                     xclient = Some(cmd.clone());
                     "220 fake.upstream ESMTP\r\n".into()
                 }
+                // Like Postfix: a second MAIL inside an open transaction is refused.
+                "MAIL" if !cur.mail_from.is_empty() => "503 5.5.1 Error: nested MAIL command\r\n".into(),
                 "MAIL" => match script.mail {
                     Some(r) => format!("{r}\r\n"),
                     None => {
@@ -140,14 +144,21 @@ impl FakeUpstream {
                         format!("{r}\r\n")
                     } else {
                         let _ = io.get_mut().write_all(b"354 go ahead\r\n").await;
-                        let Some(data) = read_data(&mut io, script.drop_at.as_deref() == Some("BODY")).await else {
+                        let drop_mid = script.drop_at.as_deref() == Some("BODY");
+                        if drop_mid {
+                            self.script.lock().unwrap().drop_at = None;
+                        }
+                        let Some(data) = read_data(&mut io, drop_mid).await else {
                             return;
                         };
                         if script.hang_at_end {
                             tokio::time::sleep(Duration::from_secs(3600)).await;
                         }
                         match script.end {
-                            Some(r) => format!("{r}\r\n"),
+                            Some(r) => {
+                                cur.mail_from.clear();
+                                format!("{r}\r\n")
+                            }
                             None => {
                                 cur.data = data;
                                 cur.xclient = xclient.clone();

@@ -13,6 +13,7 @@ use tokio::net::TcpStream;
 /// no reverse DNS, the test domains local ([`LOCAL_DOMAINS`]); `extra` is TOML with dotted keys
 /// (`limits.max_recipients = 1`) appended at the root.
 pub fn test_config(upstream: SocketAddr, extra: &str) -> Config {
+    let extra = with_rules_off(extra);
     let text = format!(
         "server.hostname = \"mx.test\"\nserver.reverse_dns = false\nmetrics.address = \"\"\naudit.destination = \"off\"\n\
          {LOCAL_DOMAINS}\nupstream.address = \"{upstream}\"\nshutdown.grace_period = \"5s\"\n{extra}\n\
@@ -25,11 +26,22 @@ pub fn test_config(upstream: SocketAddr, extra: &str) -> Config {
 /// (like [`test_config`]), `listeners` is TOML tables (`[[listener]]`, `[tls]`, ...) appended after it.
 /// Same base settings as [`test_config`]: hostname `mx.test`, no metrics, no audit, no reverse DNS.
 pub fn config_from(upstream: SocketAddr, extra: &str, listeners: &str) -> Config {
+    let extra = with_rules_off(extra);
     let text = format!(
         "server.hostname = \"mx.test\"\nserver.reverse_dns = false\nmetrics.address = \"\"\naudit.destination = \"off\"\n\
          {LOCAL_DOMAINS}\nupstream.address = \"{upstream}\"\nshutdown.grace_period = \"5s\"\n{extra}\n{listeners}\n"
     );
     Config::parse(&text, Path::new("test.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"))
+}
+
+/// Tests run without rules unless they set `rules.directory` themselves (the shipped `rules/` would
+/// otherwise load from the crate directory).
+fn with_rules_off(extra: &str) -> String {
+    if extra.contains("rules.directory") {
+        extra.to_string()
+    } else {
+        format!("rules.directory = \"\"\n{extra}")
+    }
 }
 
 /// The domains unauthenticated test mail goes to (an `mx` listener refuses every other one with `554`).

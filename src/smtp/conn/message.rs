@@ -9,10 +9,36 @@ use tracing::{debug, info};
 use super::{Driver, Stop, Txn, MAX_HEAD};
 use crate::audit::{RcptRecord, ReplyRecord, StageRecord, TransactionRecord, UpstreamRecord};
 use crate::metrics::MessageVerdict;
-use crate::pipeline::Verdict;
+use crate::pipeline::{MessageView, Verdict};
 use crate::smtp::codec::{DataDecoder, Framing};
 use crate::smtp::Reply;
 use crate::trace::{header_section, header_value, received_header, ReceivedInfo};
+
+/// The first `window` bytes of the spooled message, for the content stages; `None` if the spool cannot be
+/// read (the stages then see the header section only).
+async fn scan_window(spool: &mut crate::spool::Spool, window: u64) -> Option<Vec<u8>> {
+    let want = usize::try_from(spool.len().min(window)).unwrap_or(usize::MAX);
+    if let Some(mem) = spool.memory() {
+        return Some(mem[..want.min(mem.len())].to_vec());
+    }
+    if let Err(e) = spool.rewind().await {
+        tracing::warn!(error = %e, "cannot read spooled message for scanning");
+        return None;
+    }
+    let mut out = Vec::with_capacity(want);
+    let (mut buf, mut pos) = (Vec::new(), 0u64);
+    while out.len() < want {
+        match spool.next_chunk(&mut buf, &mut pos).await {
+            Ok(Some(chunk)) => out.extend_from_slice(&chunk[..chunk.len().min(want - out.len())]),
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read spooled message for scanning");
+                return None;
+            }
+        }
+    }
+    Some(out)
+}
 
 impl Driver {
     /// Prepares the transaction for message bytes.
@@ -137,7 +163,12 @@ impl Driver {
             return (r, MessageVerdict::Rejected, None);
         }
         let head = header_section(&txn.head).to_vec();
-        match self.ctx.pipeline.end_of_data(&self.info, &mut txn.ctx, &head).await {
+        let data = match self.ctx.pipeline.scan_window() {
+            Some(window) => scan_window(&mut txn.spool, window).await,
+            None => None,
+        };
+        let view = MessageView { head: &head, data: data.as_deref(), size: txn.size };
+        match self.ctx.pipeline.end_of_data(&self.info, &mut txn.ctx, &view).await {
             Verdict::Reject(r) => {
                 self.reset_upstream().await;
                 return (r, MessageVerdict::Rejected, None);
@@ -146,21 +177,49 @@ impl Driver {
                 self.reset_upstream().await;
                 return (r, MessageVerdict::Tempfailed, None);
             }
+            Verdict::Discard => {
+                // Acknowledged but never relayed (DESIGN.md invariant 2); the audit record says "discarded".
+                self.reset_upstream().await;
+                return (Reply::new(250, "2.0.0 Ok"), MessageVerdict::Discarded, None);
+            }
             Verdict::Accept | Verdict::Continue => {}
         }
         let prefix = self.prefix(txn);
-        let Some(conn) = self.upstream.as_mut() else {
-            return (Reply::upstream_failed(), MessageVerdict::Tempfailed, None);
+        let reply = match self.relay(prefix.as_bytes(), txn).await {
+            Ok(r) => r,
+            Err(ours) => return (ours, MessageVerdict::Tempfailed, None),
         };
-        match conn.send_message(prefix.as_bytes(), &mut txn.spool).await {
-            Ok(r) if r.is_positive() => (r.clone(), MessageVerdict::Accepted, Some(r)),
-            Ok(r) if r.is_permanent() => (r.clone(), MessageVerdict::Rejected, Some(r)),
-            Ok(r) => (r.clone(), MessageVerdict::Tempfailed, Some(r)),
-            Err(e) => {
-                self.upstream = None;
-                (self.upstream_failure(e, Reply::upstream_failed()), MessageVerdict::Tempfailed, None)
-            }
+        if !reply.is_positive() {
+            // A refused DATA leaves MAIL/RCPT open upstream (Postfix keeps them): reset before reuse.
+            self.reset_upstream().await;
         }
+        let verdict = match &reply {
+            r if r.is_positive() => MessageVerdict::Accepted,
+            r if r.is_permanent() => MessageVerdict::Rejected,
+            _ => MessageVerdict::Tempfailed,
+        };
+        (reply.clone(), verdict, Some(reply))
+    }
+
+    /// Sends the message upstream and returns the upstream's reply. A connection the upstream dropped
+    /// while the client was still sending (Postfix's `smtpd_timeout`, a restart) shows at the DATA command,
+    /// before any message byte went out; then the transaction is replayed once on a fresh connection.
+    /// `Err` is moat's own reply for the client, already logged.
+    async fn relay(&mut self, prefix: &[u8], txn: &mut Txn) -> Result<Reply, Reply> {
+        for attempt in 0..2 {
+            let conn = self.upstream_for_txn().await?;
+            match conn.send_message(prefix, &mut txn.spool).await {
+                Ok(r) if r.code == 421 && attempt == 0 => self.upstream = None,
+                Err(e) if attempt == 0 && e.is_lost_before_message() => self.upstream = None,
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    self.upstream = None;
+                    return Err(self.upstream_failure(e, Reply::upstream_failed()));
+                }
+            }
+            tracing::debug!("upstream connection lost before the message; replaying the transaction");
+        }
+        Err(Reply::upstream_failed())
     }
 
     /// The header lines moat prepends: its Received header and whatever the verdicts added.
