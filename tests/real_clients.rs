@@ -21,7 +21,7 @@ use common::moat::{config_from, start};
 use common::postfix::require_peer;
 use moat::server::Running;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -496,54 +496,8 @@ fn client_tls() -> TlsConnector {
     TlsConnector::from(Arc::new(config))
 }
 
-/// A line-oriented SMTP client over any stream (plain TCP or TLS).
-struct Lines<S> {
-    io: BufReader<S>,
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Lines<S> {
-    fn new(s: S) -> Self {
-        Lines { io: BufReader::new(s) }
-    }
-
-    /// Writes `bytes` with one write call (one TCP segment on loopback).
-    async fn send(&mut self, bytes: &[u8]) {
-        self.io.get_mut().write_all(bytes).await.unwrap();
-        self.io.get_mut().flush().await.unwrap();
-    }
-
-    /// Reads one reply (all lines); code 0 means closed or nothing within 10 s.
-    async fn reply(&mut self) -> (u16, String) {
-        let mut text = String::new();
-        loop {
-            let mut line = String::new();
-            let n = match tokio::time::timeout(Duration::from_secs(10), self.io.read_line(&mut line)).await {
-                Ok(r) => r.unwrap_or(0),
-                Err(_) => return (0, format!("{text}<no reply within 10 s>")),
-            };
-            if n == 0 {
-                return (0, text);
-            }
-            text.push_str(&line);
-            if line.len() < 4 || line.as_bytes()[3] != b'-' {
-                return (line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0), text);
-            }
-        }
-    }
-
-    async fn expect(&mut self, line: &str, code: u16) -> String {
-        self.send(format!("{line}\r\n").as_bytes()).await;
-        let (got, text) = self.reply().await;
-        assert_eq!(got, code, "{line} -> {text}");
-        text
-    }
-
-    /// The stream, once nothing is left unread in the buffer.
-    fn into_inner(self) -> S {
-        assert!(self.io.buffer().is_empty(), "unread bytes before the handshake: {:?}", self.io.buffer());
-        self.io.into_inner()
-    }
-}
+/// The shared test client (`tests/common/moat.rs`), over TCP or TLS.
+type Lines<S> = common::moat::Client<S>;
 
 /// Completes the TLS handshake on `lines` (after a 220 to STARTTLS), verifying mx.test against ca.pem.
 async fn handshake(lines: Lines<TcpStream>) -> Lines<TlsStream<TcpStream>> {
@@ -560,7 +514,7 @@ async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Lines<S>, body:
     c.expect("MAIL FROM:<a@example.org>", 250).await;
     c.expect("RCPT TO:<b@example.test>", 250).await;
     c.expect("DATA", 354).await;
-    c.send(format!("Subject: t\r\n\r\n{body}\r\n.\r\n").as_bytes()).await;
+    c.send_raw(format!("Subject: t\r\n\r\n{body}\r\n.\r\n").as_bytes()).await;
     let (code, text) = c.reply().await;
     assert_eq!(code, 250, "{text}");
 }
@@ -576,11 +530,11 @@ async fn starttls_discards_commands_pipelined_in_plaintext() {
     let ehlo = c.expect("EHLO attacker.example", 250).await;
     assert!(ehlo.contains("STARTTLS"), "{ehlo}");
     // The injection: a command after STARTTLS in the same packet, sent before the handshake.
-    c.send(b"STARTTLS\r\nRSET\r\n").await;
+    c.send_raw(b"STARTTLS\r\nRSET\r\n").await;
     let (code, text) = c.reply().await;
     assert_eq!(code, 220, "{text}");
     let mut c = handshake(c).await;
-    c.send(b"EHLO x\r\n").await;
+    c.send_raw(b"EHLO x\r\n").await;
     let (code, first) = c.reply().await;
     assert_eq!(code, 250, "{first}");
     assert!(

@@ -15,7 +15,7 @@ use common::moat::{config_from, start};
 use moat::server::Running;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
@@ -107,58 +107,24 @@ async fn start_moat(fake: &FakeUpstream, files: &Files) -> Running {
     start(&config_from(fake.addr, "", &listeners)).await
 }
 
-/// A line-oriented SMTP client over any stream.
-struct Lines<S> {
-    io: BufReader<S>,
-}
+/// The shared test client (`tests/common/moat.rs`), over TCP or TLS.
+type Lines<S> = common::moat::Client<S>;
 
-impl<S: AsyncRead + AsyncWrite + Unpin> Lines<S> {
-    async fn send(&mut self, bytes: &[u8]) {
-        self.io.get_mut().write_all(bytes).await.unwrap();
-        self.io.get_mut().flush().await.unwrap();
-    }
-
-    /// One reply (all its lines); code 0 when closed or nothing came within 10 s.
-    async fn reply(&mut self) -> (u16, String) {
-        let mut text = String::new();
-        loop {
-            let mut line = String::new();
-            let n = match tokio::time::timeout(Duration::from_secs(10), self.io.read_line(&mut line)).await {
-                Ok(r) => r.unwrap_or(0),
-                Err(_) => return (0, format!("{text}<no reply within 10 s>")),
-            };
-            if n == 0 {
-                return (0, text);
-            }
-            text.push_str(&line);
-            if line.len() < 4 || line.as_bytes()[3] != b'-' {
-                return (line.get(..3).and_then(|c| c.parse().ok()).unwrap_or(0), text);
-            }
-        }
-    }
-
-    async fn expect(&mut self, line: &str, code: u16) -> String {
-        self.send(format!("{line}\r\n").as_bytes()).await;
-        let (got, text) = self.reply().await;
-        assert_eq!(got, code, "{line} -> {text}");
-        text
-    }
-
-    async fn send_message(&mut self, subject: &str) {
-        self.expect("MAIL FROM:<a@example.org>", 250).await;
-        self.expect("RCPT TO:<b@example.test>", 250).await;
-        self.expect("DATA", 354).await;
-        self.send(format!("Subject: {subject}\r\n\r\nbody\r\n.\r\n").as_bytes()).await;
-        let (code, text) = self.reply().await;
-        assert_eq!(code, 250, "{text}");
-    }
+/// One message over an open session, expecting 250.
+async fn send_message<S: AsyncRead + AsyncWrite + Unpin>(c: &mut Lines<S>, subject: &str) {
+    c.expect("MAIL FROM:<a@example.org>", 250).await;
+    c.expect("RCPT TO:<b@example.test>", 250).await;
+    c.expect("DATA", 354).await;
+    c.send_raw(format!("Subject: {subject}\r\n\r\nbody\r\n.\r\n").as_bytes()).await;
+    let (code, text) = c.reply().await;
+    assert_eq!(code, 250, "{text}");
 }
 
 /// An established TLS session on the listener (greeting, EHLO, STARTTLS, handshake with SNI mx.test, EHLO)
 /// and the SHA-256 of the leaf certificate moat presented.
 async fn tls_session(running: &Running, ca: &TestCa) -> (Lines<TlsStream<TcpStream>>, Vec<u8>) {
     let tcp = TcpStream::connect(running.addr("smtp").unwrap()).await.unwrap();
-    let mut plain = Lines { io: BufReader::new(tcp) };
+    let mut plain = Lines::new(tcp);
     assert_eq!(plain.reply().await.0, 220);
     plain.expect("EHLO client.example", 250).await;
     plain.expect("STARTTLS", 220).await;
@@ -170,7 +136,7 @@ async fn tls_session(running: &Running, ca: &TestCa) -> (Lines<TlsStream<TcpStre
         .expect("handshake within 10 s")
         .expect("handshake succeeds");
     let leaf = fingerprint(&tls.get_ref().1.peer_certificates().expect("a certificate")[0]);
-    let mut session = Lines { io: BufReader::new(tls) };
+    let mut session = Lines::new(tls);
     session.expect("EHLO client.example", 250).await;
     (session, leaf)
 }
@@ -195,8 +161,8 @@ async fn reload_swaps_for_new_handshakes_keeps_open_sessions_and_refuses_corrupt
     assert_ne!(new.fingerprint, old.fingerprint);
 
     // The session opened before the swap is untouched and still relays.
-    open.send_message("through the session opened before the reload").await;
-    fresh.send_message("through a session opened after the reload").await;
+    send_message(&mut open, "through the session opened before the reload").await;
+    send_message(&mut fresh, "through a session opened after the reload").await;
     assert_eq!(fake.wait_for(2).await.len(), 2);
 
     // A corrupt certificate is refused, with the file named; the previous one stays in service.
@@ -206,7 +172,7 @@ async fn reload_swaps_for_new_handshakes_keeps_open_sessions_and_refuses_corrupt
     assert!(err.to_string().contains(&files.cert.display().to_string()), "{err}");
     let (mut after, presented) = tls_session(&running, &ca).await;
     assert_eq!(presented, new.fingerprint, "the previous certificate is still served");
-    after.send_message("after a refused reload").await;
+    send_message(&mut after, "after a refused reload").await;
 
     // A key that does not belong to the certificate is refused too.
     replace(&files.cert, new.cert_pem.as_bytes());
@@ -247,7 +213,7 @@ async fn file_watcher_picks_up_a_replaced_certificate() {
         assert!(start.elapsed() < Duration::from_secs(15), "the watcher did not reload within 15 s");
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    open.send_message("opened before the watcher's reload").await;
+    send_message(&mut open, "opened before the watcher's reload").await;
     assert_eq!(fake.wait_for(1).await.len(), 1);
     running.stop().await;
 }

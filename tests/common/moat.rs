@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use moat::config::Config;
 use moat::server::Running;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 /// A config for tests: one plain listener on a free port, relaying to `upstream`, no metrics, no audit,
@@ -52,23 +52,37 @@ pub async fn start(config: &Config) -> Running {
     moat::server::start(config).await.expect("moat starts")
 }
 
-/// A line-oriented SMTP client.
-pub struct Client {
-    pub io: BufReader<TcpStream>,
+/// A line-oriented SMTP client over TCP or, after a handshake, TLS.
+pub struct Client<S = TcpStream> {
+    pub io: BufReader<S>,
 }
 
 impl Client {
     /// Connects and reads the greeting; returns the client and the greeting's code.
     pub async fn connect(addr: SocketAddr) -> (Client, u16) {
         let s = TcpStream::connect(addr).await.unwrap();
-        let mut c = Client { io: BufReader::new(s) };
+        let mut c = Client::new(s);
         let (code, _) = c.reply().await;
         (c, code)
     }
+}
 
-    /// Sends raw bytes.
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// A client over an established stream (nothing is read).
+    pub fn new(s: S) -> Client<S> {
+        Client { io: BufReader::new(s) }
+    }
+
+    /// The stream, once nothing is left unread in the buffer (e.g. to start TLS on it).
+    pub fn into_inner(self) -> S {
+        assert!(self.io.buffer().is_empty(), "unread bytes before the handshake: {:?}", self.io.buffer());
+        self.io.into_inner()
+    }
+
+    /// Sends raw bytes in one write and flushes (a TLS stream holds them back otherwise).
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.io.get_mut().write_all(bytes).await.unwrap();
+        self.io.get_mut().flush().await.unwrap();
     }
 
     /// Sends a line with CRLF and returns the reply.
