@@ -205,6 +205,12 @@ impl Driver {
                 // RSET, EHLO or a failed chunk ended the transaction: abort it upstream too.
                 self.abort_txn("reset").await;
             }
+            if self.session.error_limit_reached() {
+                crate::metrics::limit_hit(crate::metrics::Limit::MaxErrors);
+                self.queue(&Reply::too_many_errors(&self.ctx.session.hostname));
+                self.flush().await?;
+                return Err(Stop::Close(CloseReason::TooManyErrors));
+            }
         }
     }
 

@@ -241,7 +241,16 @@ impl Session {
     pub fn rcpt_done(&mut self, rcpt: RcptTo, reply: &Reply) {
         if let (true, State::Mail(env)) = (reply.is_positive(), &mut self.state) {
             env.rcpts.push(rcpt);
+        } else if reply.is_permanent() {
+            // Refused recipients count as errors, so a dictionary attack ends at `max_errors`.
+            self.errors += 1;
         }
+    }
+
+    /// Whether the client has made `max_errors` errors, counting those only the driver sees (refused MAIL,
+    /// RCPT and BDAT): the driver then answers `421` and closes.
+    pub fn error_limit_reached(&self) -> bool {
+        self.errors >= self.cfg.max_errors
     }
 
     /// The message (DATA, or the BDAT LAST chunk) has been answered; the transaction is over.
