@@ -123,6 +123,7 @@ Send a test message:
   swaks --server 127.0.0.1:2525 --from a@example.org --to b@example.test
   swaks --server 127.0.0.1:2525 --from a@example.org --to b@example.test --tls    # with STARTTLS
   swaks --server 127.0.0.1:2525 --from a@example.org --to reject@example.test     # Postfix says 550, moat passes it on
+  swaks --server 127.0.0.1:2525 --from a@example.org --to x@elsewhere.example     # moat: 554 relay access denied
 
 Delivered mail:  $PF_DIR/mail/new/   (one file per message)
 Logs:            moat $LOG
