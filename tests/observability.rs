@@ -12,7 +12,6 @@ mod common;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -536,15 +535,7 @@ async fn starttls_once(addr: SocketAddr, ca: rustls::pki_types::CertificateDer<'
     let (mut c, _) = Client::connect(addr).await;
     c.expect("EHLO client.example", 250).await;
     c.expect("STARTTLS", 220).await;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let connector = common::moat::tls_connector(ca);
     let name = rustls::pki_types::ServerName::try_from("obs.test").unwrap();
     let mut tls = connector.connect(name, c.io.into_inner()).await.expect("tls handshake");
     tls.write_all(b"EHLO client.example\r\nQUIT\r\n").await.unwrap();

@@ -13,7 +13,6 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::fake::{Delivered, FakeUpstream, Script};
@@ -483,17 +482,9 @@ async fn openssl_implicit_tls_sni_selects_certificate() {
 // ---- STARTTLS rules over a rustls client socket ----
 
 fn client_tls() -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
     let pem = std::fs::read(fixture("tls/ca.pem")).unwrap();
-    for cert in rustls_pemfile::certs(&mut &pem[..]) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    TlsConnector::from(Arc::new(config))
+    let ca = rustls_pemfile::certs(&mut &pem[..]).next().expect("a certificate in ca.pem").unwrap();
+    common::moat::tls_connector(ca)
 }
 
 /// The shared test client (`tests/common/moat.rs`), over TCP or TLS.

@@ -51,15 +51,7 @@ impl TestCa {
 
     /// A client that trusts only this CA (ring provider, TLS 1.2 and 1.3).
     fn connector(&self) -> TlsConnector {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.cert.der().clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        TlsConnector::from(Arc::new(config))
+        common::moat::tls_connector(self.cert.der().clone())
     }
 }
 
