@@ -81,6 +81,8 @@ pub const SPOOL_MEMORY_BYTES: &str = "moat_spool_memory_bytes";
 pub const SPOOL_SPILLED_TOTAL: &str = "moat_spool_spilled_total";
 /// Audit records dropped because the audit queue was full or the destination failed.
 pub const AUDIT_RECORDS_DROPPED_TOTAL: &str = "moat_audit_records_dropped_total";
+/// Client connections that went on without a reverse DNS name because the lookup was skipped, by reason.
+pub const REVERSE_DNS_SKIPPED_TOTAL: &str = "moat_reverse_dns_skipped_total";
 /// Always 1; the `version` label carries the build's version.
 pub const BUILD_INFO: &str = "moat_build_info";
 
@@ -185,6 +187,9 @@ fn initialise_series() {
     for &limit in Limit::ALL {
         counter!(LIMIT_HITS_TOTAL, "limit" => limit.as_str()).absolute(0);
     }
+    for &reason in ReverseDnsSkip::ALL {
+        counter!(REVERSE_DNS_SKIPPED_TOTAL, "reason" => reason.as_str()).absolute(0);
+    }
 }
 
 /// Starts the per-listener counters at 0 (every admission result and verdict), for the same reason as
@@ -247,6 +252,7 @@ const FAMILIES: &[(&str, Kind, Unit, &str)] = &[
     (SPOOL_MEMORY_BYTES, Kind::Gauge, Unit::Bytes, "Message bytes the spool holds in memory."),
     (SPOOL_SPILLED_TOTAL, Kind::Counter, Unit::Count, "Messages the spool moved to a temporary file."),
     (AUDIT_RECORDS_DROPPED_TOTAL, Kind::Counter, Unit::Count, "Audit records dropped (queue full or write failed)."),
+    (REVERSE_DNS_SKIPPED_TOTAL, Kind::Counter, Unit::Count, "Connections left without a reverse DNS name, by reason."),
     (BUILD_INFO, Kind::Gauge, Unit::Count, "Always 1; the version label carries the build version."),
 ];
 
@@ -261,6 +267,33 @@ fn describe() {
 }
 
 // === helpers ===
+
+/// Why a client's reverse DNS lookup was skipped (`server.max_reverse_dns_lookups`, `reverse_dns_timeout`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReverseDnsSkip {
+    /// Every lookup permit was taken (lookups hanging, e.g. during a DNS outage): not even started.
+    Busy,
+    /// The lookup did not answer within `server.reverse_dns_timeout` (it runs on, holding its permit).
+    Timeout,
+}
+
+impl ReverseDnsSkip {
+    /// Every value, for initialising the series.
+    pub const ALL: &'static [ReverseDnsSkip] = &[ReverseDnsSkip::Busy, ReverseDnsSkip::Timeout];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReverseDnsSkip::Busy => "busy",
+            ReverseDnsSkip::Timeout => "timeout",
+        }
+    }
+}
+
+/// Counts a connection that went on without a reverse DNS name.
+pub fn reverse_dns_skipped(reason: ReverseDnsSkip) {
+    counter!(REVERSE_DNS_SKIPPED_TOTAL, "reason" => reason.as_str()).increment(1);
+}
 
 /// Counts a connection by admission result.
 pub fn connection(listener: &str, result: ConnResult) {

@@ -17,7 +17,7 @@ use crate::audit::{AuditDestination, AuditSink};
 use crate::config::{Config, ListenerConfig, ListenerMode};
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
-use crate::smtp::conn::{self, ListenerContext};
+use crate::smtp::conn::{self, ListenerContext, ReverseDns};
 use crate::smtp::session::SessionConfig;
 use crate::smtp::Reply;
 use crate::spool::SpoolBudget;
@@ -154,7 +154,13 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
     let pool = Pool::new(settings);
     pool.report_health(ready.clone());
+    probe_upstream(&pool, config.upstream.connect_timeout.get()).await;
     tokio::spawn(pool.clone().reap(shutdown.soft.clone()));
+    // One bound for the whole server: the blocking threads that hanging lookups hold are shared too.
+    let reverse_dns = config
+        .server
+        .reverse_dns
+        .then(|| ReverseDns::new(config.server.reverse_dns_timeout.get(), config.server.max_reverse_dns_lookups));
     let spool_dir = (!config.spool.directory.as_os_str().is_empty()).then(|| config.spool.directory.clone());
     let spool = SpoolBudget::new(config.spool.memory_budget.bytes(), config.spool.memory_threshold.bytes(), spool_dir);
     // The audit writer outlives the drain (records of transactions finishing in the grace period must be
@@ -188,6 +194,7 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
             &shutdown,
             auth.clone(),
             pipeline.clone(),
+            reverse_dns.clone(),
         ));
         info!(listener = %l.name, address = %addr, mode = ?l.mode, role = ?l.role, "listening");
         crate::metrics::listener_started(&l.name);
@@ -222,6 +229,23 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
         grace: config.shutdown.grace_period.get(),
         audit,
     })
+}
+
+/// Learns what the upstream offers (DSN, SMTPUTF8 are advertised to clients only if it does) before the
+/// listeners open, waiting at most `limit`. An upstream that does not answer now only means neither is
+/// advertised until a relay connection succeeds; it does not stop moat from starting.
+async fn probe_upstream(pool: &Pool, limit: Duration) {
+    match tokio::time::timeout(limit, pool.probe()).await {
+        Ok(Ok(offers)) => info!(dsn = offers.dsn, smtputf8 = offers.smtputf8, "upstream extensions learnt"),
+        Ok(Err(e)) => warn!(
+            error = %e,
+            source = ?std::error::Error::source(&e),
+            "cannot reach the upstream at start-up; DSN and SMTPUTF8 are not offered until it answers"
+        ),
+        Err(_) => {
+            warn!(?limit, "the upstream did not answer at start-up; DSN and SMTPUTF8 are not offered until it does")
+        }
+    }
 }
 
 /// Loads the rule files (blocking, at start-up) and builds the pipeline; starts the rules watcher.
@@ -261,6 +285,7 @@ fn listener_context(
     shutdown: &Shutdown,
     auth: Option<Arc<crate::auth::Authenticator>>,
     pipeline: Pipeline,
+    reverse_dns: Option<ReverseDns>,
 ) -> ListenerContext {
     let lim = &config.limits;
     let acceptor = if l.mode == ListenerMode::Plain { None } else { tls.map(ServerTls::acceptor) };
@@ -290,7 +315,7 @@ fn listener_context(
         implicit_tls: l.mode == ListenerMode::ImplicitTls,
         tls: acceptor,
         received_header: config.trace.received_header,
-        reverse_dns: config.server.reverse_dns.then(|| config.server.reverse_dns_timeout.get()),
+        reverse_dns,
         pool,
         spool,
         pipeline,

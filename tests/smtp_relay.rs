@@ -216,3 +216,97 @@ async fn dead_pooled_connection_is_replaced_at_mail() {
     assert_eq!(fake.wait_for(2).await.len(), 2);
     running.stop().await;
 }
+
+/// Sends one message on an open session (after EHLO/HELO) and expects the upstream's `250`.
+async fn send_one(c: &mut Client, body: &str) {
+    c.expect("MAIL FROM:<a@example.org>", 250).await;
+    c.expect("RCPT TO:<b@example.test>", 250).await;
+    c.expect("DATA", 354).await;
+    c.expect(&format!("{body}\r\n."), 250).await;
+}
+
+/// A new EHLO/HELO mid-session re-introduces the upstream connection the session holds, so the upstream logs
+/// and checks the name the client gave last; also when the EHLO came in the middle of a transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_ehlo_reintroduces_the_held_upstream_connection() {
+    let fake = FakeUpstream::start(Script::default()).await;
+    let running = start(&test_config(fake.addr, "")).await;
+    let (mut c, _) = Client::connect(running.addr("smtp").unwrap()).await;
+    c.expect("EHLO first.example", 250).await;
+    send_one(&mut c, "one").await;
+    c.expect("EHLO second.example", 250).await;
+    send_one(&mut c, "two").await;
+    c.expect("MAIL FROM:<a@example.org>", 250).await;
+    c.expect("HELO third.example", 250).await; // resets the transaction (RFC 5321 4.1.4)
+    send_one(&mut c, "three").await;
+    c.expect("QUIT", 221).await;
+    let msgs = fake.wait_for(3).await;
+    let helos: Vec<&str> = msgs.iter().map(|m| m.helo.as_str()).collect();
+    assert_eq!(helos, ["first.example", "second.example", "third.example"]);
+    let xclient = msgs[2].xclient.as_deref().unwrap_or_default();
+    assert!(xclient.contains("HELO=third.example PROTO=SMTP"), "{xclient}");
+    assert_eq!(*fake.connections.lock().unwrap(), 1, "one upstream connection, introduced three times");
+    running.stop().await;
+}
+
+/// While draining, a transaction that ends lets its reply out, but a new one pipelined behind the final dot
+/// is answered `421 4.3.2` and never reaches the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_refuses_a_transaction_pipelined_after_the_final_dot() {
+    let fake = FakeUpstream::start(Script::default()).await;
+    let running = start(&test_config(fake.addr, "")).await;
+    let (mut c, _) = Client::connect(running.addr("smtp").unwrap()).await;
+    envelope(&mut c).await;
+    c.expect("DATA", 354).await;
+    c.send_raw(b"Subject: last\r\n\r\nbody\r\n").await;
+    let shutdown = running.shutdown.clone();
+    let stopper = tokio::spawn(running.stop());
+    shutdown.soft.cancelled().await;
+    // The end of the message and a whole new transaction in one write (RFC 2920).
+    c.send_raw(b".\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<c@example.test>\r\nDATA\r\n").await;
+    let (code, text) = c.reply().await;
+    assert_eq!(code, 250, "the transaction in flight completes: {text}");
+    let (code, text) = c.reply().await;
+    assert!(code == 421 && text.starts_with("421 4.3.2"), "{text}");
+    assert_eq!(c.reply().await.0, 0, "closed after 421");
+    stopper.await.unwrap();
+    assert_eq!(fake.messages().len(), 1);
+    let mails = fake.commands.lock().unwrap().iter().filter(|c| c.starts_with("MAIL")).count();
+    assert_eq!(mails, 1, "the pipelined MAIL never reached the upstream");
+}
+
+/// DSN and SMTPUTF8 are offered to clients only as the upstream offers them: learnt at start-up and from
+/// every upstream EHLO. A parameter moat did not offer is refused (`555`); one it offered but the upstream
+/// stopped offering meanwhile gets `455` (never dropped silently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dsn_and_smtputf8_are_offered_as_the_upstream_offers_them() {
+    let fake = FakeUpstream::start(Script { no_dsn: true, no_smtputf8: true, ..Default::default() }).await;
+    let running = start(&test_config(fake.addr, "")).await;
+    let (mut c, _) = Client::connect(running.addr("smtp").unwrap()).await;
+    let ehlo = c.expect("EHLO client.example", 250).await;
+    assert!(!ehlo.contains("DSN") && !ehlo.contains("SMTPUTF8"), "learnt at start-up:\n{ehlo}");
+    let text = c.expect("MAIL FROM:<a@example.org> RET=HDRS", 555).await;
+    assert!(text.starts_with("555 5.5.4"), "{text}");
+    // The upstream now offers both; moat learns it from the introduction at the next MAIL.
+    fake.set_script(Script::default());
+    c.expect("MAIL FROM:<a@example.org>", 250).await;
+    c.expect("RSET", 250).await;
+    let ehlo = c.expect("EHLO client.example", 250).await;
+    assert!(ehlo.contains("DSN") && ehlo.contains("SMTPUTF8"), "{ehlo}");
+    c.expect("MAIL FROM:<a@example.org> RET=HDRS", 250).await;
+    c.expect("RCPT TO:<b@example.test> NOTIFY=SUCCESS", 250).await;
+    c.expect("RSET", 250).await;
+    // The upstream stops offering DSN after this session's EHLO advertised it.
+    fake.set_script(Script { no_dsn: true, ..Default::default() });
+    let ehlo = c.expect("EHLO other.example", 250).await;
+    assert!(ehlo.contains("DSN"), "not learnt yet:\n{ehlo}");
+    let text = c.expect("MAIL FROM:<a@example.org> RET=FULL", 455).await;
+    assert!(text.starts_with("455 4.5.4"), "{text}");
+    let ehlo = c.expect("EHLO other.example", 250).await;
+    assert!(!ehlo.contains("DSN"), "learnt from the re-introduction:\n{ehlo}");
+    c.expect("QUIT", 221).await;
+    let cmds = fake.commands.lock().unwrap().clone();
+    assert!(cmds.iter().any(|c| c.contains("RET=HDRS")), "{cmds:?}");
+    assert!(!cmds.iter().any(|c| c.contains("RET=FULL")), "{cmds:?}");
+    running.stop().await;
+}

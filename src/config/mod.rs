@@ -144,7 +144,15 @@ pub struct ServerConfig {
     /// Look up forward-confirmed reverse DNS names of clients.
     pub reverse_dns: bool,
     pub reverse_dns_timeout: Span,
+    /// Reverse lookups running at once. The resolver blocks a thread of the blocking pool (512 threads,
+    /// shared with the spool and rule loading) until it answers, even after the connection stopped
+    /// waiting; past this, connections go on without a name instead of starting another lookup.
+    pub max_reverse_dns_lookups: usize,
 }
+
+/// The most `server.max_reverse_dns_lookups` may be: half of tokio's blocking pool (512 threads), so hanging
+/// lookups can never starve the spool's file I/O and rule reloads.
+pub const MAX_REVERSE_DNS_LOOKUPS_CAP: usize = 256;
 
 /// How a listener speaks TLS.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
@@ -405,6 +413,9 @@ impl Default for ServerConfig {
             greeting: "ESMTP moat".into(),
             reverse_dns: true,
             reverse_dns_timeout: secs(2),
+            // A lookup normally takes milliseconds; 64 in flight serve hundreds of new connections a second,
+            // and during a DNS outage they hold 64 blocking threads at most.
+            max_reverse_dns_lookups: 64,
         }
     }
 }
@@ -639,6 +650,16 @@ impl Config {
                 );
             }
         }
+        let lookups = self.server.max_reverse_dns_lookups;
+        if !(1..=MAX_REVERSE_DNS_LOOKUPS_CAP).contains(&lookups) {
+            bad(
+                "max_reverse_dns_lookups",
+                format!(
+                    "server.max_reverse_dns_lookups must be between 1 and {MAX_REVERSE_DNS_LOOKUPS_CAP}, not {lookups} \
+                     (set server.reverse_dns = false to turn lookups off)"
+                ),
+            );
+        }
         let lim = &self.limits;
         if lim.max_command_line < 512 || lim.max_command_line > MAX_COMMAND_LINE_CAP {
             bad("max_command_line", format!("limits.max_command_line must be between 512 and {MAX_COMMAND_LINE_CAP} (RFC 5321 4.5.3.1.4), not {}", lim.max_command_line));
@@ -863,6 +884,17 @@ mod tests {
         assert!(e.problems()[0].message.contains("not a DNS name"), "{e}");
         let e = parse("[upstream]\ntls = \"maybe\"\n").unwrap_err();
         assert_eq!(e.problems()[0].line, Some(2), "{e}");
+    }
+
+    #[test]
+    fn reverse_dns_lookups_are_bounded() {
+        assert_eq!(parse("").unwrap().server.max_reverse_dns_lookups, 64);
+        for bad in [0, MAX_REVERSE_DNS_LOOKUPS_CAP + 1] {
+            let e = parse(&format!("[server]\nreverse_dns = true\nmax_reverse_dns_lookups = {bad}\n")).unwrap_err();
+            assert_eq!(e.problems().len(), 1, "{e}");
+            assert_eq!(e.problems()[0].line, Some(3), "{e}");
+            assert!(e.problems()[0].message.contains("between 1 and 256"), "{e}");
+        }
     }
 
     #[test]

@@ -34,6 +34,18 @@ pub struct SessionConfig {
     pub local_domains: Arc<[String]>,
 }
 
+/// The extensions moat passes through to the upstream instead of implementing them itself (DSN, SMTPUTF8):
+/// moat may offer them only when the upstream does, or a client would use parameters the upstream then
+/// refuses or, worse, ignores (a NOTIFY=SUCCESS nobody honours). The driver reports what the pool last
+/// learnt from the upstream's EHLO reply ([`Session::set_upstream_offers`]); unknown means neither.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamOffers {
+    /// The upstream offers DSN (RFC 3461).
+    pub dsn: bool,
+    /// The upstream offers SMTPUTF8 (RFC 6531).
+    pub smtputf8: bool,
+}
+
 /// Locked-out AUTH attempts answered `454` in one session before it is closed with `421`.
 pub const MAX_LOCKED_ATTEMPTS: u32 = 3;
 
@@ -145,6 +157,10 @@ pub struct Session {
     /// AUTH attempts answered `454` because of a lockout.
     locked_attempts: u32,
     errors: u32,
+    /// What the upstream offers, as last reported by the driver.
+    upstream: UpstreamOffers,
+    /// What this session's EHLO reply advertised of those; parameters of anything else are refused.
+    offered: UpstreamOffers,
 }
 
 // === impl Session ===
@@ -152,7 +168,28 @@ pub struct Session {
 impl Session {
     /// A session on a fresh connection; `tls` is true for implicit TLS.
     pub fn new(cfg: Arc<SessionConfig>, tls: bool) -> Session {
-        Session { cfg, state: State::Fresh, helo: None, tls, user: None, locked_attempts: 0, errors: 0 }
+        Session {
+            cfg,
+            state: State::Fresh,
+            helo: None,
+            tls,
+            user: None,
+            locked_attempts: 0,
+            errors: 0,
+            upstream: UpstreamOffers::default(),
+            offered: UpstreamOffers::default(),
+        }
+    }
+
+    /// What the upstream offers now; the next EHLO reply advertises DSN and SMTPUTF8 accordingly.
+    pub fn set_upstream_offers(&mut self, offers: UpstreamOffers) {
+        self.upstream = offers;
+    }
+
+    /// What this session's EHLO reply advertised of the pass-through extensions (nothing before EHLO or
+    /// after HELO).
+    pub fn offered(&self) -> UpstreamOffers {
+        self.offered
     }
 
     /// The `220` greeting.
@@ -272,6 +309,7 @@ impl Session {
         self.tls = true;
         self.helo = None;
         self.user = None;
+        self.offered = UpstreamOffers::default();
         self.state = State::Fresh;
     }
 
@@ -308,6 +346,8 @@ impl Session {
     fn ehlo(&mut self, name: String, extended: bool) -> Step {
         // RFC 5321 4.1.4: EHLO/HELO resets any transaction in progress.
         self.state = State::Ready;
+        // HELO announces no extensions (RFC 5321 4.1.1.1), so none of their parameters may follow.
+        self.offered = if extended { self.upstream } else { UpstreamOffers::default() };
         let reply = if extended { self.capabilities(&name) } else { Reply::new(250, self.cfg.hostname.clone()) };
         self.helo = Some(Helo { name, extended });
         Step::Reply(reply)
@@ -321,10 +361,14 @@ impl Session {
             format!("SIZE {}", self.cfg.max_message_size),
             "8BITMIME".to_string(),
             "ENHANCEDSTATUSCODES".to_string(),
-            "SMTPUTF8".to_string(),
-            "CHUNKING".to_string(),
-            "DSN".to_string(),
         ];
+        if self.offered.smtputf8 {
+            lines.push("SMTPUTF8".to_string());
+        }
+        lines.push("CHUNKING".to_string());
+        if self.offered.dsn {
+            lines.push("DSN".to_string());
+        }
         if self.cfg.starttls && !self.tls {
             lines.push("STARTTLS".to_string());
         }
@@ -346,6 +390,9 @@ impl Session {
         if self.cfg.role == Role::Submission && self.user.is_none() {
             return Step::Reply(Reply::auth_required());
         }
+        if let Some(refusal) = self.unoffered_mail_parameter(&mail) {
+            return Step::Reply(refusal);
+        }
         if !mail.smtputf8 && !mail.address.is_ascii() {
             return Step::Reply(Reply::utf8_without_smtputf8());
         }
@@ -355,10 +402,25 @@ impl Session {
         Step::Mail(mail)
     }
 
+    /// `555 5.5.4` for a SMTPUTF8 or DSN parameter this session did not advertise (RFC 5321 4.1.1.11): the
+    /// upstream may not support it, and dropping it silently would lose what the client asked for.
+    fn unoffered_mail_parameter(&self, mail: &MailFrom) -> Option<Reply> {
+        if mail.smtputf8 && !self.offered.smtputf8 {
+            return Some(Reply::bad_parameter("SMTPUTF8"));
+        }
+        match mail.dsn.first() {
+            Some(p) if !self.offered.dsn => Some(Reply::bad_parameter(&p.keyword)),
+            _ => None,
+        }
+    }
+
     fn rcpt(&mut self, rcpt: RcptTo) -> Step {
         let State::Mail(env) = &self.state else {
             return Step::Reply(Reply::bad_sequence("need MAIL before RCPT"));
         };
+        if let (Some(p), false) = (rcpt.dsn.first(), self.offered.dsn) {
+            return Step::Reply(Reply::bad_parameter(&p.keyword));
+        }
         if env.chunking {
             return Step::Reply(Reply::bad_sequence("RCPT after BDAT"));
         }

@@ -4,6 +4,11 @@
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 
+/// The PROXY protocol v2 header with the LOCAL command ("a connection from the proxy itself", no addresses),
+/// for connections made on no client's behalf: an upstream expecting PROXY v2 waits for a header before it
+/// greets.
+pub const PROXY_V2_LOCAL: &[u8; 16] = b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+
 /// Who the client is, as far as the upstream needs to know.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClientIdentity {
@@ -137,6 +142,13 @@ mod tests {
     #[test]
     fn xtext_encoding() {
         assert_eq!(xtext("a=b c+é"), "a+3Db+20c+2B+C3+A9");
+    }
+
+    #[test]
+    fn proxy_v2_local() {
+        // Same signature as a PROXY header, version 2 with command LOCAL (0x20), family UNSPEC, no payload.
+        assert_eq!(&PROXY_V2_LOCAL[..12], &ident().proxy_v2_header()[..12]);
+        assert_eq!(&PROXY_V2_LOCAL[12..], &[0x20, 0x00, 0x00, 0x00]);
     }
 
     #[test]

@@ -1,16 +1,26 @@
 //! A pool of idle upstream connections, so a new client session does not pay for TCP setup, greeting and
 //! EHLO each time. A borrowed connection is re-introduced as its new client (XCLIENT); connections carrying
 //! a PROXY v2 header are bound to one client and never pooled.
+//!
+//! The pool also remembers what the upstream offered in its latest EHLO reply ([`Pool::offers`]), so the
+//! client sessions advertise DSN and SMTPUTF8 only when the upstream supports them. [`Pool::probe`] learns it
+//! at start-up, before the first client; every new or re-introduced connection refreshes it.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::{ClientIdentity, Connection, UpstreamError, UpstreamSettings};
+use super::{ClientIdentity, Connection, Extensions, UpstreamError, UpstreamSettings};
 use crate::config::Identity;
 use crate::metrics::{Readiness, UpstreamErrorKind};
+use crate::smtp::session::UpstreamOffers;
+
+/// Bits of [`Pool::offers`], one per pass-through extension.
+const OFFERS_DSN: u8 = 1;
+const OFFERS_SMTPUTF8: u8 = 2;
 
 /// Idle upstream connections, newest last.
 #[derive(Debug)]
@@ -19,12 +29,45 @@ pub struct Pool {
     idle: Mutex<VecDeque<(Instant, Connection)>>,
     /// Where a new connection's outcome is reported (`/readyz`), once set.
     health: OnceLock<Readiness>,
+    /// What the latest EHLO reply offered (`OFFERS_*` bits); none until one was seen.
+    offers: AtomicU8,
 }
 
 impl Pool {
     /// An empty pool.
     pub fn new(settings: UpstreamSettings) -> Arc<Pool> {
-        Arc::new(Pool { settings: Arc::new(settings), idle: Mutex::new(VecDeque::new()), health: OnceLock::new() })
+        Arc::new(Pool {
+            settings: Arc::new(settings),
+            idle: Mutex::new(VecDeque::new()),
+            health: OnceLock::new(),
+            offers: AtomicU8::new(0),
+        })
+    }
+
+    /// What the upstream offered of DSN and SMTPUTF8 in its latest EHLO reply; neither before one was seen
+    /// (conservative: a client that was not offered an extension does not use it, so nothing is refused
+    /// upstream or silently dropped).
+    pub fn offers(&self) -> UpstreamOffers {
+        let bits = self.offers.load(Ordering::Relaxed);
+        UpstreamOffers { dsn: bits & OFFERS_DSN != 0, smtputf8: bits & OFFERS_SMTPUTF8 != 0 }
+    }
+
+    /// Remembers what a connection's latest EHLO reply offered (call it after [`Connection::introduce`]:
+    /// the reply to the client's own EHLO is the one that counts).
+    pub fn learn(&self, ext: &Extensions) {
+        let bits = if ext.dsn { OFFERS_DSN } else { 0 } | if ext.smtputf8 { OFFERS_SMTPUTF8 } else { 0 };
+        self.offers.store(bits, Ordering::Relaxed);
+    }
+
+    /// Opens one connection to learn the upstream's extensions before the first client says EHLO, and keeps
+    /// it in the pool (when pooling) for the first session. With PROXY v2 it sends a `LOCAL` header.
+    pub async fn probe(&self) -> Result<UpstreamOffers, UpstreamError> {
+        let conn = Connection::connect(self.settings.clone(), None).await;
+        self.report(&conn);
+        let conn = conn?;
+        self.learn(conn.extensions());
+        self.checkin(conn).await;
+        Ok(self.offers())
     }
 
     /// The upstream settings.
@@ -53,7 +96,10 @@ impl Pool {
                 _ => Ok(()),
             };
             match probe {
-                Ok(()) => return Ok((conn, true)),
+                Ok(()) => {
+                    self.learn(conn.extensions());
+                    return Ok((conn, true));
+                }
                 // A pooled connection that fails its probe (gone, or answering 421/503) is dropped; only a
                 // slow upstream ends the search, since a fresh connection would wait the same.
                 Err(super::UpstreamError::Timeout(p)) => return Err(super::UpstreamError::Timeout(p)),
@@ -66,6 +112,16 @@ impl Pool {
     /// A new connection, introduced as `ident`.
     pub async fn connect(&self, ident: &ClientIdentity) -> Result<Connection, UpstreamError> {
         let connected = Connection::connect(self.settings.clone(), Some(ident)).await;
+        self.report(&connected);
+        let mut conn = connected?;
+        conn.introduce(ident).await?;
+        // After XCLIENT the upstream answered EHLO as it would the client: that reply is the one that counts.
+        self.learn(conn.extensions());
+        Ok(conn)
+    }
+
+    /// Reports a new connection's outcome to `/readyz` (see [`Pool::report_health`]).
+    fn report(&self, connected: &Result<Connection, UpstreamError>) {
         if let Some(ready) = self.health.get() {
             use UpstreamErrorKind as K;
             match connected.as_ref().map_err(UpstreamError::kind) {
@@ -74,9 +130,6 @@ impl Pool {
                 Err(_) => {} // it answered, just not as hoped: reachable, and the error is counted elsewhere
             }
         }
-        let mut conn = connected?;
-        conn.introduce(ident).await?;
-        Ok(conn)
     }
 
     /// Gives a connection back: an open transaction is reset first; past the pool size it is closed.

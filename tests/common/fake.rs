@@ -23,6 +23,10 @@ pub struct Script {
     pub drop_at: Option<String>,
     /// Do not offer XCLIENT.
     pub no_xclient: bool,
+    /// Do not offer DSN.
+    pub no_dsn: bool,
+    /// Do not offer SMTPUTF8.
+    pub no_smtputf8: bool,
     /// Never answer after the message (to test timeouts).
     pub hang_at_end: bool,
 }
@@ -116,7 +120,11 @@ impl FakeUpstream {
                 "EHLO" => {
                     cur.helo = cmd[5..].to_string();
                     let x = if script.no_xclient { "" } else { "250-XCLIENT ADDR PORT NAME HELO PROTO LOGIN\r\n" };
-                    format!("250-fake.upstream\r\n{x}250-PIPELINING\r\n250-SIZE 100000000\r\n250-8BITMIME\r\n250-DSN\r\n250 SMTPUTF8\r\n")
+                    let dsn = if script.no_dsn { "" } else { "250-DSN\r\n" };
+                    let utf8 = if script.no_smtputf8 { "" } else { "250-SMTPUTF8\r\n" };
+                    format!(
+                        "250-fake.upstream\r\n{x}250-PIPELINING\r\n{dsn}{utf8}250-SIZE 100000000\r\n250 8BITMIME\r\n"
+                    )
                 }
                 "XCLIENT" => {
                     xclient = Some(cmd.clone());

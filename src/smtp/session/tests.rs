@@ -20,8 +20,18 @@ fn cfg() -> SessionConfig {
 struct Harness(Session);
 
 impl Harness {
+    /// A session whose upstream offers everything moat passes through (DSN, SMTPUTF8).
     fn new(cfg: SessionConfig) -> Harness {
-        Harness(Session::new(Arc::new(cfg), false))
+        let mut s = Session::new(Arc::new(cfg), false);
+        s.set_upstream_offers(UpstreamOffers { dsn: true, smtputf8: true });
+        Harness(s)
+    }
+
+    fn ehlo_lines(&mut self) -> Vec<String> {
+        match self.cmd("EHLO client.test", 250) {
+            Step::Reply(r) => r.lines,
+            other => panic!("EHLO: {other:?}"),
+        }
     }
 
     /// Sends a command and checks the reply code; MAIL/RCPT requests are answered with `250` as an
@@ -104,6 +114,40 @@ fn utf8_needs_smtputf8() {
 }
 
 #[test]
+fn dsn_and_smtputf8_are_offered_only_when_the_upstream_offers_them() {
+    let mut h = Harness::new(cfg());
+    h.0.set_upstream_offers(UpstreamOffers::default());
+    let lines = h.ehlo_lines();
+    assert!(!lines.iter().any(|l| l == "DSN" || l == "SMTPUTF8"), "{lines:?}");
+    // Not advertised: their parameters are refused, never silently dropped.
+    h.cmd("MAIL FROM:<a@example.org> RET=HDRS", 555);
+    h.cmd("MAIL FROM:<用户@example.org> SMTPUTF8", 555);
+    h.cmd("MAIL FROM:<a@example.org>", 250);
+    h.cmd("RCPT TO:<b@example.test> NOTIFY=SUCCESS", 555);
+    h.cmd("RCPT TO:<b@example.test>", 250);
+    h.cmd("RSET", 250);
+    // The upstream turns out to offer DSN only: the next EHLO says so.
+    h.0.set_upstream_offers(UpstreamOffers { dsn: true, smtputf8: false });
+    let lines = h.ehlo_lines();
+    assert!(lines.iter().any(|l| l == "DSN") && !lines.iter().any(|l| l == "SMTPUTF8"), "{lines:?}");
+    h.cmd("MAIL FROM:<a@example.org> RET=HDRS ENVID=x", 250);
+    h.cmd("RCPT TO:<b@example.test> NOTIFY=SUCCESS", 250);
+    // What one EHLO advertised holds until the next EHLO, whatever is learnt in between.
+    h.0.set_upstream_offers(UpstreamOffers::default());
+    h.cmd("RCPT TO:<c@example.test> NOTIFY=NEVER", 250);
+    assert_eq!(h.0.offered(), UpstreamOffers { dsn: true, smtputf8: false });
+}
+
+#[test]
+fn helo_offers_no_extension_parameters() {
+    let mut h = Harness::new(cfg());
+    h.cmd("HELO client.test", 250);
+    assert_eq!(h.0.offered(), UpstreamOffers::default());
+    h.cmd("MAIL FROM:<a@example.org> RET=FULL", 555);
+    h.cmd("MAIL FROM:<a@example.org>", 250);
+}
+
+#[test]
 fn too_many_errors_closes() {
     let mut h = Harness::new(cfg());
     for _ in 0..4 {
@@ -121,6 +165,7 @@ fn starttls_resets_and_is_single() {
     h.cmd("RSET", 250);
     assert_eq!(h.cmd("STARTTLS", 220), Step::StartTls);
     h.0.tls_started();
+    assert_eq!(h.0.offered(), UpstreamOffers::default(), "nothing advertised before TLS carries over");
     h.cmd("MAIL FROM:<a@example.org>", 503); // must EHLO again
     let Step::Reply(ehlo) = h.cmd("EHLO client.test", 250) else { panic!() };
     assert!(!ehlo.lines.iter().any(|l| l == "STARTTLS"));

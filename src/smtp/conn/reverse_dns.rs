@@ -1,0 +1,129 @@
+//! The client's reverse DNS name, forward-confirmed as Postfix does it (the PTR name counts only if it
+//! resolves back to the client's address). Used for the Received header, XCLIENT NAME and `client_name` rules.
+//!
+//! The system resolver (`getnameinfo`, `getaddrinfo`) blocks, so a lookup runs on tokio's blocking pool, and
+//! a blocking task cannot be cancelled: it keeps its thread after moat stopped waiting for it. During a DNS
+//! outage a connection flood would otherwise pile up blocking threads without bound (and starve the spool
+//! and rule reloads, which share that pool). So a semaphore caps the lookups in flight; the permit moves into
+//! the blocking task and is given back only when the resolver returns. A connection that finds no free
+//! permit, or whose lookup outlives the timeout, goes on at once without a name; both are counted in
+//! `moat_reverse_dns_skipped_total`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+
+use crate::metrics::ReverseDnsSkip;
+
+/// Bounded reverse lookups; one per server, shared by every listener.
+#[derive(Clone, Debug)]
+pub struct ReverseDns {
+    /// How long a connection waits for its lookup before going on without a name.
+    timeout: Duration,
+    /// One permit per lookup running on the blocking pool (`server.max_reverse_dns_lookups`).
+    lookups: Arc<Semaphore>,
+}
+
+impl ReverseDns {
+    /// At most `max_lookups` resolver calls at once, each awaited for at most `timeout`.
+    pub fn new(timeout: Duration, max_lookups: usize) -> ReverseDns {
+        ReverseDns { timeout, lookups: Arc::new(Semaphore::new(max_lookups)) }
+    }
+
+    /// The client's forward-confirmed name, or `None` (no name, a lookup error, no free permit, timeout).
+    pub async fn name(&self, ip: IpAddr) -> Option<String> {
+        self.bounded(move || confirmed_name(ip)).await
+    }
+
+    /// Runs `lookup` on the blocking pool if a permit is free, waiting for it at most the timeout.
+    async fn bounded<F>(&self, lookup: F) -> Option<String>
+    where
+        F: FnOnce() -> Option<String> + Send + 'static,
+    {
+        let Ok(permit) = self.lookups.clone().try_acquire_owned() else {
+            crate::metrics::reverse_dns_skipped(ReverseDnsSkip::Busy);
+            return None;
+        };
+        let task = tokio::task::spawn_blocking(move || {
+            // Held until the resolver returns, however long after the connection stopped waiting.
+            let _permit = permit;
+            lookup()
+        });
+        match tokio::time::timeout(self.timeout, task).await {
+            Ok(Ok(name)) => name,
+            Ok(Err(_)) => None, // the lookup panicked: no name
+            Err(_) => {
+                crate::metrics::reverse_dns_skipped(ReverseDnsSkip::Timeout);
+                None
+            }
+        }
+    }
+}
+
+/// PTR lookup, then the name's addresses must include `ip`. Blocking: only ever called through
+/// [`ReverseDns::bounded`].
+#[allow(clippy::disallowed_methods)] // the blocking resolver, on the blocking pool under a permit
+fn confirmed_name(ip: IpAddr) -> Option<String> {
+    let name = dns_lookup::lookup_addr(&ip).ok()?;
+    if name.parse::<IpAddr>().is_ok() {
+        return None; // a numeric "name" is no name
+    }
+    let addrs = dns_lookup::lookup_host(&name).ok()?;
+    addrs.contains(&ip).then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::mpsc;
+
+    use super::*;
+
+    /// A lookup that blocks its thread until the test lets it go, like a resolver during a DNS outage.
+    fn stuck_lookup(
+        started: Arc<AtomicUsize>,
+        release: Arc<std::sync::Mutex<mpsc::Receiver<()>>>,
+    ) -> impl FnOnce() -> Option<String> + Send + 'static {
+        move || {
+            started.fetch_add(1, Ordering::SeqCst);
+            let _ = release.lock().unwrap().recv();
+            Some("late.example".into())
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dns_outage_occupies_at_most_the_permitted_threads() {
+        let rdns = ReverseDns::new(Duration::from_millis(20), 2);
+        let started = Arc::new(AtomicUsize::new(0));
+        let (tx, rx) = mpsc::channel();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        // A flood of ten connections while every lookup hangs: each goes on without a name.
+        for _ in 0..10 {
+            assert_eq!(rdns.bounded(stuck_lookup(started.clone(), rx.clone())).await, None);
+        }
+        // Only two lookups ever reached the resolver; the other eight were skipped without waiting.
+        for _ in 0..500 {
+            if started.load(Ordering::SeqCst) == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(started.load(Ordering::SeqCst), 2);
+        assert_eq!(rdns.lookups.available_permits(), 0, "the stuck lookups still hold their permits");
+        // DNS comes back: the stuck lookups return, their permits are free again, a new lookup runs.
+        for _ in 0..2 {
+            tx.send(()).unwrap();
+        }
+        for _ in 0..500 {
+            if rdns.lookups.available_permits() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(rdns.lookups.available_permits(), 2);
+        let rdns = ReverseDns { timeout: Duration::from_secs(30), ..rdns };
+        assert_eq!(rdns.bounded(|| Some("mail.example".into())).await.as_deref(), Some("mail.example"));
+    }
+}
