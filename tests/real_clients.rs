@@ -3,30 +3,25 @@
 //! (`tests/fixtures/tls/`) and relays to the in-process fake upstream, so each test asserts on the client's
 //! exit status and output and on what the upstream received.
 //!
-//! External programs run through `std::process::Command` on a blocking thread with a deadline (the crate's
-//! tokio has no `process` feature). Each such test calls `require_peer` first: skipped when the program is
-//! missing, a failure under `CI=true`.
+//! External programs run through `common::process::run` (a blocking thread with a deadline). Each such
+//! test calls `require_peer` first: skipped when the program is missing, a failure under `CI=true`.
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::fake::{Delivered, FakeUpstream, Script};
 use common::moat::{config_from, start};
 use common::postfix::require_peer;
+use common::process::{args, run, Ran};
 use moat::server::Running;
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-
-/// How long one external program may run.
-const PROGRAM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A file under `tests/fixtures/`.
 fn fixture(rel: &str) -> PathBuf {
@@ -70,82 +65,6 @@ async fn start_moat(fake: &FakeUpstream, extra: &str) -> Running {
 
 fn addr(running: &Running, name: &str) -> SocketAddr {
     running.addr(name).unwrap_or_else(|| panic!("no listener {name}"))
-}
-
-/// What an external program did.
-struct Ran {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
-}
-
-impl Ran {
-    fn assert_success(&self, what: &str) {
-        assert!(
-            self.status.success(),
-            "{what} failed: {}\n--- stdout\n{}\n--- stderr\n{}",
-            self.status,
-            self.stdout,
-            self.stderr
-        );
-    }
-}
-
-/// Runs `program args` with `stdin` fed to it, on a blocking thread; panics (with the output so far) if it
-/// has not exited within [`PROGRAM_TIMEOUT`].
-async fn run(program: &str, args: &[String], stdin: &[u8]) -> Ran {
-    let (program, args, input) = (program.to_string(), args.to_vec(), stdin.to_vec());
-    tokio::task::spawn_blocking(move || run_blocking(&program, &args, input)).await.expect("runner thread")
-}
-
-fn run_blocking(program: &str, args: &[String], input: Vec<u8>) -> Ran {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
-    let mut sin = child.stdin.take().expect("stdin");
-    let writer = std::thread::spawn(move || {
-        let _ = sin.write_all(&input);
-        // Dropping `sin` closes the pipe: the program sees EOF.
-    });
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let out_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = out.read_to_end(&mut v);
-        v
-    });
-    let err_reader = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        let _ = err.read_to_end(&mut v);
-        v
-    });
-    let deadline = Instant::now() + PROGRAM_TIMEOUT;
-    let (status, timed_out) = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break (s, false);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            break (child.wait().expect("wait after kill"), true);
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let _ = writer.join();
-    let stdout = String::from_utf8_lossy(&out_reader.join().unwrap_or_default()).into_owned();
-    let stderr = String::from_utf8_lossy(&err_reader.join().unwrap_or_default()).into_owned();
-    assert!(
-        !timed_out,
-        "{program} {args:?} still running after {PROGRAM_TIMEOUT:?}\n--- stdout\n{stdout}\n--- stderr\n{stderr}"
-    );
-    Ran { status, stdout, stderr }
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
 }
 
 /// The header section of a delivered message (up to the first empty line), as text.

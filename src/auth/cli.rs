@@ -2,7 +2,7 @@
 //! from stdin when it is not a terminal) and only their argon2id hashes are written. The file is edited
 //! in place with its comments kept, and replaced atomically (written next to it, then renamed).
 
-use std::io::{BufRead, IsTerminal};
+use std::io::{BufRead, IsTerminal, Read};
 use std::path::{Path, PathBuf};
 
 use toml_edit::{value, Array, ArrayOfTables, DocumentMut, Item, Table};
@@ -15,7 +15,9 @@ pub const USAGE: &str = "usage: moat user <command> NAME [--users FILE]   (defau
   add NAME                    create a user; reads the password\n\
   passwd NAME                 set a user's password\n\
   totp NAME                   give a user a new TOTP secret; prints the otpauth:// URI\n\
-  app-password NAME APPNAME   add (or replace) a named app password; prints it once";
+  app-password NAME APPNAME   add (or replace) a named app password; prints it once\n\
+  revoke NAME APPNAME         delete a named app password\n\
+  disable NAME | enable NAME  refuse (or allow again) a user's AUTH without deleting them";
 
 /// Runs a `moat user` command; returns what to print.
 pub fn run(args: &[String]) -> Result<String, String> {
@@ -67,6 +69,31 @@ pub fn run(args: &[String]) -> Result<String, String> {
                 totp::otpauth_uri("moat", name, &secret)
             )
         }
+        ("disable" | "enable", 2) => {
+            let off = cmd == "disable";
+            let t = user_table(&mut doc, name, false)?;
+            if off {
+                t["disabled"] = value(true);
+            } else {
+                t.remove("disabled");
+            }
+            format!("user {name} {cmd}d\n")
+        }
+        ("revoke", 3) => {
+            let app = words[2].as_str();
+            let t = user_table(&mut doc, name, false)?;
+            let apps = t.get_mut("app_passwords").and_then(Item::as_array_of_tables_mut);
+            let before = apps.as_ref().map_or(0, |a| a.len());
+            let apps = apps.ok_or_else(|| format!("user {name:?} has no app password {app:?}"))?;
+            apps.retain(|a| a.get("name").and_then(Item::as_str) != Some(app));
+            if apps.len() == before {
+                return Err(format!("user {name:?} has no app password {app:?}"));
+            }
+            if apps.is_empty() {
+                t.remove("app_passwords");
+            }
+            format!("app password {app:?} of {name} revoked\n")
+        }
         ("app-password", 3) => {
             let app = words[2].as_str();
             let password = data_encoding::BASE32_NOPAD.encode(&random(15)?).to_lowercase();
@@ -111,7 +138,8 @@ fn write_doc(path: &Path, doc: &DocumentMut) -> Result<(), String> {
     Ok(())
 }
 
-/// The `[users.NAME]` table; created when `create`.
+/// The `[users.NAME]` table, found case-insensitively as moat looks users up; created (as `name`) when
+/// `create` and absent.
 fn user_table<'d>(doc: &'d mut DocumentMut, name: &str, create: bool) -> Result<&'d mut Table, String> {
     let users = doc.entry("users").or_insert_with(|| {
         let mut t = Table::new();
@@ -119,13 +147,16 @@ fn user_table<'d>(doc: &'d mut DocumentMut, name: &str, create: bool) -> Result<
         Item::Table(t)
     });
     let users = users.as_table_mut().ok_or("users is not a table")?;
-    if !users.contains_key(name) {
-        if !create {
-            return Err(format!("no user {name:?}"));
+    let found = users.iter().map(|(k, _)| k).find(|k| k.to_lowercase() == name.to_lowercase()).map(str::to_string);
+    let key = match found {
+        Some(k) => k,
+        None if create => {
+            users.insert(name, Item::Table(Table::new()));
+            name.to_string()
         }
-        users.insert(name, Item::Table(Table::new()));
-    }
-    users.get_mut(name).and_then(Item::as_table_mut).ok_or_else(|| format!("users.{name} is not a table"))
+        None => return Err(format!("no user {name:?}")),
+    };
+    users.get_mut(&key).and_then(Item::as_table_mut).ok_or_else(|| format!("users.{key} is not a table"))
 }
 
 /// The new password: twice without echo from a terminal, or one line from stdin.
@@ -138,12 +169,25 @@ fn read_password() -> Result<String, String> {
         }
         a
     } else {
+        // Bounded: one line, and never more than a password SASL can carry (plus its line end).
         let mut line = String::new();
-        std::io::stdin().lock().read_line(&mut line).map_err(|e| e.to_string())?;
+        let limit = (super::sasl::MAX_PASSWORD + 2) as u64;
+        std::io::stdin()
+            .lock()
+            .take(limit)
+            .read_line(&mut line)
+            .map_err(|e| format!("cannot read the password: {e}"))?;
+        if !line.ends_with('\n') && line.len() as u64 >= limit {
+            return Err(format!("password longer than {} bytes", super::sasl::MAX_PASSWORD));
+        }
         line.trim_end_matches(['\r', '\n']).to_string()
     };
     if pw.is_empty() {
         return Err("empty password".into());
+    }
+    if pw.len() > super::sasl::MAX_PASSWORD {
+        // SASL refuses longer ones, so such a password could never be used.
+        return Err(format!("password longer than {} bytes", super::sasl::MAX_PASSWORD));
     }
     Ok(pw)
 }

@@ -5,22 +5,26 @@
 //! Nothing in this module logs a password, a code or an AUTH payload.
 
 pub mod cli;
+pub mod gate;
 pub mod lockout;
 pub mod sasl;
 pub mod store;
 pub mod totp;
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use self::lockout::{Lockout, LockoutSettings};
+use self::gate::{TurnKey, Turns};
+use self::lockout::{Check, Lockout, LockoutSettings};
 use self::sasl::Credentials;
 use self::store::{Matched, StoreError, UserStore};
 use crate::config::AuthConfig;
@@ -28,8 +32,13 @@ use crate::config::AuthConfig;
 /// Why a verification did not succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
+    /// Wrong credentials, or an unknown or disabled user. The failure is already counted: answer after
+    /// `delay`; `locked` says this failure locked the client IP or the name.
     #[error("invalid credentials")]
-    Invalid,
+    Invalid { delay: Duration, locked: bool },
+    /// The client IP or the name was locked (found once it was this attempt's turn): nothing was verified.
+    #[error("locked out")]
+    Locked,
     #[error("verification failed internally")]
     Internal,
 }
@@ -41,9 +50,20 @@ pub struct Authenticator {
     /// The users file's modification stamp when last loaded.
     stamp: Mutex<Option<SystemTime>>,
     permits: Arc<Semaphore>,
+    /// One verification at a time per client IP and per name, ahead of `permits`.
+    turns: Turns,
     lockout: Lockout,
     /// Last TOTP step used per user (lower-cased), so a code works once.
     totp_used: Mutex<HashMap<String, u64>>,
+    reloads_ok: AtomicU64,
+    reloads_refused: AtomicU64,
+}
+
+/// How many users-file reloads (watcher or SIGHUP) took effect, and how many were refused.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReloadCounts {
+    pub ok: u64,
+    pub refused: u64,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -84,6 +104,7 @@ impl Authenticator {
             users: ArcSwap::from_pointee(users),
             stamp: Mutex::new(stamp),
             permits: Arc::new(Semaphore::new(permits)),
+            turns: Turns::default(),
             lockout: Lockout::new(LockoutSettings {
                 threshold: cfg.lockout_threshold,
                 window: cfg.lockout_window.get(),
@@ -91,6 +112,8 @@ impl Authenticator {
                 failure_delay: cfg.failure_delay.get(),
             }),
             totp_used: Mutex::new(HashMap::new()),
+            reloads_ok: AtomicU64::new(0),
+            reloads_refused: AtomicU64::new(0),
         })))
     }
 
@@ -99,9 +122,32 @@ impl Authenticator {
         &self.lockout
     }
 
-    /// Verifies credentials on the blocking pool, at most `max_concurrent_verifications` at once. Returns
-    /// the user's canonical name.
-    pub async fn verify(&self, creds: Credentials, listener: &str) -> Result<String, AuthError> {
+    /// Verifies the credentials of a client at `ip` and counts the outcome in the lockout. Attempts wait
+    /// their turn per IP and per name ([`gate`]), then the lockout is checked again, then the password is
+    /// verified on the blocking pool, at most `max_concurrent_verifications` at once. Returns the user's
+    /// canonical name.
+    pub async fn verify(&self, creds: Credentials, listener: &str, ip: IpAddr) -> Result<String, AuthError> {
+        let name = creds.user.clone();
+        let _ip_turn = self.turns.take(TurnKey::Ip(ip)).await.ok_or(AuthError::Internal)?;
+        let _name_turn = self.turns.take(TurnKey::Name(name.to_lowercase())).await.ok_or(AuthError::Internal)?;
+        if let Check::Locked(_) = self.lockout.check(ip, Some(&name), Instant::now()) {
+            return Err(AuthError::Locked);
+        }
+        // Counted while the turns are held, so the next attempt of this IP or name sees this failure.
+        match self.check(creds, listener).await? {
+            Some(user) => {
+                self.lockout.success(&user);
+                Ok(user)
+            }
+            None => {
+                let (delay, locked) = self.lockout.failure(ip, Some(&name), Instant::now());
+                Err(AuthError::Invalid { delay, locked })
+            }
+        }
+    }
+
+    /// The password check itself, behind the verification semaphore; `None` for invalid credentials.
+    async fn check(&self, creds: Credentials, listener: &str) -> Result<Option<String>, AuthError> {
         let _permit = self.permits.acquire().await.map_err(|_| AuthError::Internal)?;
         let users = self.users.load_full();
         let key = creds.user.to_lowercase();
@@ -110,17 +156,22 @@ impl Authenticator {
         let listener = listener.to_string();
         let verified = tokio::task::spawn_blocking(move || users.verify(&creds, &listener, now, last, dummy_hash()))
             .await
-            .map_err(|_| AuthError::Internal)?
-            .ok_or(AuthError::Invalid)?;
+            .map_err(|_| AuthError::Internal)?;
+        let Some(verified) = verified else { return Ok(None) };
         if let Matched::Password { totp_step: Some(step) } = verified.matched {
             // Check and set under one lock: two sessions racing with the same code cannot both pass.
             let mut used = self.totp_used.lock().unwrap_or_else(|p| p.into_inner());
             if used.get(&key).is_some_and(|l| *l >= step) {
-                return Err(AuthError::Invalid);
+                return Ok(None);
             }
             used.insert(key, step);
         }
-        Ok(verified.user)
+        Ok(Some(verified.user))
+    }
+
+    /// Attempts holding or waiting for a turn, by key (for tests: it drops to 0 when AUTH is idle).
+    pub fn turns_in_use(&self) -> usize {
+        self.turns.len()
     }
 
     /// Whether `user` may send as `address` (MAIL FROM or a From header address).
@@ -129,13 +180,29 @@ impl Authenticator {
     }
 
     /// Re-reads the users file; on any problem the store in force stays. Returns whether it changed. Blocking.
+    /// The file's stamp is remembered either way, so the watcher does not report a refused file again.
     pub fn reload(&self) -> Result<bool, StoreError> {
         let stamp = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
-        let users = UserStore::load(&self.path)?;
         *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = stamp;
+        let users = match UserStore::load(&self.path) {
+            Ok(u) => u,
+            Err(e) => {
+                self.reloads_refused.fetch_add(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
         info!(users = users.len(), "users file reloaded");
         self.users.store(Arc::new(users));
+        self.reloads_ok.fetch_add(1, Ordering::Relaxed);
         Ok(true)
+    }
+
+    /// Reloads so far, by outcome (refused ones are also logged at warn).
+    pub fn reload_counts(&self) -> ReloadCounts {
+        ReloadCounts {
+            ok: self.reloads_ok.load(Ordering::Relaxed),
+            refused: self.reloads_refused.load(Ordering::Relaxed),
+        }
     }
 
     /// [`Authenticator::reload`] on the blocking pool, with the outcome logged.

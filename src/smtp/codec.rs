@@ -12,13 +12,21 @@ use crate::config::BareLineEndings;
 
 // === command lines ===
 
+/// Longest SASL line (`AUTH` with an initial response, or a response to a `334` challenge) in octets, CRLF
+/// included. RFC 4954 4 asks servers to take the encoded responses of the mechanisms they offer whatever
+/// their other line limits, and names 12,288 octets as enough for deployed mechanisms.
+pub const MAX_AUTH_LINE: usize = 12_288;
+
 /// Splits command lines off a buffer, refusing lines longer than the limit without dropping the session.
+/// A line that starts with `AUTH ` may be up to [`MAX_AUTH_LINE`] long (still bounded).
 #[derive(Debug)]
 pub struct LineReader {
     /// Longest line in octets, CRLF included.
     max: usize,
     /// Inside an over-long line: discard up to its LF, then report [`Framed::TooLong`].
     discarding: bool,
+    /// The limit the last over-long line broke (for the reply).
+    broken: usize,
 }
 
 /// What [`LineReader::frame`] found.
@@ -31,15 +39,30 @@ pub enum Framed {
 }
 
 impl LineReader {
-    /// A reader for lines of at most `max` octets including CRLF.
+    /// A reader for lines of at most `max` octets including CRLF (`AUTH` lines: see [`MAX_AUTH_LINE`]).
     pub fn new(max: usize) -> LineReader {
-        LineReader { max, discarding: false }
+        LineReader { max, discarding: false, broken: max }
+    }
+
+    /// The limit (octets, CRLF included) the last [`Framed::TooLong`] line exceeded.
+    pub fn broken_limit(&self) -> usize {
+        self.broken
+    }
+
+    /// The limit for the line at the start of `buf`: longer for `AUTH ` (an initial response), never
+    /// shorter than `max`. Fewer than five bytes cannot be over any limit yet, so the plain one is right.
+    fn limit(&self, buf: &[u8]) -> usize {
+        match buf.get(..5) {
+            Some(verb) if verb.eq_ignore_ascii_case(b"AUTH ") => self.max.max(MAX_AUTH_LINE),
+            _ => self.max,
+        }
     }
 
     /// Looks at the start of `buf`. Returns how many bytes to drop from the buffer and what was found;
     /// `(0, None)` means "need more bytes".
     pub fn frame(&mut self, buf: &[u8]) -> (usize, Option<Framed>) {
-        let window = if self.discarding { buf.len() } else { buf.len().min(self.max) };
+        let max = if self.discarding { self.broken } else { self.limit(buf) };
+        let window = if self.discarding { buf.len() } else { buf.len().min(max) };
         match memchr::memchr(b'\n', &buf[..window]) {
             Some(i) if self.discarding => {
                 self.discarding = false;
@@ -50,13 +73,16 @@ impl LineReader {
                 (i + 1, Some(Framed::Line(len)))
             }
             None if self.discarding => (buf.len(), None),
-            None if buf.len() >= self.max => match memchr::memchr(b'\n', &buf[window..]) {
-                Some(j) => (window + j + 1, Some(Framed::TooLong)),
-                None => {
-                    self.discarding = true;
-                    (buf.len(), None)
+            None if buf.len() >= max => {
+                self.broken = max;
+                match memchr::memchr(b'\n', &buf[window..]) {
+                    Some(j) => (window + j + 1, Some(Framed::TooLong)),
+                    None => {
+                        self.discarding = true;
+                        (buf.len(), None)
+                    }
                 }
-            },
+            }
             None => (0, None),
         }
     }

@@ -44,6 +44,59 @@ fn line_reader_limits() {
     assert_eq!(r.frame(b"QUIT\r\n"), (6, Some(Framed::Line(4))));
 }
 
+/// `AUTH` lines (an initial response) may be up to [`MAX_AUTH_LINE`] octets (RFC 4954 4); other commands
+/// keep the command-line limit, and the reader says which limit an over-long line broke.
+#[test]
+fn line_reader_auth_limit() {
+    let mut r = LineReader::new(512);
+    let line = |verb: &str, total: usize| {
+        let mut l = format!("{verb} ").into_bytes();
+        l.resize(total - 2, b'A');
+        l.extend_from_slice(b"\r\n");
+        l
+    };
+    for verb in ["AUTH PLAIN", "auth plain", "Auth Login"] {
+        let ok = line(verb, MAX_AUTH_LINE);
+        assert_eq!(r.frame(&ok), (MAX_AUTH_LINE, Some(Framed::Line(MAX_AUTH_LINE - 2))), "{verb}");
+        let long = line(verb, MAX_AUTH_LINE + 1);
+        assert_eq!(r.frame(&long), (MAX_AUTH_LINE + 1, Some(Framed::TooLong)), "{verb}");
+        assert_eq!(r.broken_limit(), MAX_AUTH_LINE);
+    }
+    for verb in ["NOOP", "MAIL FROM:<a@b>", "AUTHX", "XAUTH PLAIN"] {
+        assert_eq!(r.frame(&line(verb, 512)), (512, Some(Framed::Line(510))), "{verb}");
+        assert_eq!(r.frame(&line(verb, 513)), (513, Some(Framed::TooLong)), "{verb}");
+        assert_eq!(r.broken_limit(), 512);
+    }
+    // Arriving in pieces: need more until the LF, then one line; an over-long one is discarded as it comes
+    // (the caller drops what `frame` consumed), then reported once.
+    let ok = line("AUTH PLAIN", 4096);
+    let mut buf = Vec::new();
+    for piece in ok.chunks(1000) {
+        buf.extend_from_slice(piece);
+        match r.frame(&buf) {
+            (0, None) => {}
+            found => {
+                assert_eq!(found, (4096, Some(Framed::Line(4094))));
+                buf.clear();
+            }
+        }
+    }
+    assert!(buf.is_empty(), "a 4 KiB AUTH line was not framed");
+    let long = line("AUTH PLAIN", 3 * MAX_AUTH_LINE);
+    let mut results = Vec::new();
+    let mut buf = Vec::new();
+    for piece in long.chunks(5000) {
+        buf.extend_from_slice(piece);
+        let (n, found) = r.frame(&buf);
+        assert!(buf.len() <= MAX_AUTH_LINE + 5000, "buffer grew to {}", buf.len());
+        buf.drain(..n);
+        results.extend(found);
+    }
+    assert_eq!(results, vec![Framed::TooLong]);
+    assert_eq!(r.broken_limit(), MAX_AUTH_LINE);
+    assert_eq!(r.frame(b"QUIT\r\n"), (6, Some(Framed::Line(4))), "the reader recovers");
+}
+
 #[test]
 fn data_basic_and_unstuffing() {
     let (out, end, n, bare) = decode_all(b"Subject: x\r\n\r\n..dot\r\n.\r\nQUIT\r\n", Reject);

@@ -1,5 +1,6 @@
-//! The AUTH side of a connection: the SASL exchange (read here with the command-line limit and the idle
-//! timeout, and never logged), the lockout, verification, the audit record, and sender binding.
+//! The AUTH side of a connection: the SASL exchange (read here with the SASL line limit, RFC 4954's 12,288
+//! octets, and the idle timeout, and never logged), the lockout, verification, the audit record, and sender
+//! binding.
 
 use std::time::Instant;
 
@@ -12,7 +13,7 @@ use crate::auth::lockout::Check;
 use crate::auth::sasl::{Exchange, Mechanism, SaslError, SaslStep};
 use crate::auth::AuthError;
 use crate::metrics::AuthResult;
-use crate::smtp::codec::Framed;
+use crate::smtp::codec::{Framed, LineReader, MAX_AUTH_LINE};
 use crate::smtp::session::{CloseReason, InitialResponse, Step};
 use crate::smtp::Reply;
 
@@ -52,7 +53,7 @@ impl Driver {
                         Some(line) => step = ex.respond(&line),
                         None => {
                             self.auth_record(mechanism, "", "failure");
-                            let s = self.session.line_too_long(self.ctx.max_command_line);
+                            let s = self.session.line_too_long(MAX_AUTH_LINE);
                             return Ok(self.auth_reply(s));
                         }
                     }
@@ -69,9 +70,8 @@ impl Driver {
         if let Check::Locked(_) = auth.lockout().check(ip, Some(&name), Instant::now()) {
             return Ok(self.auth_locked(mechanism, &name));
         }
-        match auth.verify(creds, &self.ctx.name).await {
+        match auth.verify(creds, &self.ctx.name, ip).await {
             Ok(user) => {
-                auth.lockout().success(&user);
                 self.auth_record(mechanism, &user, "success");
                 debug!(user = %user, mechanism = mechanism.as_str(), "authenticated");
                 self.session.auth_done(user.clone());
@@ -84,13 +84,13 @@ impl Driver {
                 self.queue(&Reply::auth_ok());
                 Ok(None)
             }
+            Err(AuthError::Locked) => Ok(self.auth_locked(mechanism, &name)),
             Err(AuthError::Internal) => {
                 metric_attempt(mechanism, "error");
                 self.queue(&Reply::auth_temporary());
                 Ok(None)
             }
-            Err(AuthError::Invalid) => {
-                let (delay, locked) = auth.lockout().failure(ip, Some(&name), Instant::now());
+            Err(AuthError::Invalid { delay, locked }) => {
                 if locked {
                     crate::metrics::auth_lockout();
                 }
@@ -124,10 +124,13 @@ impl Driver {
         }
     }
 
-    /// Reads one response line of the exchange; `None` when it was over the command-line limit.
+    /// Reads one response line of the exchange; `None` when it was over [`MAX_AUTH_LINE`] (then discarded
+    /// up to its end, so the session goes on).
     async fn read_auth_line(&mut self) -> Result<Option<Vec<u8>>, Stop> {
+        // A response is not a command: it gets the SASL limit, whatever it starts with.
+        let mut lines = LineReader::new(MAX_AUTH_LINE);
         loop {
-            let (n, framed) = self.lines.frame(&self.rbuf);
+            let (n, framed) = lines.frame(&self.rbuf);
             match framed {
                 Some(Framed::Line(len)) => {
                     let line = self.rbuf[..len].to_vec();
