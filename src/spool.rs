@@ -201,6 +201,65 @@ impl Drop for Spool {
     }
 }
 
+// === budget accounting outside a spool ===
+
+/// Memory reserved against the budget for something other than a spool (the content scan's copy of a
+/// message and its parse), given back when dropped.
+#[derive(Debug)]
+pub struct Reservation {
+    permit: Option<OwnedSemaphorePermit>,
+    budget: SpoolBudget,
+}
+
+impl SpoolBudget {
+    /// The whole budget in bytes.
+    pub fn capacity(&self) -> u64 {
+        (self.units * BUDGET_UNIT) as u64
+    }
+
+    /// Reserves `bytes`, waiting up to `wait` for other messages to give memory back. `None` when the
+    /// budget does not free up in time, or `bytes` is more than the whole budget.
+    pub async fn reserve(&self, bytes: u64, wait: std::time::Duration) -> Option<Reservation> {
+        let units = bytes.div_ceil(BUDGET_UNIT as u64);
+        if units > self.units as u64 {
+            return None;
+        }
+        let acquire = self.sem.clone().acquire_many_owned(u32::try_from(units).ok()?);
+        let permit = tokio::time::timeout(wait, acquire).await.ok()?.ok()?;
+        crate::metrics::spool_memory(self.in_use());
+        Some(Reservation { permit: Some(permit), budget: self.clone() })
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        crate::metrics::spool_memory(self.budget.in_use());
+    }
+}
+
+#[cfg(test)]
+mod reservation_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn reservations_share_the_budget_with_spools() {
+        let b = SpoolBudget::new(256 * 1024, 256 * 1024, None);
+        assert_eq!(b.capacity(), 256 * 1024);
+        let mut s = b.spool();
+        s.write(&[b'a'; 100 * 1024]).await.unwrap();
+        assert!(!s.spilled());
+        let r = b.reserve(100 * 1024, Duration::ZERO).await.expect("room for 100 KiB");
+        assert!(b.reserve(100 * 1024, Duration::ZERO).await.is_none(), "the spool and the first reservation hold it");
+        assert!(b.reserve(300 * 1024, Duration::from_secs(60)).await.is_none(), "more than the budget, at once");
+        drop(r);
+        assert!(b.reserve(100 * 1024, Duration::ZERO).await.is_some());
+        drop(s);
+        assert_eq!(b.available(), 256 * 1024);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! Rule reloads under load: a client keeps sending while the rule file changes many times (file watcher and
 //! explicit reloads). No session fails, each message is judged by exactly one rule-set version (the header a
-//! MAIL-phase rule adds and the one an end-of-data rule adds carry the same version), and a broken file keeps
-//! the old set.
+//! MAIL-phase rule adds and the one a header-phase rule adds during DATA carry the same version, also when the
+//! reload falls between MAIL and DATA), and a broken file keeps the old set.
 
 mod common;
 
@@ -11,7 +11,8 @@ use std::time::Duration;
 use common::fake::{FakeUpstream, Script};
 use common::moat::{start, test_config, Client};
 
-/// A rule file tagging at MAIL and at end of data with version `v`.
+/// A rule file tagging at MAIL and at the header phase (a `subject` rule, run when the header section ends)
+/// with version `v`.
 fn version_file(v: u32) -> String {
     format!(
         "[[rule]]\nid = \"mail-v\"\nwhen = {{ mail_from = '@' }}\naction = \"tag\"\nheaders = {{ \"X-V-Mail\" = \"{v}\" }}\n\
@@ -102,6 +103,34 @@ async fn reload_under_load_judges_each_message_by_one_version() {
     let msgs = fake.wait_for(sent + 1).await;
     let last = String::from_utf8_lossy(&msgs[sent].data).into_owned();
     assert_eq!(header(&last, "X-V-Data"), Some("40"), "{last}");
+    drop(client);
+    running.stop().await;
+}
+
+/// A reload between MAIL and DATA does not reach the header phase of the open transaction: the header
+/// rules that run when the header section ends are the MAIL snapshot's; the next transaction uses the new set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_phase_uses_the_transaction_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), &version_file(1));
+    let fake = FakeUpstream::start(Script::default()).await;
+    let extra = format!("rules.directory = {:?}\nrules.watch_interval = \"0s\"", dir.path().display().to_string());
+    let running = start(&test_config(fake.addr, &extra)).await;
+    let rules = running.rules.clone().expect("rules loaded");
+    let (mut client, _) = Client::connect(running.addr("smtp").unwrap()).await;
+    client.expect("EHLO client.example", 250).await;
+    client.expect("MAIL FROM:<alice@example.org>", 250).await;
+    client.expect("RCPT TO:<bob@example.test>", 250).await;
+    write(dir.path(), &version_file(2));
+    rules.reload().await.expect("a valid file reloads");
+    client.expect("DATA", 354).await;
+    client.send_raw(b"Subject: during the reload\r\n\r\nbody\r\n.\r\n").await;
+    assert_eq!(client.reply().await.0, 250);
+    send(&mut client, 1).await;
+    let msgs = fake.wait_for(2).await;
+    let texts: Vec<String> = msgs.iter().map(|m| String::from_utf8_lossy(&m.data).into_owned()).collect();
+    assert_eq!(header(&texts[0], "X-V-Data"), Some("1"), "{}", texts[0]);
+    assert_eq!(header(&texts[1], "X-V-Data"), Some("2"), "{}", texts[1]);
     drop(client);
     running.stop().await;
 }

@@ -4,12 +4,13 @@
 //! Format (one directive a line; `#` first line is the title):
 //! - `config: KEY = VALUE` adds a dotted TOML key to the test config (`limits.max_recipients = 1`).
 //! - `script: FIELD = VALUE` scripts the fake upstream (`rcpt = reject.test 550 5.1.1 No such user`,
-//!   `mail = 451 4.3.0 busy`, `data = 554 no`, `end = 452 4.3.1 full`, `drop = RCPT` (closes the connection at that command, once), `no_xclient`).
+//!   `mail = 451 4.3.0 busy`, `data = 554 no`, `end = 452 4.3.1 full`, `drop = RCPT` (closes the connection at that command, once), `no_xclient`, `no_dsn`, `no_smtputf8`).
 //! - `C: text` sends text + CRLF; `R: text` sends text with no CRLF added. Both decode `\r`, `\n`, `\\`.
 //! - `S: prefix` expects the next reply to start with prefix (multi-line replies are matched whole).
 //! - `S: closed` expects the server to have closed the connection.
 //! - `upstream: none` / `upstream: N` checks how many messages the upstream received.
 //! - `upstream-data: text` checks the last delivered message contains text (escapes decoded).
+//! - `upstream-data-lacks: text` checks the last delivered message does not contain text.
 //! - `upstream-cmd: text` checks some upstream command line contained text.
 //! - `wait: MS` sleeps.
 //! - `rules: TOML line` adds a line to a rule file written into a fresh temporary rules directory, which
@@ -44,6 +45,8 @@ fn script_from(lines: &[&str]) -> Script {
             "end" => s.end = Some(v.into()),
             "drop" => s.drop_at = Some(v.into()),
             "no_xclient" => s.no_xclient = true,
+            "no_dsn" => s.no_dsn = true,
+            "no_smtputf8" => s.no_smtputf8 = true,
             other => panic!("unknown script key {other}"),
         }
     }
@@ -120,6 +123,14 @@ async fn run_transcript(path: &Path) -> Result<(), String> {
             let last = msgs.last().map(|m| String::from_utf8_lossy(&m.data).into_owned()).unwrap_or_default();
             if !last.contains(&want) {
                 result = Err(format!("{at}: upstream message lacks {want:?}:\n{last}"));
+                break;
+            }
+        } else if let Some(unwanted) = line.strip_prefix("upstream-data-lacks:") {
+            let unwanted = unescape(unwanted.trim_start());
+            let msgs = fake.wait_for(1).await;
+            let last = msgs.last().map(|m| String::from_utf8_lossy(&m.data).into_owned()).unwrap_or_default();
+            if last.contains(&unwanted) {
+                result = Err(format!("{at}: upstream message contains {unwanted:?}:\n{last}"));
                 break;
             }
         } else if let Some(want) = line.strip_prefix("upstream-cmd:") {

@@ -4,6 +4,11 @@
 //! verdict and time are recorded in the transaction's [`StageRecord`]s for the audit trail. Per-transaction
 //! state lives in [`TxnContext`], owned by the session, never in a stage. The rule-driven stages (lists,
 //! content rules, rates) plug in here; the core ships the trait, the runner and no stage.
+//!
+//! The phases of a message: MAIL, each RCPT (whose effects are undone when that recipient ends up refused,
+//! see [`TxnContext::mark`]), the end of the header section during DATA/BDAT ([`Stage::on_headers`]: a
+//! refusal there stops spooling), and the end of data ([`Stage::on_end_of_data`]). [`subject`] rewrites the
+//! Subject of a relayed message when a verdict asked for a prefix.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -15,6 +20,7 @@ use crate::smtp::command::{MailFrom, RcptTo};
 use crate::smtp::Reply;
 
 pub mod rules;
+pub mod subject;
 
 /// A boxed future returned by stage hooks (trait objects cannot have `async fn` yet).
 pub type HookFuture<'a> = Pin<Box<dyn Future<Output = Verdict> + Send + 'a>>;
@@ -80,6 +86,8 @@ pub struct TxnContext {
     pub records: Vec<StageRecord>,
     /// Header lines (canonical CRLF) that accepted verdicts ask to add to the message.
     pub add_headers: Vec<String>,
+    /// The prefix a verdict asked for on the relayed message's Subject (the first one asked wins).
+    pub subject_prefix: Option<String>,
     /// The HELO/EHLO name when MAIL was given.
     pub helo: Option<String>,
     /// The authenticated user when MAIL was given.
@@ -88,13 +96,46 @@ pub struct TxnContext {
     pub rules: Option<rules::TxnRules>,
 }
 
+/// Where a transaction's effects stood before a RCPT ran through the pipeline, to undo them when that
+/// recipient ends up refused (by a stage or by the upstream): a refused recipient adds no header, score or
+/// flag to the message. The audit records of the hits stay.
+#[derive(Clone, Debug)]
+pub struct TxnMark {
+    add_headers: usize,
+    subject_prefix: bool,
+    rules: Option<rules::RulesMark>,
+}
+
+impl TxnContext {
+    /// The current state of the effects, for [`TxnContext::rollback`].
+    pub fn mark(&self) -> TxnMark {
+        TxnMark {
+            add_headers: self.add_headers.len(),
+            subject_prefix: self.subject_prefix.is_some(),
+            rules: self.rules.as_ref().map(rules::TxnRules::mark),
+        }
+    }
+
+    /// Undoes every effect since `mark` (effects only ever accumulate, so truncating is enough).
+    pub fn rollback(&mut self, mark: TxnMark) {
+        self.add_headers.truncate(mark.add_headers);
+        if !mark.subject_prefix {
+            self.subject_prefix = None;
+        }
+        if let (Some(state), Some(m)) = (self.rules.as_mut(), mark.rules) {
+            state.rollback(m);
+        }
+    }
+}
+
 /// The message at end of data, as far as it is held for the stages.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct MessageView<'a> {
     /// The header section (canonical CRLF, up to 64 KiB).
     pub head: &'a [u8],
     /// The message from its start, up to the largest [`Stage::scan_window`]; `None` when no stage asked.
-    pub data: Option<&'a [u8]>,
+    /// Shared, so a stage can hand it to a blocking task without copying it.
+    pub data: Option<bytes::Bytes>,
     /// The whole message's size; larger than `data` when the message exceeds the window.
     pub size: u64,
 }
@@ -119,6 +160,14 @@ pub trait Stage: Send + Sync {
         Box::pin(async { Verdict::Continue })
     }
 
+    /// When the header section is complete during DATA/BDAT (its empty line arrived), with the section
+    /// (canonical CRLF, at most 64 KiB; a longer section never comes here and is judged at end of data).
+    /// A refusal or [`Verdict::Discard`] is final: moat stops spooling, reads on to the end of the data,
+    /// and answers then (the upstream never sees the message); other effects carry into end of data.
+    fn on_headers<'a>(&'a self, _conn: &'a ConnInfo, _txn: &'a mut TxnContext, _head: &'a [u8]) -> HookFuture<'a> {
+        Box::pin(async { Verdict::Continue })
+    }
+
     /// At the end of data, before anything goes upstream, with the message (its header section, and its
     /// first [`Stage::scan_window`] bytes when a stage asked). A refusal is the reply to the end of data;
     /// [`Verdict::Discard`] answers `250` without relaying.
@@ -131,9 +180,9 @@ pub trait Stage: Send + Sync {
         Box::pin(async { Verdict::Continue })
     }
 
-    /// How many bytes of the message this stage wants to read at end of data; `None`: the header section
-    /// is enough.
-    fn scan_window(&self) -> Option<u64> {
+    /// How many bytes of the message this stage wants to read at end of data for this transaction; `None`:
+    /// the header section is enough.
+    fn scan_window(&self, _txn: &TxnContext) -> Option<u64> {
         None
     }
 }
@@ -171,14 +220,19 @@ impl Pipeline {
         self.run(conn, txn, Hook::Rcpt(rcpt)).await
     }
 
+    /// Runs `on_headers`.
+    pub async fn headers(&self, conn: &ConnInfo, txn: &mut TxnContext, head: &[u8]) -> Verdict {
+        self.run(conn, txn, Hook::Headers(head)).await
+    }
+
     /// Runs `on_end_of_data`.
     pub async fn end_of_data(&self, conn: &ConnInfo, txn: &mut TxnContext, msg: &MessageView<'_>) -> Verdict {
         self.run(conn, txn, Hook::EndOfData(msg)).await
     }
 
-    /// The largest scan window any stage asked for.
-    pub fn scan_window(&self) -> Option<u64> {
-        self.stages.iter().filter_map(|s| s.scan_window()).max()
+    /// The largest scan window any stage asked for this transaction.
+    pub fn scan_window(&self, txn: &TxnContext) -> Option<u64> {
+        self.stages.iter().filter_map(|s| s.scan_window(txn)).max()
     }
 
     async fn run(&self, conn: &ConnInfo, txn: &mut TxnContext, hook: Hook<'_>) -> Verdict {
@@ -187,6 +241,7 @@ impl Pipeline {
             let v = match hook {
                 Hook::Mail(m) => s.on_mail(conn, txn, m).await,
                 Hook::Rcpt(r) => s.on_rcpt(conn, txn, r).await,
+                Hook::Headers(h) => s.on_headers(conn, txn, h).await,
                 Hook::EndOfData(h) => s.on_end_of_data(conn, txn, h).await,
             };
             crate::metrics::stage_seconds(s.name(), start.elapsed());
@@ -209,6 +264,7 @@ impl Pipeline {
 enum Hook<'a> {
     Mail(&'a MailFrom),
     Rcpt(&'a RcptTo),
+    Headers(&'a [u8]),
     EndOfData(&'a MessageView<'a>),
 }
 
@@ -217,6 +273,7 @@ impl Hook<'_> {
         match self {
             Hook::Mail(_) => "mail",
             Hook::Rcpt(_) => "rcpt",
+            Hook::Headers(_) => "headers",
             Hook::EndOfData(_) => "data",
         }
     }

@@ -8,7 +8,9 @@ use toml::Spanned;
 
 use super::lists::{parse_cidr, CidrSet, DomainSet, List, DEFAULT_FP_RATE};
 use super::parse::{ActionKind, CondSpec, FileSpec, InListSpec, ListKind, RuleError, RuleSpec, StrOrList};
-use super::{field, Action, Cond, Leaf, ListField, Rule, RuleSet};
+use super::sniff::TypePatterns;
+use super::words::{self, WordSet};
+use super::{field, Action, Cond, Leaf, ListField, Rule, RuleSet, WordField};
 use crate::smtp::Reply;
 
 /// Where a spanned item came from, to report errors.
@@ -17,11 +19,14 @@ struct Src<'a> {
     text: &'a str,
 }
 
-/// Regexes collected per field before compilation: the pattern and where its rule's id is.
+/// Regexes collected per field before compilation: the pattern and where its rule's id is; likewise the
+/// literal words per [`WordField`], each distinct word (ASCII case aside) once.
 #[derive(Default)]
 struct Pool {
     patterns: Vec<Vec<(String, usize)>>,
     header_names: Vec<String>,
+    words: [Vec<String>; 2],
+    word_ids: [HashMap<String, usize>; 2],
 }
 
 impl Pool {
@@ -31,6 +36,15 @@ impl Pool {
         }
         self.patterns[field].push((pattern.to_string(), origin));
         self.patterns[field].len() - 1
+    }
+
+    /// The pattern id of a normalized word in the field's automaton.
+    fn word(&mut self, f: WordField, word: String) -> usize {
+        let (words, ids) = (&mut self.words[f as usize], &mut self.word_ids[f as usize]);
+        *ids.entry(word.to_ascii_lowercase()).or_insert_with(|| {
+            words.push(word);
+            words.len() - 1
+        })
     }
 
     fn header_field(&mut self, name: &str) -> usize {
@@ -66,9 +80,14 @@ pub fn compile(
     let mut list_index: HashMap<String, (usize, ListKind)> = HashMap::new();
     for (path, text, f) in &parsed {
         load_lists(Src { path, text }, f, read_list, &mut set, &mut list_index, &mut errors);
-        if let Some(s) = f.scores {
+        if let Some(s) = &f.scores {
             set.tag_at = s.tag_at.unwrap_or(set.tag_at);
             set.reject_at = s.reject_at.unwrap_or(set.reject_at);
+            match s.subject_prefix.as_ref().map(|p| subject_prefix(p).map_err(|m| err(&Src { path, text }, p, m))) {
+                Some(Ok(p)) => set.tag_subject_prefix = Some(p),
+                Some(Err(e)) => errors.push(e),
+                None => {}
+            }
         }
     }
     let mut pool = Pool::default();
@@ -161,15 +180,37 @@ fn rule(
         ActionKind::Reject => Action::Reject(reply),
         ActionKind::Tempfail => Action::Tempfail(reply),
         ActionKind::Discard => Action::Discard,
-        ActionKind::Tag => Action::Tag(headers),
+        ActionKind::Tag => Action::Tag { headers, subject_prefix: None },
         ActionKind::Score => match r.score {
             Some(s) if s.is_finite() => Action::Score(s),
             _ => return Err(err(src, &r.id, "action \"score\" needs a finite score = N")),
         },
         ActionKind::Quarantine => Action::Quarantine { deliver: r.deliver, headers },
     };
+    let action = match (action, &r.subject_prefix) {
+        (Action::Tag { headers, .. }, Some(p)) => {
+            Action::Tag { headers, subject_prefix: Some(subject_prefix(p).map_err(|m| err(src, p, m))?) }
+        }
+        (_, Some(p)) => return Err(err(src, p, "subject_prefix applies to action \"tag\" only")),
+        (action, None) => action,
+    };
     let phase = cond.phase();
     Ok(Rule { id: r.id.get_ref().as_str().into(), description: r.description.clone(), phase, cond, action })
+}
+
+/// Longest Subject prefix accepted: a tag, not a sentence.
+const MAX_SUBJECT_PREFIX: usize = 64;
+
+/// A Subject prefix goes into a header as is, so it must be printable ASCII on one line (non-ASCII would
+/// need RFC 2047 encoding).
+fn subject_prefix(p: &Spanned<String>) -> Result<String, String> {
+    let p = p.get_ref();
+    if p.trim().is_empty() || p.len() > MAX_SUBJECT_PREFIX || !p.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        return Err(format!(
+            "subject_prefix {p:?} must be 1 to {MAX_SUBJECT_PREFIX} printable ASCII characters on one line"
+        ));
+    }
+    Ok(p.clone())
 }
 
 /// `"550 5.7.1 text"`: the code must suit the action.
@@ -268,6 +309,12 @@ fn cond(
     if let Some(n) = c.mime_parts_over {
         out.push(Cond::Leaf(Leaf::MimePartsOver(n)));
     }
+    attachment_leaves(c, &mut out).map_err(|m| err(src, spec, m))?;
+    for (f, list) in [(WordField::Subject, &c.subject_words), (WordField::Body, &c.body_words)] {
+        if let Some(list) = list {
+            out.push(words_leaf(pool, f, list).map_err(|m| err(src, spec, m))?);
+        }
+    }
     if let Some(h) = &c.missing_header {
         out.push(Cond::Leaf(Leaf::MissingHeader(h.to_ascii_lowercase())));
     }
@@ -279,6 +326,42 @@ fn cond(
         0 => Err(err(src, spec, "empty condition: set one of all, any, not or a condition key")),
         _ => Err(err(src, spec, "a condition table has exactly one key; combine several with all = [...]")),
     }
+}
+
+/// The leaves on attachments' types, sizes and archives, and on the MIME structure's depth.
+fn attachment_leaves(c: &CondSpec, out: &mut Vec<Cond>) -> Result<(), String> {
+    if let Some(v) = &c.attachment_type {
+        out.push(Cond::Leaf(Leaf::AttachmentType(TypePatterns::parse(v)?)));
+    }
+    if let Some(n) = c.attachment_size_over {
+        out.push(Cond::Leaf(Leaf::AttachmentSizeOver(n)));
+    }
+    if let Some(n) = c.mime_depth_over {
+        out.push(Cond::Leaf(Leaf::MimeDepthOver(n)));
+    }
+    for (flag, leaf) in [(c.archive_unreadable, Leaf::ArchiveUnreadable), (c.archive_encrypted, Leaf::ArchiveEncrypted)]
+    {
+        match flag {
+            Some(true) => out.push(Cond::Leaf(leaf)),
+            Some(false) => out.push(Cond::Not(Box::new(Cond::Leaf(leaf)))),
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// `body_words = [...]`: the words go into the field's shared automaton; the leaf keeps their ids.
+fn words_leaf(pool: &mut Pool, f: WordField, list: &[String]) -> Result<Cond, String> {
+    if list.is_empty() {
+        return Err("a word list needs at least one entry".into());
+    }
+    let mut ids = Vec::with_capacity(list.len());
+    for w in list {
+        ids.push(pool.word(f, words::normalize(w)?));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    Ok(Cond::Leaf(Leaf::Words { field: f, ids }))
 }
 
 fn in_list(spec: &InListSpec, lists: &HashMap<String, (usize, ListKind)>) -> Result<Cond, String> {
@@ -301,6 +384,15 @@ fn in_list(spec: &InListSpec, lists: &HashMap<String, (usize, ListKind)>) -> Res
 /// (only then) so each error names its rule.
 fn build_sets(set: &mut RuleSet, pool: Pool, origins: &[(&Path, &str, usize)], errors: &mut Vec<RuleError>) {
     set.header_names = pool.header_names;
+    for (slot, words) in set.words.iter_mut().zip(&pool.words) {
+        if words.is_empty() {
+            continue;
+        }
+        match WordSet::new(words) {
+            Ok(w) => *slot = Some(w),
+            Err(m) => errors.push(RuleError::file(Path::new("<rules>"), m)),
+        }
+    }
     for pats in pool.patterns {
         if pats.is_empty() {
             set.sets.push(None);

@@ -1,120 +1,15 @@
 //! Evaluation: the facts a phase knows ([`Facts`]), the message content extracted once with mail-parser
-//! ([`Content`]), and the rules of a phase that hit ([`RuleSet::hits`]).
+//! ([`Content`], in [`super::content`]), and the rules of a phase that hit ([`RuleSet::hits`]).
 //!
-//! Each regex field is run once through its `RegexSet` (lazily, on the first leaf that asks), so the cost
-//! of a phase is one automaton pass per field used plus a cheap walk of the condition trees.
+//! Each regex field is run once through its `RegexSet`, and each word field once through its Aho-Corasick
+//! automaton (lazily, on the first leaf that asks), so the cost of a phase is one automaton pass per field
+//! used plus a cheap walk of the condition trees.
 
 use std::cell::OnceCell;
 use std::net::IpAddr;
 
-use mail_parser::{HeaderValue, MessageParser, MimeHeaders};
-
-use super::{field, Cond, Leaf, ListField, Phase, RuleSet};
-
-/// The most URLs taken from one message (bounds the work on hostile bodies).
-const MAX_URLS: usize = 1000;
-
-/// What the content rules see of a message, decoded.
-#[derive(Debug, Default)]
-pub struct Content {
-    /// (lower-case name, decoded value), in order.
-    pub headers: Vec<(String, String)>,
-    pub subject: Option<String>,
-    /// The first From address: (display name, address).
-    pub from: Option<(Option<String>, Option<String>)>,
-    /// Decoded text/plain and text/html parts.
-    pub texts: Vec<String>,
-    pub urls: Vec<String>,
-    pub url_domains: Vec<String>,
-    /// Attachment file names (possibly empty) and their SHA-256 (hex).
-    pub attachments: Vec<(String, String)>,
-    pub parts: usize,
-}
-
-impl Content {
-    /// Parses a message (or the scanned part of it).
-    pub fn parse(raw: &[u8]) -> Content {
-        let mut c = Content::default();
-        // A non-empty header map makes mail-parser use the default (RFC 2047-decoding text) parser for every
-        // other header; with an empty map it keeps unknown headers raw.
-        let parser = MessageParser::new().with_minimal_headers().with_address_headers().with_message_ids();
-        let Some(msg) = parser.default_header_text().parse(raw) else { return c };
-        for h in msg.headers() {
-            c.headers.push((h.name.as_str().to_ascii_lowercase(), header_text(&h.value)));
-        }
-        c.subject = msg.subject().map(str::to_string);
-        c.from =
-            msg.from().and_then(|a| a.first()).map(|a| (a.name().map(str::to_string), a.address().map(str::to_string)));
-        for i in 0.. {
-            let Some(t) = msg.body_text(i) else { break };
-            c.texts.push(t.into_owned());
-        }
-        for i in 0.. {
-            let Some(t) = msg.body_html(i) else { break };
-            c.texts.push(t.into_owned());
-        }
-        for a in msg.attachments() {
-            let name = a.attachment_name().unwrap_or("").to_string();
-            let hash = ring::digest::digest(&ring::digest::SHA256, a.contents());
-            c.attachments.push((name, hash.as_ref().iter().map(|b| format!("{b:02x}")).collect()));
-        }
-        c.parts = msg.parts.len();
-        c.extract_urls();
-        c
-    }
-
-    fn extract_urls(&mut self) {
-        for t in &self.texts {
-            for (i, _) in t.match_indices("://") {
-                if self.urls.len() >= MAX_URLS {
-                    return;
-                }
-                let scheme_start = t[..i].rfind(|ch: char| !ch.is_ascii_alphanumeric()).map_or(0, |p| p + 1);
-                let scheme = t[scheme_start..i].to_ascii_lowercase();
-                if scheme != "http" && scheme != "https" {
-                    continue;
-                }
-                let rest = &t[i + 3..];
-                let end = rest.find(|ch: char| ch.is_whitespace() || "\"'<>()[]{}".contains(ch)).unwrap_or(rest.len());
-                let url = &rest[..end];
-                let host = url.split(['/', '?', '#']).next().unwrap_or("");
-                let host = host.rsplit('@').next().unwrap_or(host);
-                let host = host.split(':').next().unwrap_or(host).trim_end_matches('.').to_ascii_lowercase();
-                if !host.is_empty() {
-                    self.urls.push(format!("{scheme}://{url}"));
-                    self.url_domains.push(host);
-                }
-            }
-        }
-    }
-
-    fn header<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers.iter().filter(move |(n, _)| n == name).map(|(_, v)| v.as_str())
-    }
-}
-
-fn header_text(v: &HeaderValue<'_>) -> String {
-    match v {
-        HeaderValue::Text(t) => t.to_string(),
-        HeaderValue::TextList(l) => l.join(", "),
-        HeaderValue::Address(a) => a
-            .iter()
-            .map(|x| match (x.name(), x.address()) {
-                (Some(n), Some(a)) => format!("{n} <{a}>"),
-                (None, Some(a)) => a.to_string(),
-                (Some(n), None) => n.to_string(),
-                (None, None) => String::new(),
-            })
-            .collect::<Vec<_>>()
-            .join(", "),
-        HeaderValue::DateTime(d) => d.to_rfc3339(),
-        HeaderValue::ContentType(ct) => match ct.subtype() {
-            Some(s) => format!("{}/{s}", ct.ctype()),
-            None => ct.ctype().to_string(),
-        },
-        _ => String::new(),
-    }
-}
+pub use super::content::{Attachment, Content};
+use super::{field, Cond, Leaf, ListField, Phase, RuleSet, WordField};
 
 /// What is known when a phase runs.
 #[derive(Debug)]
@@ -140,7 +35,7 @@ impl RuleSet {
     /// The indices (into `rules`) of the rules of `phase` whose conditions hold, accept rules first.
     pub fn hits(&self, phase: Phase, facts: &Facts<'_>) -> Vec<usize> {
         let cache: Vec<OnceCell<Vec<bool>>> = (0..self.sets.len()).map(|_| OnceCell::new()).collect();
-        let ev = Eval { set: self, facts, cache };
+        let ev = Eval { set: self, facts, cache, word_cache: Default::default() };
         self.by_phase[phase as usize].iter().copied().filter(|&i| ev.cond(&self.rules[i].cond)).collect()
     }
 }
@@ -149,6 +44,8 @@ struct Eval<'a, 'f> {
     set: &'a RuleSet,
     facts: &'a Facts<'f>,
     cache: Vec<OnceCell<Vec<bool>>>,
+    /// Per [`WordField`]: which words of its automaton occur.
+    word_cache: [OnceCell<Vec<bool>>; 2],
 }
 
 impl Eval<'_, '_> {
@@ -175,9 +72,7 @@ impl Eval<'_, '_> {
             field::URL_DOMAIN => {
                 content.map(|c| c.url_domains.iter().map(String::as_str).collect()).unwrap_or_default()
             }
-            field::ATTACHMENT_NAME => {
-                content.map(|c| c.attachments.iter().map(|(n, _)| n.as_str()).collect()).unwrap_or_default()
-            }
+            field::ATTACHMENT_NAME => content.map(|c| c.file_names().collect()).unwrap_or_default(),
             h => match (content, self.set.header_names.get(h - field::HEADER_BASE)) {
                 (Some(c), Some(name)) => c.header(name).collect(),
                 _ => Vec::new(),
@@ -201,6 +96,17 @@ impl Eval<'_, '_> {
         hits.get(idx).copied().unwrap_or(false)
     }
 
+    /// Whether any of the words `ids` occurs in the field (one automaton pass per field and phase).
+    fn words(&self, f: WordField, ids: &[usize]) -> bool {
+        let Some(set) = &self.set.words[f as usize] else { return false };
+        let Some(content) = self.facts.content else { return false };
+        let found = self.word_cache[f as usize].get_or_init(|| match f {
+            WordField::Subject => set.scan(content.subject.as_deref()),
+            WordField::Body => set.scan(content.texts.iter().map(String::as_str)),
+        });
+        ids.iter().any(|&i| found.get(i).copied().unwrap_or(false))
+    }
+
     fn leaf(&self, l: &Leaf) -> bool {
         let facts = self.facts;
         let content = facts.content;
@@ -216,12 +122,23 @@ impl Eval<'_, '_> {
             Leaf::FromSpoof => content.is_some_and(|c| self.display_spoof(c)),
             Leaf::UrlDomains(d) => content.is_some_and(|c| c.url_domains.iter().any(|u| d.contains(u))),
             Leaf::AttachmentExt(exts) => content.is_some_and(|c| {
-                c.attachments.iter().any(|(n, _)| {
+                c.file_names().any(|n| {
                     let n = n.trim().trim_end_matches('.').to_lowercase();
                     n.rsplit_once('.').is_some_and(|(_, e)| exts.contains(e))
                 })
             }),
+            Leaf::AttachmentType(types) => content.is_some_and(|c| {
+                c.attachments.iter().any(|a| {
+                    a.declared_type.as_deref().is_some_and(|t| types.matches(t))
+                        || a.sniffed_type.is_some_and(|t| types.matches(t))
+                })
+            }),
+            Leaf::AttachmentSizeOver(n) => content.is_some_and(|c| c.attachments.iter().any(|a| a.size as u64 > *n)),
             Leaf::MimePartsOver(n) => content.is_some_and(|c| c.parts > *n),
+            Leaf::MimeDepthOver(n) => content.is_some_and(|c| c.depth > *n),
+            Leaf::Words { field, ids } => self.words(*field, ids),
+            Leaf::ArchiveUnreadable => content.is_some_and(|c| c.archive_unreadable),
+            Leaf::ArchiveEncrypted => content.is_some_and(|c| c.archive_encrypted),
             Leaf::MissingHeader(h) => content.is_some_and(|c| c.header(h).all(|v| v.trim().is_empty())),
             Leaf::InList { list, field } => self.in_list(*list, *field),
         }
@@ -244,7 +161,7 @@ impl Eval<'_, '_> {
             }
             ListField::UrlDomain => c.is_some_and(|c| c.url_domains.iter().any(|d| check(d))),
             ListField::Url => c.is_some_and(|c| c.urls.iter().any(|u| check(u))),
-            ListField::AttachmentSha256 => c.is_some_and(|c| c.attachments.iter().any(|(_, h)| check(h))),
+            ListField::AttachmentSha256 => c.is_some_and(|c| c.attachments.iter().any(|a| check(&a.sha256))),
         }
     }
 

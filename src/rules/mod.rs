@@ -1,14 +1,19 @@
 //! Rule files (`rules/*.toml`) and their lists: parsing ([`parse`]), compilation ([`compile`]), lookup
-//! structures ([`lists`]), evaluation ([`eval`]) and the reloadable handle ([`Rules`]).
+//! structures ([`lists`], [`words`]), the message content ([`content`], with [`sniff`] and [`zip`] for
+//! attachments), evaluation ([`eval`]) and the reloadable handle ([`Rules`]).
 //!
 //! A [`RuleSet`] is immutable. The server holds it in an `ArcSwap`; a transaction takes one snapshot at
 //! MAIL and is judged by it to the end, whatever reloads happen meanwhile (DESIGN.md invariant 6). The
 //! pipeline stage that applies it is `pipeline::rules`. The format is documented in `docs/rules.md`.
 
 pub mod compile;
+pub mod content;
 pub mod eval;
 pub mod lists;
 pub mod parse;
+pub mod sniff;
+pub mod words;
+pub mod zip;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -30,8 +35,14 @@ pub enum Phase {
     Connect,
     Mail,
     Rcpt,
+    /// The header section is complete (its empty line arrived during DATA/BDAT): rules on headers and the
+    /// envelope decide before the body is spooled, or at end of data when the section is too long.
+    Headers,
     Data,
 }
+
+/// Every phase, in order.
+const PHASES: [Phase; 5] = [Phase::Connect, Phase::Mail, Phase::Rcpt, Phase::Headers, Phase::Data];
 
 impl Phase {
     /// A stable label for the audit record.
@@ -40,6 +51,7 @@ impl Phase {
             Phase::Connect => "connect",
             Phase::Mail => "mail",
             Phase::Rcpt => "rcpt",
+            Phase::Headers => "headers",
             Phase::Data => "data",
         }
     }
@@ -58,6 +70,13 @@ pub mod field {
     /// The forward-confirmed reverse DNS name (`server.reverse_dns`).
     pub const CLIENT_NAME: usize = 8;
     pub const HEADER_BASE: usize = 9;
+}
+
+/// The fields a literal word list (`subject_words`, `body_words`) can search, one automaton each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WordField {
+    Subject = 0,
+    Body = 1,
 }
 
 /// What a list membership test looks up.
@@ -97,6 +116,7 @@ impl ListField {
             ListField::ClientIp => Phase::Connect,
             ListField::Helo | ListField::MailFrom | ListField::MailFromDomain => Phase::Mail,
             ListField::RcptTo | ListField::RcptDomain => Phase::Rcpt,
+            ListField::FromDomain => Phase::Headers,
             _ => Phase::Data,
         }
     }
@@ -131,7 +151,18 @@ pub enum Leaf {
     FromSpoof,
     UrlDomains(DomainSet),
     AttachmentExt(HashSet<String>),
+    /// Declared or sniffed type of any attachment.
+    AttachmentType(sniff::TypePatterns),
+    AttachmentSizeOver(u64),
     MimePartsOver(usize),
+    MimeDepthOver(usize),
+    /// Any of patterns `ids` of the field's word automaton occurs.
+    Words {
+        field: WordField,
+        ids: Vec<usize>,
+    },
+    ArchiveUnreadable,
+    ArchiveEncrypted,
     MissingHeader(String),
     InList {
         list: usize,
@@ -151,9 +182,13 @@ impl Cond {
                     field::CLIENT_NAME => Phase::Connect,
                     field::HELO | field::MAIL_FROM | field::AUTH_USER => Phase::Mail,
                     field::RCPT_TO => Phase::Rcpt,
+                    field::SUBJECT => Phase::Headers,
+                    f if f >= field::HEADER_BASE => Phase::Headers,
                     _ => Phase::Data,
                 },
                 Leaf::InList { field, .. } => field.phase(),
+                Leaf::FromSpoof | Leaf::MissingHeader(_) => Phase::Headers,
+                Leaf::Words { field: WordField::Subject, .. } => Phase::Headers,
                 _ => Phase::Data,
             },
         }
@@ -167,8 +202,11 @@ pub enum Action {
     Reject(Option<Reply>),
     Tempfail(Option<Reply>),
     Discard,
-    /// Header lines (CRLF-terminated) to add.
-    Tag(Vec<String>),
+    /// Header lines (CRLF-terminated) to add, and a prefix for the Subject.
+    Tag {
+        headers: Vec<String>,
+        subject_prefix: Option<String>,
+    },
     Score(f64),
     Quarantine {
         deliver: bool,
@@ -184,7 +222,7 @@ impl Action {
             Action::Reject(_) => "reject",
             Action::Tempfail(_) => "tempfail",
             Action::Discard => "discard",
-            Action::Tag(_) => "tag",
+            Action::Tag { .. } => "tag",
             Action::Score(_) => "score",
             Action::Quarantine { .. } => "quarantine",
         }
@@ -206,9 +244,11 @@ pub struct Rule {
 pub struct RuleSet {
     pub rules: Vec<Rule>,
     /// Rule indices per phase, `accept` rules first (allow wins over block), then file order.
-    by_phase: [Vec<usize>; 4],
+    by_phase: [Vec<usize>; PHASES.len()],
     /// One multi-pattern regex per field (see [`field`]); `None` when no rule uses the field.
     sets: Vec<Option<regex_automata::meta::Regex>>,
+    /// One word automaton per [`WordField`]; `None` when no rule uses the field.
+    words: [Option<words::WordSet>; 2],
     /// Lower-case header names; header `i` is field `HEADER_BASE + i`.
     header_names: Vec<String>,
     lists: Vec<List>,
@@ -216,6 +256,8 @@ pub struct RuleSet {
     local_domains: DomainSet,
     pub tag_at: f64,
     pub reject_at: f64,
+    /// `[scores] subject_prefix`: the Subject prefix of a message that reaches `tag_at`.
+    pub tag_subject_prefix: Option<String>,
     /// Increases with every set built in this process, so tests and logs can tell versions apart.
     pub version: u64,
 }
@@ -230,7 +272,7 @@ static VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 
 impl RuleSet {
     fn order(&mut self) {
-        for p in [Phase::Connect, Phase::Mail, Phase::Rcpt, Phase::Data] {
+        for p in PHASES {
             let of_phase = || self.rules.iter().enumerate().filter(move |(_, r)| r.phase == p);
             let accept = of_phase().filter(|(_, r)| matches!(r.action, Action::Accept)).map(|(i, _)| i);
             let rest = of_phase().filter(|(_, r)| !matches!(r.action, Action::Accept)).map(|(i, _)| i);
@@ -247,6 +289,11 @@ impl RuleSet {
     /// Whether any rule needs the message content.
     pub fn needs_content(&self) -> bool {
         !self.by_phase[Phase::Data as usize].is_empty()
+    }
+
+    /// Whether any rule runs at `phase`.
+    pub fn has_phase(&self, phase: Phase) -> bool {
+        !self.by_phase[phase as usize].is_empty()
     }
 
     /// Reads `dir/*.toml` in file-name order (and the list files they name) and compiles them. A missing

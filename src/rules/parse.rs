@@ -61,11 +61,13 @@ pub struct FileSpec {
 }
 
 /// `[scores]`: thresholds compared with a message's summed score at end of data.
-#[derive(Clone, Copy, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ScoresSpec {
     pub tag_at: Option<f64>,
     pub reject_at: Option<f64>,
+    /// Put in front of the Subject of a message that reaches `tag_at` (no rule's prefix applied).
+    pub subject_prefix: Option<Spanned<String>>,
 }
 
 /// `[[rule]]`.
@@ -87,8 +89,8 @@ pub struct RuleSpec {
     /// Headers a `tag` or `quarantine` hit adds.
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
-    /// Accepted but not applied yet (see docs/rules.md).
-    pub subject_prefix: Option<String>,
+    /// For `tag`: put in front of the relayed message's Subject (`"[SPAM] "`).
+    pub subject_prefix: Option<Spanned<String>>,
     /// For `quarantine`: relay the message after keeping the copy (default false: discard it).
     #[serde(default)]
     pub deliver: bool,
@@ -169,7 +171,21 @@ pub struct CondSpec {
     pub url_domain: Option<StrOrList>,
     pub attachment_name: Option<String>,
     pub attachment_ext: Option<Vec<String>>,
+    /// MIME types or `type/*`, matched against declared and sniffed attachment types.
+    pub attachment_type: Option<Vec<String>>,
+    /// Bytes; any attachment whose decoded size exceeds it.
+    pub attachment_size_over: Option<u64>,
+    /// A zip attachment whose entries could not all be listed.
+    pub archive_unreadable: Option<bool>,
+    /// A zip attachment with an encrypted entry.
+    pub archive_encrypted: Option<bool>,
     pub mime_parts_over: Option<usize>,
+    /// Nesting depth of multiparts and attached messages.
+    pub mime_depth_over: Option<usize>,
+    /// Literal words or phrases, whole-word and ASCII case-insensitive, in the decoded Subject.
+    pub subject_words: Option<Vec<String>>,
+    /// Literal words or phrases, whole-word and ASCII case-insensitive, in the decoded text parts.
+    pub body_words: Option<Vec<String>>,
     pub missing_header: Option<String>,
     pub in_list: Option<InListSpec>,
 }

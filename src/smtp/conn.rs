@@ -8,6 +8,9 @@
 
 mod auth;
 mod message;
+mod reverse_dns;
+
+pub use reverse_dns::ReverseDns;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,7 +51,8 @@ pub struct ListenerContext {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub implicit_tls: bool,
     pub received_header: bool,
-    pub reverse_dns: Option<Duration>,
+    /// Reverse DNS of clients (bounded, shared by all listeners); `None` with `server.reverse_dns = false`.
+    pub reverse_dns: Option<ReverseDns>,
     pub pool: Arc<Pool>,
     pub spool: SpoolBudget,
     pub pipeline: Pipeline,
@@ -74,6 +78,9 @@ struct Txn {
     too_big: bool,
     /// Writing to the spool failed (disk full): answered `452 4.3.1` at the end.
     spool_failed: bool,
+    /// A final verdict at the end of the header section (refusal, discard): nothing more is spooled, the
+    /// reply waits for the end of the data.
+    early: Option<Verdict>,
 }
 
 /// Why the read loop stopped.
@@ -97,6 +104,9 @@ struct Driver {
     txn: Option<Txn>,
     deadline: Instant,
     txn_seq: u32,
+    /// The client's identity changed (a new EHLO/HELO, STARTTLS) since the held upstream connection was
+    /// introduced: the next MAIL re-introduces it, or the upstream would log and check the old HELO.
+    ident_stale: bool,
 }
 
 /// Serves one accepted connection to its end. `io` is the raw TCP stream (TLS is layered here).
@@ -108,8 +118,8 @@ pub async fn serve(
     conn_id: String,
 ) -> CloseReason {
     let _ = io.set_nodelay(true);
-    let name = match ctx.reverse_dns {
-        Some(limit) => reverse_name(peer.ip(), limit).await,
+    let name = match &ctx.reverse_dns {
+        Some(rdns) => rdns.name(peer.ip()).await,
         None => None,
     };
     let info = ConnInfo { listener: ctx.name.clone(), peer, local, name: name.clone() };
@@ -126,23 +136,13 @@ pub async fn serve(
         txn: None,
         deadline: Instant::now() + ctx.session_timeout,
         txn_seq: 0,
+        ident_stale: false,
         conn_id,
         ctx,
     };
     let reason = d.run().await;
     d.finish().await;
     reason
-}
-
-/// Forward-confirmed reverse DNS (as Postfix does): the PTR name counts only if it resolves back to the IP.
-async fn reverse_name(ip: std::net::IpAddr, limit: Duration) -> Option<String> {
-    let lookup = async {
-        let name = tokio::task::spawn_blocking(move || dns_lookup::lookup_addr(&ip).ok()).await.ok()??;
-        let addrs = tokio::net::lookup_host((name.as_str(), 0)).await.ok()?;
-        let confirmed = addrs.into_iter().any(|a| a.ip() == ip);
-        (confirmed && name.parse::<std::net::IpAddr>().is_err()).then_some(name)
-    };
-    tokio::time::timeout(limit, lookup).await.ok().flatten()
 }
 
 // === impl Driver ===
@@ -172,6 +172,11 @@ impl Driver {
     /// Reads and answers commands until the session ends.
     async fn command_loop(&mut self) -> Result<(), Stop> {
         loop {
+            if self.txn.is_none() && self.ctx.shutdown.is_cancelled() {
+                // Draining: the transaction in flight has ended, so whatever the client pipelined after it
+                // (a new MAIL after the final dot) must not start another one.
+                return Err(self.close_for_shutdown().await);
+            }
             let (n, framed) = self.lines.frame(&self.rbuf);
             let line = match framed {
                 Some(Framed::Line(len)) => Some(self.rbuf[..len].to_vec()),
@@ -187,11 +192,13 @@ impl Driver {
             let step = match line {
                 Some(line) => {
                     crate::metrics::command(crate::metrics::Verb::from_line(&line));
+                    // What an EHLO reply may advertise follows what the upstream last offered.
+                    self.session.set_upstream_offers(self.ctx.pool.offers());
                     self.session.command(&line)
                 }
                 None => {
                     crate::metrics::limit_hit(crate::metrics::Limit::MaxCommandLine);
-                    self.session.line_too_long(self.ctx.max_command_line)
+                    self.session.line_too_long(self.lines.broken_limit())
                 }
             };
             if let Some(reason) = self.step(step).await? {
@@ -249,9 +256,11 @@ impl Driver {
         self.lines = LineReader::new(self.ctx.max_command_line);
         self.handshake().await.map_err(Stop::Close)?;
         self.session.tls_started();
-        // RFC 3207 4.2: nothing learnt before TLS carries over, including a login.
+        // RFC 3207 4.2: nothing learnt before TLS carries over, including a login; a held upstream connection
+        // still carries the old introduction.
         self.ident.helo = None;
         self.ident.login = None;
+        self.ident_stale = true;
         Ok(())
     }
 
@@ -329,6 +338,7 @@ impl Driver {
                 size: 0,
                 too_big: false,
                 spool_failed: false,
+                early: None,
             });
         }
         self.queue(&reply);
@@ -337,9 +347,9 @@ impl Driver {
     /// Borrows an upstream connection if needed and sends MAIL; a connection that went stale while the
     /// client idled is replaced once.
     async fn upstream_mail(&mut self, mail: &MailFrom) -> Reply {
-        if let Some(h) = self.session.helo() {
-            self.ident.helo = Some(h.name.clone());
-            self.ident.esmtp = h.extended;
+        self.sync_helo();
+        if self.ident_stale {
+            self.reintroduce_held().await;
         }
         for attempt in 0..2 {
             let reused = match self.upstream.take() {
@@ -376,6 +386,33 @@ impl Driver {
         Reply::upstream_unavailable()
     }
 
+    /// Copies the client's current EHLO/HELO into the identity; a change marks the identity stale.
+    fn sync_helo(&mut self) {
+        let Some(h) = self.session.helo() else { return };
+        if self.ident.helo.as_deref() != Some(h.name.as_str()) || self.ident.esmtp != h.extended {
+            self.ident.helo = Some(h.name.clone());
+            self.ident.esmtp = h.extended;
+            self.ident_stale = true;
+        }
+    }
+
+    /// Introduces the client again on the held upstream connection (XCLIENT, then EHLO with the new HELO).
+    /// A connection that refuses is dropped; the checkout that follows introduces a fresh one. Either way
+    /// every connection used from here on carries the current identity.
+    async fn reintroduce_held(&mut self) {
+        if let Some(conn) = self.upstream.as_mut() {
+            debug!("client identity changed; re-introducing it to the held upstream connection");
+            match conn.introduce(&self.ident).await {
+                Ok(()) => self.ctx.pool.learn(conn.extensions()),
+                Err(e) => {
+                    debug!(error = %e, "held upstream connection refused the new introduction; replacing it");
+                    self.upstream = None;
+                }
+            }
+        }
+        self.ident_stale = false;
+    }
+
     fn upstream_failure(&self, e: UpstreamError, reply: Reply) -> Reply {
         crate::metrics::upstream_error(e.kind());
         warn!(error = %e, source = ?std::error::Error::source(&e), upstream.addr = %self.ctx.pool.settings().address, "upstream failure");
@@ -387,6 +424,7 @@ impl Driver {
             self.queue(&Reply::bad_sequence("need MAIL before RCPT"));
             return;
         };
+        let mark = txn.ctx.mark();
         let verdict = self.ctx.pipeline.rcpt(&self.info, &mut txn.ctx, &rcpt).await;
         let reply = match verdict.refusal() {
             Some(r) => r.clone(),
@@ -412,6 +450,10 @@ impl Driver {
             },
         );
         if let Some(txn) = self.txn.as_mut() {
+            if !reply.is_positive() {
+                // A refused recipient (by a stage or by the upstream) leaves no tag or score on the message.
+                txn.ctx.rollback(mark);
+            }
             txn.rcpts.push((rcpt.address.clone(), reply.clone()));
         }
         self.session.rcpt_done(rcpt, &reply);
@@ -466,12 +508,17 @@ impl Driver {
         let shutdown = self.ctx.shutdown.clone();
         tokio::select! {
             biased;
-            _ = shutdown.cancelled(), if self.txn.is_none() => {
-                self.queue(&Reply::shutting_down(&self.ctx.session.hostname));
-                self.flush().await?;
-                Err(Stop::Close(CloseReason::Shutdown))
-            }
+            _ = shutdown.cancelled(), if self.txn.is_none() => Err(self.close_for_shutdown().await),
             r = self.read_some(idle, crate::metrics::Limit::IdleTimeout) => r,
+        }
+    }
+
+    /// `421 4.3.2` and the end of the session: moat is shutting down and no transaction is open.
+    async fn close_for_shutdown(&mut self) -> Stop {
+        self.queue(&Reply::shutting_down(&self.ctx.session.hostname));
+        match self.flush().await {
+            Ok(()) => Stop::Close(CloseReason::Shutdown),
+            Err(stop) => stop,
         }
     }
 

@@ -11,11 +11,13 @@
 
 mod identity;
 mod pool;
+mod splice;
 #[cfg(test)]
 mod tests;
 
 pub use identity::{xtext, ClientIdentity};
 pub use pool::Pool;
+pub use splice::Splice;
 
 use std::io;
 use std::net::SocketAddr;
@@ -272,8 +274,10 @@ impl Connection {
             tls: false,
             line: Vec::with_capacity(256),
         };
-        if let (Identity::ProxyV2, Some(id)) = (conn.settings.identity, ident) {
-            conn.write(&id.proxy_v2_header(), Phase::Connect).await?;
+        if conn.settings.identity == Identity::ProxyV2 {
+            // Without a client (the start-up probe, `Pool::probe`) a LOCAL header: "the proxy itself".
+            let header = ident.map_or_else(|| identity::PROXY_V2_LOCAL.to_vec(), ClientIdentity::proxy_v2_header);
+            conn.write(&header, Phase::Connect).await?;
             // The upstream sends nothing before it has the header: it must leave our buffer now.
             conn.flush(Phase::Connect).await?;
         }
@@ -389,17 +393,15 @@ impl Connection {
                 None => {}
             }
         }
+        if let Some(refusal) = self.unsupported(mail.smtputf8, !mail.dsn.is_empty()) {
+            return Ok(refusal);
+        }
         if mail.smtputf8 {
-            if !self.ext.smtputf8 {
-                return Ok(Reply::new(553, "5.6.7 Upstream does not support SMTPUTF8"));
-            }
             line.push_str(" SMTPUTF8");
         }
-        if self.ext.dsn {
-            for p in &mail.dsn {
-                line.push(' ');
-                line.push_str(&p.to_string());
-            }
+        for p in &mail.dsn {
+            line.push(' ');
+            line.push_str(&p.to_string());
         }
         let reply = self.command(&line, Phase::Mail).await?;
         crate::metrics::upstream_reply(crate::metrics::UpstreamPhase::Mail, reply.code);
@@ -407,14 +409,29 @@ impl Connection {
         Ok(reply)
     }
 
+    /// `455 4.5.4` when the client uses SMTPUTF8 or DSN parameters this connection's upstream does not offer.
+    /// The session refuses parameters it did not advertise, and advertises only what the pool last saw the
+    /// upstream offer; so this is the rare upstream that changed in between (or offers them to some clients
+    /// only): temporary, as the client's next session is not offered them. Dropping them instead would lose
+    /// a NOTIFY the client relies on (RFC 3461 5.2 wants a "relayed" DSN then, which moat cannot send).
+    fn unsupported(&self, smtputf8: bool, dsn: bool) -> Option<Reply> {
+        let missing = match (smtputf8 && !self.ext.smtputf8, dsn && !self.ext.dsn) {
+            (true, _) => "SMTPUTF8",
+            (false, true) => "DSN",
+            (false, false) => return None,
+        };
+        Some(Reply::new(455, format!("4.5.4 The upstream does not offer {missing} now; try again later")))
+    }
+
     /// Sends RCPT TO; returns the upstream's reply.
     pub async fn rcpt(&mut self, rcpt: &RcptTo) -> Result<Reply, UpstreamError> {
+        if let Some(refusal) = self.unsupported(false, !rcpt.dsn.is_empty()) {
+            return Ok(refusal);
+        }
         let mut line = format!("RCPT TO:<{}>", rcpt.address);
-        if self.ext.dsn {
-            for p in &rcpt.dsn {
-                line.push(' ');
-                line.push_str(&p.to_string());
-            }
+        for p in &rcpt.dsn {
+            line.push(' ');
+            line.push_str(&p.to_string());
         }
         let reply = self.command(&line, Phase::Rcpt).await?;
         crate::metrics::upstream_reply(crate::metrics::UpstreamPhase::Rcpt, reply.code);
@@ -422,8 +439,15 @@ impl Connection {
     }
 
     /// Sends the message: DATA, then `prefix` (headers moat adds, canonical CRLF) and the spooled message,
-    /// dot-stuffed, then the end marker. Returns the upstream's final reply (or its refusal of DATA).
-    pub async fn send_message(&mut self, prefix: &[u8], spool: &mut Spool) -> Result<Reply, UpstreamError> {
+    /// dot-stuffed, then the end marker. `splice` replaces one range of the spooled message on the way (a
+    /// rewritten Subject); the rest goes byte for byte. Returns the upstream's final reply (or its refusal
+    /// of DATA).
+    pub async fn send_message(
+        &mut self,
+        prefix: &[u8],
+        spool: &mut Spool,
+        splice: Option<&Splice>,
+    ) -> Result<Reply, UpstreamError> {
         let start = std::time::Instant::now();
         let reply = self.command("DATA", Phase::Data).await?;
         if reply.code != 354 {
@@ -443,10 +467,14 @@ impl Connection {
         let mut wire = Vec::with_capacity(crate::spool::FILE_CHUNK + 1024);
         let mut at_line_start = true;
         crate::smtp::codec::stuff(prefix, &mut at_line_start, &mut wire);
-        let (mut buf, mut pos) = (Vec::new(), 0u64);
+        let (mut buf, mut pos, mut at) = (Vec::new(), 0u64, 0u64);
         while let Some(chunk) = spool.next_chunk(&mut buf, &mut pos).await.map_err(io_err)? {
             for piece in chunk.chunks(crate::spool::FILE_CHUNK) {
-                crate::smtp::codec::stuff(piece, &mut at_line_start, &mut wire);
+                match splice {
+                    Some(s) => s.apply(piece, at, |b| crate::smtp::codec::stuff(b, &mut at_line_start, &mut wire)),
+                    None => crate::smtp::codec::stuff(piece, &mut at_line_start, &mut wire),
+                }
+                at += piece.len() as u64;
                 // Hold back the last piece so the end marker goes out in the same write (one syscall less
                 // per message; most messages are one piece).
                 if wire.len() >= crate::spool::FILE_CHUNK {

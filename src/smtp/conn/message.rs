@@ -1,18 +1,47 @@
-//! The message side of a connection: reading DATA and BDAT into the spool, the end-of-data verdict, the
-//! relay upstream, and the audit record. Split from `conn.rs` to keep each file about one phase.
+//! The message side of a connection: reading DATA and BDAT into the spool, the verdict at the end of the
+//! header section and at the end of data, the relay upstream (with a rewritten Subject when a verdict asked
+//! for one), and the audit record. Split from `conn.rs` to keep each file about one phase.
+//!
+//! Memory: the spool holds a message within `spool.memory_budget` (spilling past it); the content scan's
+//! copy of the message, and its parse, are reserved against the same budget before they are made, so all
+//! sessions together stay within it. A scan that finds no room within [`SCAN_BUDGET_WAIT`] is answered
+//! `451 4.3.1` (the client retries later) rather than relayed unscanned.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use bytes::Buf;
-use tracing::{debug, info};
+use bytes::{Buf, Bytes};
+use tracing::{debug, info, warn};
 
 use super::{Driver, Stop, Txn, MAX_HEAD};
 use crate::audit::{RcptRecord, ReplyRecord, StageRecord, TransactionRecord, UpstreamRecord};
 use crate::metrics::MessageVerdict;
+use crate::pipeline::subject::{self, SubjectEdit};
 use crate::pipeline::{MessageView, Verdict};
 use crate::smtp::codec::{DataDecoder, Framing};
 use crate::smtp::Reply;
 use crate::trace::{header_section, header_value, received_header, ReceivedInfo};
+use crate::upstream::Splice;
+
+/// How long a content scan waits for room in the memory budget. Scans in progress give memory back within
+/// milliseconds (about a second for a 25 MiB message), so waiting this long absorbs bursts; past it the
+/// machine is short of memory for messages and the sender is better told to retry (it has 10 minutes for
+/// the reply to its final dot, RFC 5321 4.5.3.2.6).
+const SCAN_BUDGET_WAIT: Duration = Duration::from_secs(2);
+
+/// The scan's reservation per byte scanned: the copy of the message, and mail-parser's decoded parts,
+/// which are at most about as large.
+const SCAN_MEMORY_FACTOR: u64 = 2;
+
+/// Whether `head` (the start of the message) holds its whole header section: the empty line that ends it
+/// was read (a message may also start with it: no headers at all).
+fn head_complete(head: &[u8]) -> bool {
+    head.starts_with(b"\r\n") || memchr::memmem::find(head, b"\r\n\r\n").is_some()
+}
+
+/// The reply when the memory budget has no room for a content scan.
+fn scan_budget_exhausted() -> Reply {
+    Reply::new(451, "4.3.1 insufficient system resources, try again later")
+}
 
 /// The first `window` bytes of the spooled message, for the content stages; `None` if the spool cannot be
 /// read (the stages then see the header section only).
@@ -63,6 +92,8 @@ impl Driver {
     }
 
     /// Feeds up to `max` buffered bytes through the decoder into the spool. Returns (consumed, end seen).
+    /// The decoder keeps running on a refused message (it finds the end and enforces the line limits), but
+    /// its bytes are dropped.
     async fn decode_input(&mut self, max: usize) -> Result<(usize, bool), Stop> {
         let Some(txn) = self.txn.as_mut() else { return Ok((self.rbuf.len().min(max), false)) };
         let Some(decoder) = txn.decoder.as_mut() else { return Ok((self.rbuf.len().min(max), false)) };
@@ -76,19 +107,44 @@ impl Driver {
             crate::metrics::limit_hit(crate::metrics::Limit::MaxMessageSize);
         }
         let refused = txn.too_big || txn.spool_failed || decoder.refusal().is_some();
-        if !txn.head_done {
-            let room = MAX_HEAD - txn.head.len();
-            txn.head.extend_from_slice(&out[..out.len().min(room)]);
-            txn.head_done = txn.head.len() >= MAX_HEAD || header_section(&txn.head).len() < txn.head.len();
+        let headers_ended = !txn.head_done && Self::track_head(txn, &out);
+        if headers_ended && !refused {
+            self.header_verdict().await;
         }
-        if !refused {
+        let Some(txn) = self.txn.as_mut() else { return Ok((n, end)) };
+        if !refused && txn.early.is_none() {
             // A message already refused is not spooled any further: its bytes are read and dropped.
             if let Err(e) = txn.spool.write(&out).await {
-                tracing::warn!(error = %e, "cannot spool message");
+                warn!(error = %e, "cannot spool message");
                 txn.spool_failed = true;
             }
         }
         Ok((n, end))
+    }
+
+    /// Keeps the start of the message up to the end of its header section, within [`MAX_HEAD`]. Returns
+    /// whether the header section just ended within that bound (a longer one is judged at end of data).
+    fn track_head(txn: &mut Txn, out: &[u8]) -> bool {
+        let room = MAX_HEAD - txn.head.len();
+        txn.head.extend_from_slice(&out[..out.len().min(room)]);
+        let complete = head_complete(&txn.head);
+        txn.head_done = complete || txn.head.len() >= MAX_HEAD;
+        complete
+    }
+
+    /// The header section just ended: the pipeline's header-phase verdict. A final one (refusal, discard)
+    /// stops spooling and gives back what was spooled; the client still sends the rest, which is read and
+    /// dropped, and gets the reply at the end of the data (RFC 5321 4.1.1.4: DATA is answered after the
+    /// final dot). The upstream never sees the message.
+    async fn header_verdict(&mut self) {
+        let Some(txn) = self.txn.as_mut() else { return };
+        let head = header_section(&txn.head);
+        let verdict = self.ctx.pipeline.headers(&self.info, &mut txn.ctx, head).await;
+        if matches!(verdict, Verdict::Reject(_) | Verdict::Tempfail(_) | Verdict::Discard) {
+            debug!(txn.id = %txn.id, verdict = verdict.as_str(), "decided on the headers; dropping the rest");
+            txn.spool = self.ctx.spool.spool();
+            txn.early = Some(verdict);
+        }
     }
 
     /// Handles `BDAT size [LAST]`: reads exactly `size` octets, then answers.
@@ -110,6 +166,12 @@ impl Driver {
             self.queue(&r);
             return Ok(());
         }
+        let early_refusal = self.txn.as_ref().is_some_and(|t| t.early.as_ref().is_some_and(|v| v.refusal().is_some()));
+        if early_refusal && !last {
+            // RFC 3030 2: a chunk may be refused, which ends the transaction; no need to take more chunks.
+            self.end_of_message().await;
+            return Ok(());
+        }
         let too_big = self.txn.as_ref().is_some_and(|t| t.too_big);
         if too_big && !last {
             // RFC 3030 2: a failed chunk ends the transaction; later chunks get 503.
@@ -124,7 +186,8 @@ impl Driver {
                     d.finish(&mut out);
                 }
                 txn.size += out.len() as u64;
-                if !txn.too_big && !txn.spool_failed && txn.decoder.as_ref().and_then(DataDecoder::refusal).is_none() {
+                let refused = txn.too_big || txn.spool_failed || txn.early.is_some();
+                if !refused && txn.decoder.as_ref().and_then(DataDecoder::refusal).is_none() {
                     let _ = txn.spool.write(&out).await;
                 }
             }
@@ -162,30 +225,26 @@ impl Driver {
             self.reset_upstream().await;
             return (r, MessageVerdict::Rejected, None);
         }
-        let head = header_section(&txn.head).to_vec();
-        let data = match self.ctx.pipeline.scan_window() {
-            Some(window) => scan_window(&mut txn.spool, window).await,
-            None => None,
+        let verdict = match txn.early.take() {
+            Some(v) => v,
+            None => match self.end_of_data_verdict(txn).await {
+                Ok(v) => v,
+                Err(r) => return (r, MessageVerdict::Tempfailed, None),
+            },
         };
-        let view = MessageView { head: &head, data: data.as_deref(), size: txn.size };
-        match self.ctx.pipeline.end_of_data(&self.info, &mut txn.ctx, &view).await {
-            Verdict::Reject(r) => {
-                self.reset_upstream().await;
-                return (r, MessageVerdict::Rejected, None);
-            }
-            Verdict::Tempfail(r) => {
-                self.reset_upstream().await;
-                return (r, MessageVerdict::Tempfailed, None);
-            }
-            Verdict::Discard => {
-                // Acknowledged but never relayed (DESIGN.md invariant 2); the audit record says "discarded".
-                self.reset_upstream().await;
-                return (Reply::new(250, "2.0.0 Ok"), MessageVerdict::Discarded, None);
-            }
-            Verdict::Accept | Verdict::Continue => {}
+        if let Some((reply, label)) = self.final_reply(verdict).await {
+            return (reply, label, None);
         }
-        let prefix = self.prefix(txn);
-        let reply = match self.relay(prefix.as_bytes(), txn).await {
+        let mut prefix = self.prefix(txn);
+        let splice = match Self::subject_edit(txn) {
+            SubjectEdit::Replace(s) => Some(s),
+            SubjectEdit::Add(line) => {
+                prefix.push_str(&line);
+                None
+            }
+            SubjectEdit::Keep => None,
+        };
+        let reply = match self.relay(prefix.as_bytes(), splice.as_ref(), txn).await {
             Ok(r) => r,
             Err(ours) => return (ours, MessageVerdict::Tempfailed, None),
         };
@@ -201,14 +260,65 @@ impl Driver {
         (reply.clone(), verdict, Some(reply))
     }
 
+    /// The pipeline's end-of-data verdict on the message: its header section, and the scan window when a
+    /// stage asked for one. The scan's memory is reserved against the spool budget first and given back
+    /// before the relay; `Err` is the reply when there is no room (the upstream transaction is reset).
+    async fn end_of_data_verdict(&mut self, txn: &mut Txn) -> Result<Verdict, Reply> {
+        // Capped so that one scan always fits in an otherwise idle budget.
+        let budget = &self.ctx.spool;
+        let window = self.ctx.pipeline.scan_window(&txn.ctx).map(|w| w.min(budget.capacity() / SCAN_MEMORY_FACTOR));
+        let (data, reservation) = match window {
+            Some(window) => {
+                let want = txn.spool.len().min(window) * SCAN_MEMORY_FACTOR;
+                let Some(r) = budget.reserve(want, SCAN_BUDGET_WAIT).await else {
+                    let in_use = budget.in_use();
+                    warn!(txn.id = %txn.id, size = txn.size, in_use, "spool.memory_budget full, cannot scan");
+                    self.reset_upstream().await;
+                    return Err(scan_budget_exhausted());
+                };
+                (scan_window(&mut txn.spool, window).await.map(Bytes::from), Some(r))
+            }
+            None => (None, None),
+        };
+        let head = header_section(&txn.head);
+        let view = MessageView { head, data, size: txn.size };
+        let verdict = self.ctx.pipeline.end_of_data(&self.info, &mut txn.ctx, &view).await;
+        // The scanned copy and its reservation go before the (possibly slow) relay.
+        drop(view);
+        drop(reservation);
+        Ok(verdict)
+    }
+
+    /// The client's reply for a verdict that stops the message (the upstream transaction is reset), with its
+    /// label; `None` when the message goes on to the upstream.
+    async fn final_reply(&mut self, verdict: Verdict) -> Option<(Reply, MessageVerdict)> {
+        let out = match verdict {
+            Verdict::Reject(r) => (r, MessageVerdict::Rejected),
+            Verdict::Tempfail(r) => (r, MessageVerdict::Tempfailed),
+            // Acknowledged but never relayed (DESIGN.md invariant 2); the audit record says "discarded".
+            Verdict::Discard => (Reply::new(250, "2.0.0 Ok"), MessageVerdict::Discarded),
+            Verdict::Accept | Verdict::Continue => return None,
+        };
+        self.reset_upstream().await;
+        Some(out)
+    }
+
+    /// How the Subject changes on the way upstream: only when a verdict asked for a prefix.
+    fn subject_edit(txn: &Txn) -> SubjectEdit {
+        let Some(prefix) = txn.ctx.subject_prefix.as_deref() else { return SubjectEdit::Keep };
+        let head = header_section(&txn.head);
+        let whole_message = txn.head.len() as u64 == txn.size;
+        subject::plan(head, whole_message || head_complete(head), prefix)
+    }
+
     /// Sends the message upstream and returns the upstream's reply. A connection the upstream dropped
     /// while the client was still sending (Postfix's `smtpd_timeout`, a restart) shows at the DATA command,
     /// before any message byte went out; then the transaction is replayed once on a fresh connection.
     /// `Err` is moat's own reply for the client, already logged.
-    async fn relay(&mut self, prefix: &[u8], txn: &mut Txn) -> Result<Reply, Reply> {
+    async fn relay(&mut self, prefix: &[u8], splice: Option<&Splice>, txn: &mut Txn) -> Result<Reply, Reply> {
         for attempt in 0..2 {
             let conn = self.upstream_for_txn().await?;
-            match conn.send_message(prefix, &mut txn.spool).await {
+            match conn.send_message(prefix, &mut txn.spool, splice).await {
                 Ok(r) if r.code == 421 && attempt == 0 => self.upstream = None,
                 Err(e) if attempt == 0 && e.is_lost_before_message() => self.upstream = None,
                 Ok(r) => return Ok(r),

@@ -1,0 +1,119 @@
+//! The message flow under the rules, over real TCP: a verdict at the end of the header section stops
+//! spooling (the rest of DATA is read and dropped), and the content scan's memory counts against the spool's
+//! global budget (a scan that finds no room is tempfailed, and passes once memory is back).
+
+mod common;
+
+use std::path::Path;
+
+use common::fake::{FakeUpstream, Script};
+use common::moat::{start, test_config, Client};
+
+/// A rules directory holding `rules` as its one file.
+fn rules_dir(rules: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("50-test.toml"), rules).unwrap();
+    dir
+}
+
+fn toml_path(p: &Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+/// `n` bytes of message body in 100-byte lines.
+fn body(n: usize) -> String {
+    let line = format!("{}\r\n", "b".repeat(98));
+    line.repeat(n / line.len())
+}
+
+async fn envelope(c: &mut Client) {
+    c.expect("MAIL FROM:<alice@example.org>", 250).await;
+    c.expect("RCPT TO:<bob@example.test>", 250).await;
+}
+
+/// Sends a whole message with DATA and returns the reply to its final dot.
+async fn data(c: &mut Client, message: &str) -> (u16, String) {
+    c.expect("DATA", 354).await;
+    c.send_raw(message.as_bytes()).await;
+    c.send_raw(b".\r\n").await;
+    c.reply().await
+}
+
+/// Spilling past the memory threshold needs the spool directory, which is removed once moat runs: a
+/// message that is spooled past the threshold fails with `452 4.3.1`. A message refused by its headers
+/// gets the rule's reply instead, however large its body: moat stopped spooling it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_verdict_stops_spooling() {
+    let rules = rules_dir(
+        "[[rule]]\nid = \"bulk\"\nwhen = { header = { name = \"X-Mailer\", regex = '(?i)bulkmailer' } }\n\
+         action = \"reject\"\nreply = \"554 5.7.1 bulk mail refused\"\n",
+    );
+    let spool = tempfile::tempdir().unwrap();
+    let fake = FakeUpstream::start(Script::default()).await;
+    let extra = format!(
+        "rules.directory = {}\nspool.directory = {}\nspool.memory_threshold = \"64KiB\"",
+        toml_path(rules.path()),
+        toml_path(spool.path())
+    );
+    let running = start(&test_config(fake.addr, &extra)).await;
+    std::fs::remove_dir(spool.path()).unwrap();
+    let (mut c, _) = Client::connect(running.addr("smtp").unwrap()).await;
+    c.expect("EHLO client.example", 250).await;
+    let big = body(4 << 20);
+
+    envelope(&mut c).await;
+    let (code, text) = data(&mut c, &format!("Subject: a\r\nX-Mailer: BulkMailer 2\r\n\r\n{big}")).await;
+    assert_eq!(code, 554, "the rule's reply, not a spool failure: {text}");
+
+    // The same body after harmless headers is spooled, needs a spill file, and cannot have one.
+    envelope(&mut c).await;
+    let (code, text) = data(&mut c, &format!("Subject: b\r\nX-Mailer: Thunderbird\r\n\r\n{big}")).await;
+    assert_eq!((code, text.get(4..9)), (452, Some("4.3.1")), "{text}");
+
+    // A small message still fits in memory and goes through: the session went on normally.
+    envelope(&mut c).await;
+    let (code, text) = data(&mut c, "Subject: c\r\nX-Mailer: Thunderbird\r\n\r\nsmall\r\n").await;
+    assert_eq!(code, 250, "{text}");
+    let msgs = fake.wait_for(1).await;
+    assert_eq!(msgs.len(), 1);
+    assert!(String::from_utf8_lossy(&msgs[0].data).contains("Subject: c\r\n"));
+    running.stop().await;
+}
+
+/// One session holds most of a 1 MiB budget in its spool (a BDAT chunk, answered once spooled); another
+/// session's message then cannot reserve memory for its scan and gets `451 4.3.1`, nothing relayed. When
+/// the first session lets go (RSET), the same message is scanned and relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_memory_counts_against_the_spool_budget() {
+    let rules = rules_dir("[[rule]]\nid = \"body\"\nwhen = { body = 'never-matches-xyz' }\naction = \"reject\"\n");
+    let fake = FakeUpstream::start(Script::default()).await;
+    let extra = format!(
+        "rules.directory = {}\nspool.memory_budget = \"1MiB\"\nspool.memory_threshold = \"1MiB\"",
+        toml_path(rules.path())
+    );
+    let running = start(&test_config(fake.addr, &extra)).await;
+    let addr = running.addr("smtp").unwrap();
+
+    let (mut holder, _) = Client::connect(addr).await;
+    holder.expect("EHLO client.example", 250).await;
+    envelope(&mut holder).await;
+    let chunk = format!("Subject: holder\r\n\r\n{}", body(900_000));
+    holder.send_raw(format!("BDAT {}\r\n{chunk}", chunk.len()).as_bytes()).await;
+    let (code, text) = holder.reply().await;
+    assert_eq!(code, 250, "{text}");
+
+    let (mut c, _) = Client::connect(addr).await;
+    c.expect("EHLO client.example", 250).await;
+    let message = format!("Subject: scanned\r\n\r\n{}", body(150_000));
+    envelope(&mut c).await;
+    let (code, text) = data(&mut c, &message).await;
+    assert_eq!((code, text.get(4..9)), (451, Some("4.3.1")), "{text}");
+    assert!(fake.messages().is_empty(), "a message that could not be scanned is not relayed");
+
+    holder.expect("RSET", 250).await;
+    envelope(&mut c).await;
+    let (code, text) = data(&mut c, &message).await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(fake.wait_for(1).await.len(), 1);
+    running.stop().await;
+}
