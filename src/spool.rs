@@ -25,8 +25,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 const BUDGET_UNIT: usize = 1024;
 /// Memory is reserved in steps of this many units (64 KiB), so the semaphore is not touched per write.
 const RESERVE_STEP: u32 = 64;
-/// Write buffer in front of a spill file, and the read chunk size when relaying.
-pub const FILE_CHUNK: usize = 256 * 1024;
+/// The size of the pieces the relay sends upstream (and of its write buffer).
+pub const FILE_CHUNK: usize = 64 * 1024;
+/// Write buffer in front of a spill file, and the read size when relaying a spilled message: large blocks,
+/// few system calls.
+const SPILL_BLOCK: usize = 256 * 1024;
 
 /// The global memory budget for spooled messages, shared by all sessions.
 #[derive(Clone, Debug)]
@@ -95,7 +98,7 @@ impl Spool {
         self.len += data.len() as u64;
         if self.file.is_some() {
             self.mem.extend_from_slice(data);
-            if self.mem.len() >= FILE_CHUNK {
+            if self.mem.len() >= SPILL_BLOCK {
                 self.flush_buffer().await?;
             }
             return Ok(());
@@ -107,7 +110,7 @@ impl Spool {
         }
         self.spill().await?;
         self.mem.extend_from_slice(data);
-        if self.mem.len() >= FILE_CHUNK {
+        if self.mem.len() >= SPILL_BLOCK {
             self.flush_buffer().await?;
         }
         Ok(())
@@ -146,7 +149,7 @@ impl Spool {
         self.file = Some(file);
         crate::metrics::spool_spilled();
         self.flush_buffer().await?;
-        self.mem = Vec::with_capacity(FILE_CHUNK);
+        self.mem = Vec::with_capacity(SPILL_BLOCK);
         self.permit = None;
         Ok(())
     }
@@ -178,7 +181,7 @@ impl Spool {
                 Ok(Some(&self.mem[..]))
             }
             Some(f) => {
-                buf.resize(FILE_CHUNK, 0);
+                buf.resize(SPILL_BLOCK, 0);
                 let n = f.read_at(buf, *pos)?;
                 if n == 0 {
                     return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "spool file shorter than written"));
