@@ -11,14 +11,17 @@
 #   scripts/bench-e2e.sh                  (needs target/release/moat: cargo build --release)
 #   scripts/bench-e2e.sh --direct-only    only the smtp-source -> smtp-sink half
 # Environment: MOAT_BIN (default target/release/moat), BENCH_QUICK=1 (a tenth of the messages),
-#              IDLE_CONNS (default 500), BENCH_REVERSE_DNS=true (moat looks up 127.0.0.1; default off).
+#              IDLE_CONNS (default 500), BENCH_REVERSE_DNS=true (moat looks up 127.0.0.1; default off),
+#              BENCH_SHAPES="a b c" (which shapes to run), BENCH_RULES=off (no rule files),
+#              BENCH_CONFIG (default config/moat.toml: the config the bench copy is made from).
 #
 # Everything runs on 127.0.0.1; every process this script starts is killed on exit.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 MOAT_BIN=${MOAT_BIN:-$ROOT/target/release/moat}
-CONFIG_SRC="$ROOT/config/moat.toml"
+CONFIG_SRC=${BENCH_CONFIG:-$ROOT/config/moat.toml}
+SHAPES=${BENCH_SHAPES:-a b c}
 IDLE_CONNS=${IDLE_CONNS:-500}
 DIRECT_ONLY=0
 [ "${1:-}" = "--direct-only" ] && DIRECT_ONLY=1
@@ -262,9 +265,10 @@ if [ -n "$MOAT_PID" ]; then
     idle_mem "$IDLE_CONNS" >"$WORK/idle.txt"
 fi
 
-shape "a: 10KiB, 20 sessions, new conn per msg" 5000 10240 20 ""
-shape "b: 10KiB, 20 sessions, reused conns (-d)" 5000 10240 20 "-d"
-shape "c: 1MiB, 4 sessions, new conn per msg" 500 1048576 4 ""
+wanted() { case " $SHAPES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+wanted a && shape "a: 10KiB, 20 sessions, new conn per msg" 5000 10240 20 ""
+wanted b && shape "b: 10KiB, 20 sessions, reused conns (-d)" 5000 10240 20 "-d"
+wanted c && shape "c: 1MiB, 4 sessions, new conn per msg" 500 1048576 4 ""
 
 echo
 if [ -n "$MOAT_PID" ]; then

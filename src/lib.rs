@@ -30,3 +30,4 @@ pub mod spool;
 pub mod tls;
 pub mod trace;
 pub mod upstream;
+pub mod watch;

@@ -5,21 +5,31 @@
 //! unlinked from the moment it is created (`O_TMPFILE` / `tempfile::tempfile_in`), so nothing is left on disk
 //! if moat dies and no other process can open it. Memory per session therefore stays bounded whatever the
 //! message size. The spool stores canonical, unstuffed message bytes; the relay re-stuffs them.
+//!
+//! Spill files are written and read with plain positioned system calls on the session's own thread, in
+//! 256 KiB blocks, rather than through `tokio::fs` (which sends every call through the blocking pool: two
+//! thread wake-ups per 64 KiB, measured at about a fifth of moat's CPU time relaying 1 MiB messages). These
+//! calls hit the page cache of a private file and return in microseconds, the same trade nginx makes for its
+//! proxy temp files; the spill directory (`spool.directory`) belongs on a local disk. Creating the file,
+//! which touches the directory, still runs on the blocking pool.
 
-use std::io::{self, SeekFrom};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::fs::File;
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Granularity of memory reservations against the budget, in bytes.
 const BUDGET_UNIT: usize = 1024;
 /// Memory is reserved in steps of this many units (64 KiB), so the semaphore is not touched per write.
 const RESERVE_STEP: u32 = 64;
-/// Write buffer in front of a spill file, and the read chunk size when relaying.
+/// The size of the pieces the relay sends upstream (and of its write buffer).
 pub const FILE_CHUNK: usize = 64 * 1024;
+/// Write buffer in front of a spill file, and the read size when relaying a spilled message: large blocks,
+/// few system calls.
+const SPILL_BLOCK: usize = 256 * 1024;
 
 /// The global memory budget for spooled messages, shared by all sessions.
 #[derive(Clone, Debug)]
@@ -88,7 +98,7 @@ impl Spool {
         self.len += data.len() as u64;
         if self.file.is_some() {
             self.mem.extend_from_slice(data);
-            if self.mem.len() >= FILE_CHUNK {
+            if self.mem.len() >= SPILL_BLOCK {
                 self.flush_buffer().await?;
             }
             return Ok(());
@@ -100,7 +110,7 @@ impl Spool {
         }
         self.spill().await?;
         self.mem.extend_from_slice(data);
-        if self.mem.len() >= FILE_CHUNK {
+        if self.mem.len() >= SPILL_BLOCK {
             self.flush_buffer().await?;
         }
         Ok(())
@@ -136,30 +146,27 @@ impl Spool {
         })
         .await
         .map_err(io::Error::other)??;
-        self.file = Some(File::from_std(file));
+        self.file = Some(file);
         crate::metrics::spool_spilled();
         self.flush_buffer().await?;
-        self.mem = Vec::with_capacity(FILE_CHUNK);
+        self.mem = Vec::with_capacity(SPILL_BLOCK);
         self.permit = None;
         Ok(())
     }
 
     async fn flush_buffer(&mut self) -> io::Result<()> {
         if let Some(f) = &mut self.file {
-            f.write_all(&self.mem).await?;
+            // The file is opened for appending only by us; writes go at its end.
+            f.write_all(&self.mem)?;
             self.mem.clear();
         }
         Ok(())
     }
 
-    /// Prepares for reading from the start: flushes a spill file and rewinds it.
+    /// Prepares for reading from the start: writes out what a spill file's buffer still holds. Reads are
+    /// positioned ([`Spool::next_chunk`] takes the offset), so nothing needs seeking.
     pub async fn rewind(&mut self) -> io::Result<()> {
-        self.flush_buffer().await?;
-        if let Some(f) = &mut self.file {
-            f.flush().await?;
-            f.seek(SeekFrom::Start(0)).await?;
-        }
-        Ok(())
+        self.flush_buffer().await
     }
 
     /// Reads the next chunk after [`Spool::rewind`]; `Ok(None)` at the end. In memory, the whole message is
@@ -174,8 +181,8 @@ impl Spool {
                 Ok(Some(&self.mem[..]))
             }
             Some(f) => {
-                buf.resize(FILE_CHUNK, 0);
-                let n = f.read(buf).await?;
+                buf.resize(SPILL_BLOCK, 0);
+                let n = f.read_at(buf, *pos)?;
                 if n == 0 {
                     return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "spool file shorter than written"));
                 }

@@ -15,7 +15,7 @@ use std::error::Error as _;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -28,7 +28,6 @@ use rustls::version::{TLS12, TLS13};
 use rustls::{ClientConfig, DigitallySignedStruct, InconsistentKeys, ProtocolVersion};
 use rustls::{RootCertStore, ServerConfig, SignatureScheme, SupportedProtocolVersion};
 use tokio::task::JoinHandle;
-use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use x509_parser::certificate::X509Certificate;
@@ -312,10 +311,6 @@ impl ResolvesServerCert for CertStore {
 
 // === impl ServerTls ===
 
-/// What the watcher compares between polls for one file: (mtime, length, inode), `None` when
-/// unreadable.
-type Stamp = Option<(SystemTime, u64, u64)>;
-
 /// The server side of TLS: the reloadable certificates and the rustls configuration that serves
 /// them. Share it through an `Arc`.
 #[derive(Debug)]
@@ -393,8 +388,20 @@ impl ServerTls {
     /// (in `spawn_blocking`) once a change has held still for one interval; logs `info` on success
     /// and `warn` naming the file on failure. It stops when `shutdown` is cancelled.
     pub fn spawn_watcher(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) -> JoinHandle<()> {
+        let paths: Vec<PathBuf> = self.pairs.iter().flat_map(|p| [p.cert.clone(), p.key.clone()]).collect();
         let tls = Arc::clone(self);
-        tokio::spawn(async move { tls.watch(interval, shutdown).await })
+        // No baseline: the first settled poll reloads once, which catches a change made between `load` and
+        // the start of the watcher (the reload is a no-op when nothing changed).
+        crate::watch::spawn(
+            interval,
+            shutdown,
+            None,
+            move || paths.iter().map(|p| crate::watch::stamp(p)).collect::<Vec<_>>(),
+            move || {
+                let tls = Arc::clone(&tls);
+                async move { tls.reload_logged().await }
+            },
+        )
     }
 
     /// Whether the served certificate was generated at start.
@@ -407,39 +414,6 @@ impl ServerTls {
     pub fn expiries(&self) -> Vec<(String, i64)> {
         let set = self.store.current.load();
         set.entries.iter().map(|e| (e.label.clone(), e.not_after)).collect()
-    }
-
-    async fn watch(self: Arc<Self>, interval: Duration, shutdown: CancellationToken) {
-        // `None` at first, so the first settled poll reloads once: that catches a change made
-        // between `load` and the start of the watcher (the reload is a no-op when nothing changed).
-        let mut applied: Option<Vec<Stamp>> = None;
-        let mut previous = self.stamps().await;
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        ticker.tick().await;
-        loop {
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return,
-                _ = ticker.tick() => {}
-            }
-            let current = self.stamps().await;
-            // Reload only when the files held still for a whole interval, so that a certificate and
-            // its key written one after the other are read together.
-            if current == previous && applied.as_ref() != Some(&current) {
-                self.reload_logged().await;
-                applied = Some(current.clone());
-            }
-            previous = current;
-        }
-    }
-
-    async fn stamps(&self) -> Vec<Stamp> {
-        let mut stamps = Vec::with_capacity(self.pairs.len() * 2);
-        for path in self.pairs.iter().flat_map(|p| [&p.cert, &p.key]) {
-            stamps.push(tokio::fs::metadata(path).await.ok().map(|m| stamp(&m)));
-        }
-        stamps
     }
 
     async fn reload_logged(self: &Arc<Self>) {
@@ -469,14 +443,6 @@ fn server_config(
     Ok(Arc::new(config.with_cert_resolver(store)))
 }
 
-fn stamp(meta: &std::fs::Metadata) -> (SystemTime, u64, u64) {
-    #[cfg(unix)]
-    let inode = std::os::unix::fs::MetadataExt::ino(meta);
-    #[cfg(not(unix))]
-    let inode = 0;
-    let mtime = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-    (mtime, meta.len(), inode)
-}
 
 // === impl TlsInfo ===
 
