@@ -395,7 +395,7 @@ impl ServerTls {
         crate::watch::spawn(
             interval,
             shutdown,
-            None,
+            Default::default(),
             move || paths.iter().map(|p| crate::watch::stamp(p)).collect::<Vec<_>>(),
             move || {
                 let tls = Arc::clone(&tls);
@@ -442,7 +442,6 @@ fn server_config(
     let config = builder.map_err(TlsError::config)?.with_no_client_auth();
     Ok(Arc::new(config.with_cert_resolver(store)))
 }
-
 
 // === impl TlsInfo ===
 

@@ -8,19 +8,22 @@
 //! picked up in one reload, not half-way through.
 
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 /// Spawns the watcher. Every `interval` it computes `fingerprint()` (blocking: file metadata; run on the
-/// blocking pool) and, when the fingerprint differs from the last one it acted on and equals the one of the
-/// previous poll, awaits `on_change`. `acted` is the fingerprint the caller already acted on (what it loaded
-/// at start), or `None` to act on the first stable poll. Ends when `shutdown` fires.
+/// blocking pool) and, when the fingerprint differs from the last one acted on and equals the one of the
+/// previous poll, awaits `on_change`. `acted` holds the fingerprint last acted on: what the caller loaded at
+/// start (`None`: act on the first stable poll), updated by the watcher, and by the caller when it reloads
+/// for another reason (SIGHUP), so the watcher does not reload the same files again. Ends when `shutdown`
+/// fires.
 pub fn spawn<S, F, G, Fut>(
     interval: Duration,
     shutdown: CancellationToken,
-    acted: Option<S>,
+    acted: Arc<Mutex<Option<S>>>,
     fingerprint: F,
     mut on_change: G,
 ) -> tokio::task::JoinHandle<()>
@@ -31,7 +34,6 @@ where
     Fut: Future<Output = ()> + Send,
 {
     tokio::spawn(async move {
-        let mut acted = acted;
         let poll = || {
             let f = fingerprint.clone();
             async move { tokio::task::spawn_blocking(f).await.ok() }
@@ -47,10 +49,15 @@ where
                 _ = ticker.tick() => {}
             }
             let current = poll().await;
-            if let Some(now) = current.as_ref().filter(|now| previous.as_ref() == Some(now) && acted.as_ref() != Some(now)) {
-                // Remember it even when the reload is refused, so a broken file is reported once, not every poll.
-                acted = Some(now.clone());
-                on_change().await;
+            if let Some(now) = current.as_ref().filter(|now| previous.as_ref() == Some(now)) {
+                let act = {
+                    let mut acted = acted.lock().unwrap_or_else(|p| p.into_inner());
+                    // Remembered even when the reload is refused, so a broken file is reported once, not every poll.
+                    (acted.as_ref() != Some(now)).then(|| *acted = Some(now.clone())).is_some()
+                };
+                if act {
+                    on_change().await;
+                }
             }
             previous = current;
         }
@@ -72,14 +79,10 @@ pub fn stamp(path: &std::path::Path) -> Stamp {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::{Arc, Mutex};
 
     /// A watcher whose fingerprint is `f(n)` at its n-th poll (counting from 1); returns the poll counter and
     /// the poll numbers at which it acted.
-    fn watcher(
-        acted: Option<u32>,
-        f: fn(u32) -> u32,
-    ) -> (Arc<AtomicU32>, Arc<Mutex<Vec<u32>>>, CancellationToken) {
+    fn watcher(acted: Option<u32>, f: fn(u32) -> u32) -> (Arc<AtomicU32>, Arc<Mutex<Vec<u32>>>, CancellationToken) {
         let polls = Arc::new(AtomicU32::new(0));
         let acts = Arc::new(Mutex::new(Vec::new()));
         let shutdown = CancellationToken::new();
@@ -87,7 +90,7 @@ mod tests {
         spawn(
             Duration::from_millis(5),
             shutdown.clone(),
-            acted,
+            Arc::new(Mutex::new(acted)),
             move || f(p.fetch_add(1, Ordering::SeqCst) + 1),
             move || {
                 a.lock().unwrap().push(p2.load(Ordering::SeqCst));

@@ -47,8 +47,8 @@ pub enum AuthError {
 pub struct Authenticator {
     path: PathBuf,
     users: ArcSwap<UserStore>,
-    /// The users file's modification stamp when last loaded.
-    stamp: Mutex<Option<SystemTime>>,
+    /// The users file's stamp when last loaded (shared with the watcher).
+    stamp: Arc<Mutex<Option<crate::watch::Stamp>>>,
     permits: Arc<Semaphore>,
     /// One verification at a time per client IP and per name, ahead of `permits`.
     turns: Turns,
@@ -92,7 +92,7 @@ impl Authenticator {
             return Ok(None);
         }
         let users = UserStore::load(&cfg.users_file)?;
-        let stamp = std::fs::metadata(&cfg.users_file).and_then(|m| m.modified()).ok();
+        let stamp = crate::watch::stamp(&cfg.users_file);
         let _ = dummy_hash();
         let permits = match cfg.max_concurrent_verifications {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
@@ -102,7 +102,7 @@ impl Authenticator {
         Ok(Some(Arc::new(Authenticator {
             path: cfg.users_file.clone(),
             users: ArcSwap::from_pointee(users),
-            stamp: Mutex::new(stamp),
+            stamp: Arc::new(Mutex::new(Some(stamp))),
             permits: Arc::new(Semaphore::new(permits)),
             turns: Turns::default(),
             lockout: Lockout::new(LockoutSettings {
@@ -182,8 +182,7 @@ impl Authenticator {
     /// Re-reads the users file; on any problem the store in force stays. Returns whether it changed. Blocking.
     /// The file's stamp is remembered either way, so the watcher does not report a refused file again.
     pub fn reload(&self) -> Result<bool, StoreError> {
-        let stamp = std::fs::metadata(&self.path).and_then(|m| m.modified()).ok();
-        *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = stamp;
+        *self.stamp.lock().unwrap_or_else(|p| p.into_inner()) = Some(crate::watch::stamp(&self.path));
         let users = match UserStore::load(&self.path) {
             Ok(u) => u,
             Err(e) => {
@@ -215,29 +214,24 @@ impl Authenticator {
         }
     }
 
-    /// Polls the users file's modification time every `interval` and reloads on a change, until `shutdown`.
+    /// Reloads when the users file changed and then held still for one `interval` (`crate::watch`), until
+    /// `shutdown`.
     pub fn spawn_watcher(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) {
+        let path = self.path.clone();
         let me = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticker.tick().await;
-            loop {
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => return,
-                    _ = ticker.tick() => {}
-                }
-                let now = tokio::fs::metadata(&me.path).await.and_then(|m| m.modified()).ok();
-                let known = *me.stamp.lock().unwrap_or_else(|p| p.into_inner());
-                if now.is_some() && now != known {
+        crate::watch::spawn(
+            interval,
+            shutdown,
+            Arc::clone(&self.stamp),
+            move || crate::watch::stamp(&path),
+            move || {
+                let me = Arc::clone(&me);
+                async move {
                     debug!("users file changed");
-                    // Remember the stamp even when the reload is refused, so a bad file is reported once.
-                    *me.stamp.lock().unwrap_or_else(|p| p.into_inner()) = now;
                     me.reload_logged().await;
                 }
-            }
-        });
+            },
+        );
     }
 }
 

@@ -345,8 +345,8 @@ pub struct Rules {
     current: ArcSwap<RuleSet>,
     dir: PathBuf,
     local_domains: Vec<String>,
-    /// The newest modification time seen in the directory, for the watcher.
-    stamp: Mutex<Option<SystemTime>>,
+    /// The directory's newest modification time when last loaded (shared with the watcher).
+    stamp: Arc<Mutex<Option<Option<SystemTime>>>>,
 }
 
 impl std::fmt::Debug for Rules {
@@ -368,7 +368,7 @@ impl Rules {
             current: ArcSwap::from_pointee(set),
             dir: dir.to_owned(),
             local_domains: local_domains.to_vec(),
-            stamp: Mutex::new(newest_mtime(dir)),
+            stamp: Arc::new(Mutex::new(Some(newest_mtime(dir)))),
         })
     }
 
@@ -380,7 +380,13 @@ impl Rules {
     /// Rebuilds the set off the async threads and swaps it in; on error the old set stays.
     pub async fn reload(self: &Arc<Self>) -> Result<usize, Vec<RuleError>> {
         let me = Arc::clone(self);
-        let built = tokio::task::spawn_blocking(move || RuleSet::load_dir(&me.dir, &me.local_domains)).await;
+        let built = tokio::task::spawn_blocking(move || {
+            // Stamped before reading, so the watcher does not reload these files again (a change made while
+            // they are read shows up as a newer stamp).
+            *me.stamp.lock().unwrap_or_else(|p| p.into_inner()) = Some(newest_mtime(&me.dir));
+            RuleSet::load_dir(&me.dir, &me.local_domains)
+        })
+        .await;
         let result = match built {
             Ok(r) => r,
             Err(e) => Err(vec![RuleError::file(&self.dir, format!("reload task failed: {e}"))]),
@@ -407,41 +413,27 @@ impl Rules {
         }
     }
 
-    /// Polls the directory's modification times every `interval`; a change that stays put for one more
-    /// interval (debounce: an editor writing several files) triggers a reload.
+    /// Reloads when the directory's newest modification time changed and then held still for one more
+    /// `interval` (`crate::watch`: an editor writing several files is picked up once); `0s` disables it.
     pub fn spawn_watcher(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) {
         if interval.is_zero() {
             return;
         }
+        let dir = self.dir.clone();
         let me = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticker.tick().await;
-            let mut pending: Option<Option<SystemTime>> = None;
-            loop {
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => return,
-                    _ = ticker.tick() => {}
+        crate::watch::spawn(
+            interval,
+            shutdown,
+            Arc::clone(&self.stamp),
+            move || newest_mtime(&dir),
+            move || {
+                let me = Arc::clone(&me);
+                async move {
+                    debug!("rules directory changed");
+                    me.reload_logged().await;
                 }
-                let dir = me.dir.clone();
-                let now = tokio::task::spawn_blocking(move || newest_mtime(&dir)).await.ok().flatten();
-                let known = *me.stamp.lock().unwrap_or_else(|p| p.into_inner());
-                if now == known {
-                    pending = None;
-                    continue;
-                }
-                if pending != Some(now) {
-                    pending = Some(now);
-                    continue;
-                }
-                debug!("rules directory changed");
-                pending = None;
-                *me.stamp.lock().unwrap_or_else(|p| p.into_inner()) = now;
-                me.reload_logged().await;
-            }
-        });
+            },
+        );
     }
 }
 
