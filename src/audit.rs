@@ -235,6 +235,7 @@ fn write_loop(mut rx: mpsc::Receiver<Msg>, mut out: Output, control: &Control) {
         }
         out.flush();
         if !control.stop.load(Ordering::SeqCst) {
+            #[allow(clippy::disallowed_methods)] // the audit writer's own thread, never a runtime thread
             std::thread::sleep(LINGER);
         }
     }
