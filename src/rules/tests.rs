@@ -394,3 +394,24 @@ fn shipped_rules_refuse_programs_in_archives_and_disguised() {
     let msg = with_attachments(&[("application/zip", "photos.zip", &zip_of(&["a.jpg", "b.jpg"]))]);
     assert!(attachment_hits(&msg).is_empty(), "{:?}", attachment_hits(&msg));
 }
+
+#[test]
+fn body_texts_are_each_part_once_as_sent() {
+    // A plain message is scanned as its text, once, not also as generated HTML.
+    let plain = Content::parse(b"Subject: x\r\nContent-Type: text/plain\r\n\r\nhello there\r\n");
+    assert_eq!(plain.texts.len(), 1);
+    assert!(plain.texts[0].contains("hello there") && !plain.texts[0].contains('<'));
+    // An HTML-only message is scanned as its source (tags included), once.
+    let html =
+        Content::parse(b"Subject: x\r\nContent-Type: text/html\r\n\r\n<p><a href=\"http://x.example/\">hi</a></p>\r\n");
+    assert_eq!(html.texts.len(), 1);
+    assert!(html.texts[0].contains("<a href="));
+    assert_eq!(html.url_domains, vec!["x.example".to_string()]);
+    // multipart/alternative: both alternatives, each once.
+    let alt = b"Subject: x\r\nContent-Type: multipart/alternative; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nplain part\r\n--b\r\nContent-Type: text/html\r\n\r\n<b>html part</b>\r\n--b--\r\n";
+    let alt = Content::parse(alt);
+    assert_eq!(alt.texts.len(), 2, "{:?}", alt.texts);
+    assert!(
+        alt.texts.iter().any(|t| t.contains("plain part")) && alt.texts.iter().any(|t| t.contains("<b>html part</b>"))
+    );
+}
