@@ -13,7 +13,12 @@
 # Environment: MOAT_BIN (default target/release/moat), BENCH_QUICK=1 (a tenth of the messages),
 #              IDLE_CONNS (default 500), BENCH_REVERSE_DNS=true (moat looks up 127.0.0.1; default off),
 #              BENCH_SHAPES="a b c" (which shapes to run), BENCH_RULES=off (no rule files),
-#              BENCH_CONFIG (default config/moat.toml: the config the bench copy is made from).
+#              BENCH_CONFIG (default config/moat.toml: the config the bench copy is made from),
+#              BENCH_PIN=1: smtp-source and smtp-sink share CPU 0 and moat gets CPU 1 (taskset). On a 2-core
+#              machine the default run is CPU-bound: source and sink alone keep both cores busy, so every
+#              cycle moat uses is taken from them. Pinned, the direct path has one core and the moat path
+#              the same core plus one for moat: it shows whether moat, given a core of its own as in
+#              production, slows the mail flow. Reported beside the default, never instead of it.
 #
 # Everything runs on 127.0.0.1; every process this script starts is killed on exit.
 set -euo pipefail
@@ -22,6 +27,13 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 MOAT_BIN=${MOAT_BIN:-$ROOT/target/release/moat}
 CONFIG_SRC=${BENCH_CONFIG:-$ROOT/config/moat.toml}
 SHAPES=${BENCH_SHAPES:-a b c}
+PEERS_CPU=()
+MOAT_CPU=()
+if [ "${BENCH_PIN:-}" = 1 ]; then
+    command -v taskset >/dev/null || { echo "bench: BENCH_PIN=1 needs taskset (util-linux)" >&2; exit 1; }
+    PEERS_CPU=(taskset -c 0)
+    MOAT_CPU=(taskset -c 1)
+fi
 IDLE_CONNS=${IDLE_CONNS:-500}
 DIRECT_ONLY=0
 [ "${1:-}" = "--direct-only" ] && DIRECT_ONLY=1
@@ -98,7 +110,7 @@ SINK_PORT=$(free_port)
 # -u: smtp-sink must drop root after binding; -m: simultaneous connections (default 256); backlog 1024.
 # smtp-sink announces PIPELINING, 8BITMIME, XCLIENT, etc.; it throws every message away.
 if [ "$(id -u)" = 0 ]; then SINK_USER=(-u nobody); else SINK_USER=(); fi
-"$SMTP_SINK" "${SINK_USER[@]}" -m 2048 -t 100 "127.0.0.1:$SINK_PORT" 1024 >"$WORK/sink.log" 2>&1 &
+"${PEERS_CPU[@]}" "$SMTP_SINK" "${SINK_USER[@]}" -m 2048 -t 100 "127.0.0.1:$SINK_PORT" 1024 >"$WORK/sink.log" 2>&1 &
 SINK_PID=$!
 wait_listening "$SINK_PORT" "$SINK_PID" smtp-sink
 
@@ -154,7 +166,7 @@ except ImportError:
     pass
 PYEOF
     "$MOAT_BIN" check --config "$WORK/moat.toml" >/dev/null || die "moat check rejects $WORK/moat.toml"
-    "$MOAT_BIN" serve --config "$WORK/moat.toml" >"$WORK/moat.log" 2>&1 &
+    "${MOAT_CPU[@]}" "$MOAT_BIN" serve --config "$WORK/moat.toml" >"$WORK/moat.log" 2>&1 &
     MOAT_PID=$!
     wait_listening "$MOAT_PORT" "$MOAT_PID" moat
 fi
@@ -219,7 +231,7 @@ run() {
     [ -n "$MOAT_PID" ] && m0=$(cpu_ticks "$MOAT_PID")
     t0=$(now)
     # shellcheck disable=SC2086
-    timeout 900 "$SMTP_SOURCE" -4 $flags -s "$sessions" -m "$count" -l "$size" -M bench.example \
+    timeout 900 "${PEERS_CPU[@]}" "$SMTP_SOURCE" -4 $flags -s "$sessions" -m "$count" -l "$size" -M bench.example \
         -f sender@bench.example -t rcpt@sink.example "127.0.0.1:$port" >"$WORK/source.log" 2>&1 || rc=$?
     t1=$(now)
     s1=$(cpu_ticks "$SINK_PID")
