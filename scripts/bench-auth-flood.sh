@@ -25,6 +25,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/bench-lib.sh
+. "$ROOT/scripts/bench-lib.sh"
 MOAT_BIN=${MOAT_BIN:-$ROOT/target/release/moat}
 CONFIG_SRC="$ROOT/config/moat.toml"
 FLOODERS=${FLOODERS:-64}
@@ -54,15 +56,9 @@ SINK_PID=""
 MOAT_PID=""
 FLOOD_PID=""
 cleanup() {
-    local p
     touch "$WORK/flood.stop" 2>/dev/null || true
-    for p in $FLOOD_PID $MOAT_PID $SINK_PID; do
-        kill -TERM "$p" 2>/dev/null || true
-    done
-    for p in $FLOOD_PID $MOAT_PID $SINK_PID; do
-        for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null || true
-    done
+    # shellcheck disable=SC2086 # empty ones vanish
+    stop_pids $FLOOD_PID $MOAT_PID $SINK_PID
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -70,24 +66,6 @@ trap 'exit 130' INT TERM
 
 ulimit -n 8192 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-free_port() {
-    "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# True if something listens on 127.0.0.1:PORT (from /proc/net/tcp; no probe connection).
-listening() {
-    awk -v want="$(printf ':%04X' "$1")" \
-        'NR > 1 && (toupper($2) == "0100007F" want || toupper($2) == "00000000" want) && $4 == "0A" { f = 1 } END { exit !f }' /proc/net/tcp
-}
-
-wait_listening() { # port pid what
-    for _ in $(seq 1 150); do
-        listening "$1" && return 0
-        kill -0 "$2" 2>/dev/null || die "$3 exited before listening on 127.0.0.1:$1"
-        sleep 0.1
-    done
-    die "$3 did not listen on 127.0.0.1:$1 within 15s"
-}
 
 # ---------------------------------------------------------------- smtp-sink
 SINK_PORT=$(free_port)

@@ -24,6 +24,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/bench-lib.sh
+. "$ROOT/scripts/bench-lib.sh"
 MOAT_BIN=${MOAT_BIN:-$ROOT/target/release/moat}
 CONFIG_SRC=${BENCH_CONFIG:-$ROOT/config/moat.toml}
 SHAPES=${BENCH_SHAPES:-a b c}
@@ -55,14 +57,8 @@ SINK_PID=""
 MOAT_PID=""
 IDLE_PID=""
 cleanup() {
-    local p
-    for p in $IDLE_PID $MOAT_PID $SINK_PID; do
-        kill -TERM "$p" 2>/dev/null || true
-    done
-    for p in $IDLE_PID $MOAT_PID $SINK_PID; do
-        for _ in $(seq 1 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-        kill -KILL "$p" 2>/dev/null || true
-    done
+    # shellcheck disable=SC2086 # empty ones vanish
+    stop_pids $IDLE_PID $MOAT_PID $SINK_PID
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -71,24 +67,6 @@ trap 'exit 130' INT TERM
 # Many short connections need file descriptors (moat holds two per relayed session).
 ulimit -n 8192 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-free_port() {
-    "$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# True if something listens on 127.0.0.1:PORT (from /proc/net/tcp; no probe connection).
-listening() {
-    awk -v want="$(printf ':%04X' "$1")" \
-        'NR > 1 && (toupper($2) == "0100007F" want || toupper($2) == "00000000" want) && $4 == "0A" { f = 1 } END { exit !f }' /proc/net/tcp
-}
-
-wait_listening() { # port pid what
-    for _ in $(seq 1 150); do
-        listening "$1" && return 0
-        kill -0 "$2" 2>/dev/null || die "$3 exited before listening on 127.0.0.1:$1"
-        sleep 0.1
-    done
-    die "$3 did not listen on 127.0.0.1:$1 within 15s"
-}
 
 # utime+stime of PID in clock ticks (fields 14 and 15 of /proc/PID/stat, after the "(comm)").
 cpu_ticks() {
