@@ -75,6 +75,8 @@ pub const RULE_HITS_TOTAL: &str = "moat_rule_hits_total";
 pub const TLS_CERTIFICATE_EXPIRY: &str = "moat_tls_certificate_expiry_timestamp_seconds";
 /// Certificate reloads, by result.
 pub const TLS_RELOAD_TOTAL: &str = "moat_tls_reload_total";
+/// Users-file reloads, by result.
+pub const USERS_RELOAD_TOTAL: &str = "moat_users_reload_total";
 /// Message bytes the spool holds in memory.
 pub const SPOOL_MEMORY_BYTES: &str = "moat_spool_memory_bytes";
 /// Messages the spool moved to a temporary file.
@@ -180,6 +182,7 @@ fn initialise_series() {
     for &result in ReloadResult::ALL {
         counter!(RULES_RELOAD_TOTAL, "result" => result.as_str()).absolute(0);
         counter!(TLS_RELOAD_TOTAL, "result" => result.as_str()).absolute(0);
+        counter!(USERS_RELOAD_TOTAL, "result" => result.as_str()).absolute(0);
     }
     for &kind in UpstreamErrorKind::ALL {
         counter!(UPSTREAM_ERRORS_TOTAL, "kind" => kind.as_str()).absolute(0);
@@ -249,6 +252,7 @@ const FAMILIES: &[(&str, Kind, Unit, &str)] = &[
     (RULE_HITS_TOTAL, Kind::Counter, Unit::Count, "Rule hits, by rule id."),
     (TLS_CERTIFICATE_EXPIRY, Kind::Gauge, Unit::Seconds, "Expiry of each configured certificate, Unix time."),
     (TLS_RELOAD_TOTAL, Kind::Counter, Unit::Count, "Certificate reloads, by result."),
+    (USERS_RELOAD_TOTAL, Kind::Counter, Unit::Count, "Users-file reloads, by result."),
     (SPOOL_MEMORY_BYTES, Kind::Gauge, Unit::Bytes, "Message bytes the spool holds in memory."),
     (SPOOL_SPILLED_TOTAL, Kind::Counter, Unit::Count, "Messages the spool moved to a temporary file."),
     (AUDIT_RECORDS_DROPPED_TOTAL, Kind::Counter, Unit::Count, "Audit records dropped (queue full or write failed)."),
@@ -426,6 +430,11 @@ pub fn rule_hit(id: &str) {
 /// Counts a certificate reload.
 pub fn tls_reload(result: ReloadResult) {
     counter!(TLS_RELOAD_TOTAL, "result" => result.as_str()).increment(1);
+}
+
+/// Counts a users-file reload.
+pub fn users_reload(result: ReloadResult) {
+    counter!(USERS_RELOAD_TOTAL, "result" => result.as_str()).increment(1);
 }
 
 /// Sets when the certificate `name` (its first configured DNS name) expires, in Unix seconds.

@@ -187,12 +187,14 @@ impl Authenticator {
             Ok(u) => u,
             Err(e) => {
                 self.reloads_refused.fetch_add(1, Ordering::Relaxed);
+                crate::metrics::users_reload(crate::metrics::ReloadResult::Error);
                 return Err(e);
             }
         };
         info!(users = users.len(), "users file reloaded");
         self.users.store(Arc::new(users));
         self.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::users_reload(crate::metrics::ReloadResult::Ok);
         Ok(true)
     }
 
