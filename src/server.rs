@@ -154,7 +154,9 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
     let pool = Pool::new(settings);
     pool.report_health(ready.clone());
-    probe_upstream(&pool, config.upstream.connect_timeout.get()).await;
+    // Bounded well below connect_timeout: start-up (binding the ports) must not wait on a slow upstream;
+    // until a connection succeeds, sessions offer neither DSN nor SMTPUTF8, and the first one learns them.
+    probe_upstream(&pool, config.upstream.connect_timeout.get().min(Duration::from_secs(2))).await;
     tokio::spawn(pool.clone().reap(shutdown.soft.clone()));
     // One bound for the whole server: the blocking threads that hanging lookups hold are shared too.
     let reverse_dns = config
@@ -261,6 +263,15 @@ fn rules_pipeline(
     let rules = Arc::new(rules);
     info!(directory = %rc.directory.display(), rules = rules.snapshot().rules.len(), "rules loaded");
     rules.spawn_watcher(rc.watch_interval.get(), shutdown.soft.clone());
+    let half_budget = config.spool.memory_budget.bytes() / 2;
+    if rc.scan_window.bytes() > half_budget {
+        // The scan's copy and its parse are reserved against the budget (docs/rules.md).
+        warn!(
+            scan_window = rc.scan_window.bytes(),
+            effective = half_budget,
+            "rules.scan_window is more than half of spool.memory_budget; messages are scanned up to half the budget"
+        );
+    }
     let stage = crate::pipeline::rules::RulesStage::new(rules.clone(), rc);
     Ok((Some(rules), Pipeline::new(vec![Arc::new(stage)])))
 }

@@ -25,6 +25,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 const BUDGET_UNIT: usize = 1024;
 /// Memory is reserved in steps of this many units (64 KiB), so the semaphore is not touched per write.
 const RESERVE_STEP: u32 = 64;
+/// How often a waiting [`SpoolBudget::reserve`] looks for room again.
+const RESERVE_POLL: std::time::Duration = std::time::Duration::from_millis(10);
 /// The size of the pieces the relay sends upstream (and of its write buffer).
 pub const FILE_CHUNK: usize = 64 * 1024;
 /// Write buffer in front of a spill file, and the read size when relaying a spilled message: large blocks,
@@ -86,6 +88,11 @@ impl Spool {
     /// Whether nothing was written.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Bytes of the budget this spool holds now (its in-memory copy of the message; 0 once spilled).
+    pub fn reserved(&self) -> u64 {
+        (self.permit.as_ref().map_or(0, |p| p.num_permits()) * BUDGET_UNIT) as u64
     }
 
     /// Whether the message spilled to disk.
@@ -231,8 +238,18 @@ impl SpoolBudget {
         if units > self.units as u64 {
             return None;
         }
-        let acquire = self.sem.clone().acquire_many_owned(u32::try_from(units).ok()?);
-        let permit = tokio::time::timeout(wait, acquire).await.ok()?.ok()?;
+        let units = u32::try_from(units).ok()?;
+        // Polls instead of queueing in the semaphore: a queued waiter takes every permit released until its
+        // whole request fits, so one large scan waiting would starve every small one and make every new
+        // spool spill. Polling lets small requests through; a large one gives up after `wait`.
+        let deadline = tokio::time::Instant::now() + wait;
+        let permit = loop {
+            match self.sem.clone().try_acquire_many_owned(units) {
+                Ok(p) => break p,
+                Err(_) if tokio::time::Instant::now() >= deadline => return None,
+                Err(_) => tokio::time::sleep(RESERVE_POLL).await,
+            }
+        };
         crate::metrics::spool_memory(self.in_use());
         Some(Reservation { permit: Some(permit), budget: self.clone() })
     }
@@ -321,5 +338,31 @@ mod tests {
         second.write(&[b'b'; 1000]).await.unwrap();
         assert!(second.spilled(), "budget was taken by the first spool");
         assert_eq!(read_all(&mut second).await, vec![b'b'; 1000]);
+    }
+
+    #[tokio::test]
+    async fn a_large_waiting_reservation_does_not_block_small_ones() {
+        let b = SpoolBudget::new(1024 * 1024, 256 * 1024, None);
+        let held = b.reserve(600 * 1024, std::time::Duration::ZERO).await.expect("600 KiB");
+        let b2 = b.clone();
+        let big =
+            tokio::spawn(async move { b2.reserve(800 * 1024, std::time::Duration::from_secs(2)).await.is_some() });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // 424 KiB are free: a small reservation and a new spool's memory are not held up by the big waiter.
+        assert!(b.reserve(4 * 1024, std::time::Duration::ZERO).await.is_some());
+        let mut s = b.spool();
+        s.write(&[b'a'; 1000]).await.unwrap();
+        assert!(!s.spilled());
+        drop(s);
+        drop(held);
+        assert!(big.await.unwrap(), "the big one gets its room once the holder lets go");
+    }
+
+    #[tokio::test]
+    async fn a_spool_reports_the_budget_it_holds() {
+        let b = SpoolBudget::new(1024 * 1024, 1024 * 1024, None);
+        let mut s = b.spool();
+        s.write(&vec![b'a'; 400_000]).await.unwrap();
+        assert!(s.reserved() >= 400_000 && s.reserved() as usize == b.in_use());
     }
 }

@@ -117,3 +117,26 @@ async fn scan_memory_counts_against_the_spool_budget() {
     assert_eq!(fake.wait_for(1).await.len(), 1);
     running.stop().await;
 }
+
+/// A message the budget can hold is scanned on an idle server, even when its own in-memory spool already
+/// holds a large part of the budget (the scan's reservation counts that copy).
+#[tokio::test]
+async fn a_large_message_is_scanned_on_an_idle_server() {
+    let rules = rules_dir("[[rule]]\nid = \"body\"\nwhen = { body = 'never-matches-xyz' }\naction = \"reject\"\n");
+    let fake = FakeUpstream::start(Script::default()).await;
+    let extra = format!(
+        "rules.directory = {}\nspool.memory_budget = \"1MiB\"\nspool.memory_threshold = \"1MiB\"",
+        toml_path(rules.path())
+    );
+    let running = start(&test_config(fake.addr, &extra)).await;
+    let addr = running.addr("smtp").unwrap();
+    let (mut c, _) = Client::connect(addr).await;
+    c.expect("EHLO client.example", 250).await;
+    let message = format!("Subject: alone\r\n\r\n{}", body(400_000));
+    for _ in 0..2 {
+        envelope(&mut c).await;
+        let (code, text) = data(&mut c, &message).await;
+        assert_eq!(code, 250, "{text}");
+    }
+    running.stop().await;
+}

@@ -141,13 +141,20 @@ impl Lockout {
 impl Table {
     fn entry(&mut self, key: Key, now: Instant) -> &mut Entry {
         if !self.entries.contains_key(&key) {
+            // Oldest first, but a lock still in force goes to the back once: a flood of new names or
+            // addresses must not wipe out the locks it is meant to run into. After one full turn the
+            // oldest goes whatever it is, so the table stays bounded. (Entries are created by verified
+            // failures, so a flood of them is itself slowed by argon2.)
+            let mut spared = self.order.len();
             while self.entries.len() >= MAX_ENTRIES {
-                match self.order.pop_front() {
-                    Some(old) => {
-                        self.entries.remove(&old);
-                    }
-                    None => break,
+                let Some(old) = self.order.pop_front() else { break };
+                let locked = self.entries.get(&old).and_then(|e| e.locked_until).is_some_and(|u| u > now);
+                if locked && spared > 0 {
+                    spared -= 1;
+                    self.order.push_back(old);
+                    continue;
                 }
+                self.entries.remove(&old);
             }
             // Bound the order queue too: it may hold keys removed by `success`.
             if self.order.len() >= 2 * MAX_ENTRIES {
@@ -246,5 +253,22 @@ mod tests {
             l.failure(IP, Some(&format!("user{i}")), t0);
         }
         assert!(l.len() <= MAX_ENTRIES);
+    }
+
+    #[test]
+    fn a_flood_of_new_keys_does_not_evict_a_lock_in_force() {
+        let l = lockout();
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            l.failure(IP, Some("victim"), t0);
+        }
+        assert!(matches!(l.check(IP, Some("victim"), t0), Check::Locked(_)));
+        // Fill the table with single failures of other addresses (no name), past its bound.
+        for i in 0..(MAX_ENTRIES as u32 + 10) {
+            let ip = IpAddr::V6(std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)));
+            l.failure(ip, None, t0);
+        }
+        assert!(l.len() <= MAX_ENTRIES);
+        assert!(matches!(l.check(IP, None, t0), Check::Locked(_)), "the locked address survived the flood");
     }
 }

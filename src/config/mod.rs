@@ -689,6 +689,9 @@ impl Config {
         if lim.max_message_size.bytes() == 0 {
             bad("max_message_size", "limits.max_message_size must be positive".into());
         }
+        if self.spool.memory_budget.bytes() < 64 * 1024 {
+            bad("memory_budget", "spool.memory_budget must be at least 64KiB (a scan or spool needs room)".into());
+        }
         if self.spool.memory_threshold > self.spool.memory_budget {
             bad("memory_threshold", "spool.memory_threshold is larger than spool.memory_budget".into());
         }

@@ -395,7 +395,12 @@ async fn evaluate(
         phases.into_iter().map(|p| (p, owned.hits(&set, &content, p))).collect()
     };
     if inline {
-        return Ok(job());
+        // As on the blocking pool, a panic in the parser or a rule is moat's own failure, answered 451,
+        // not a dropped connection.
+        return std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).map_err(|_| {
+            warn!("rule evaluation panicked");
+            Verdict::Tempfail(Reply::local_error())
+        });
     }
     tokio::task::spawn_blocking(job).await.map_err(|e| {
         warn!(error = %e, "rule evaluation failed");

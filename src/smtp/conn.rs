@@ -118,9 +118,12 @@ pub async fn serve(
     conn_id: String,
 ) -> CloseReason {
     let _ = io.set_nodelay(true);
-    let name = match &ctx.reverse_dns {
-        Some(rdns) => rdns.name(peer.ip()).await,
-        None => None,
+    let (name, name_temporarily_unavailable) = match &ctx.reverse_dns {
+        Some(rdns) => match rdns.name(peer.ip()).await {
+            Ok(name) => (name, false),
+            Err(()) => (None, true),
+        },
+        None => (None, false),
     };
     let info = ConnInfo { listener: ctx.name.clone(), peer, local, name: name.clone() };
     let mut d = Driver {
@@ -129,7 +132,15 @@ pub async fn serve(
         rbuf: BytesMut::with_capacity(1024),
         wbuf: Vec::with_capacity(512),
         lines: LineReader::new(ctx.max_command_line),
-        ident: ClientIdentity { peer, local, name, helo: None, esmtp: false, login: None },
+        ident: ClientIdentity {
+            peer,
+            local,
+            name,
+            name_temporarily_unavailable,
+            helo: None,
+            esmtp: false,
+            login: None,
+        },
         info,
         tls: None,
         upstream: None,
@@ -198,7 +209,10 @@ impl Driver {
                 }
                 None => {
                     crate::metrics::limit_hit(crate::metrics::Limit::MaxCommandLine);
-                    self.session.line_too_long(self.lines.broken_limit())
+                    match self.lines.broken_limit() {
+                        crate::smtp::codec::MAX_AUTH_LINE => self.session.auth_failed(Reply::auth_line_too_long()),
+                        limit => self.session.line_too_long(limit),
+                    }
                 }
             };
             if let Some(reason) = self.step(step).await? {
@@ -402,12 +416,9 @@ impl Driver {
     async fn reintroduce_held(&mut self) {
         if let Some(conn) = self.upstream.as_mut() {
             debug!("client identity changed; re-introducing it to the held upstream connection");
-            match conn.introduce(&self.ident).await {
-                Ok(()) => self.ctx.pool.learn(conn.extensions()),
-                Err(e) => {
-                    debug!(error = %e, "held upstream connection refused the new introduction; replacing it");
-                    self.upstream = None;
-                }
+            if let Err(e) = conn.introduce(&self.ident).await {
+                debug!(error = %e, "held upstream connection refused the new introduction; replacing it");
+                self.upstream = None;
             }
         }
         self.ident_stale = false;

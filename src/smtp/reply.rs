@@ -128,6 +128,11 @@ impl Reply {
     pub fn unrecognized() -> Reply {
         Reply::new(500, "5.5.1 Command unrecognized")
     }
+    /// `500 5.5.6` for an AUTH line or a SASL response over 12,288 octets (RFC 4954 4).
+    pub fn auth_line_too_long() -> Reply {
+        Reply::new(500, "5.5.6 Authentication Exchange line is too long")
+    }
+
     /// `500 5.5.2` for a command line over the limit.
     pub fn line_too_long(max: usize) -> Reply {
         Reply::new(500, format!("5.5.2 Line too long (limit {max} octets)"))

@@ -157,6 +157,9 @@ pub struct Session {
     /// AUTH attempts answered `454` because of a lockout.
     locked_attempts: u32,
     errors: u32,
+    /// A BDAT chunk was refused and no other command came since: further chunks the client had already
+    /// pipelined get 503 but are not counted as errors (RFC 3030 2: they must be accepted and discarded).
+    chunk_failed: bool,
     /// What the upstream offers, as last reported by the driver.
     upstream: UpstreamOffers,
     /// What this session's EHLO reply advertised of those; parameters of anything else are refused.
@@ -175,6 +178,7 @@ impl Session {
             tls,
             user: None,
             locked_attempts: 0,
+            chunk_failed: false,
             errors: 0,
             upstream: UpstreamOffers::default(),
             offered: UpstreamOffers::default(),
@@ -297,8 +301,9 @@ impl Session {
         }
     }
 
-    /// A BDAT chunk failed (e.g. size exceeded): the transaction is aborted.
+    /// A BDAT chunk failed (e.g. size exceeded, or refused by a header rule): the transaction is aborted.
     pub fn abort_transaction(&mut self) {
+        self.chunk_failed = true;
         if self.state != State::Fresh {
             self.state = State::Ready;
         }
@@ -325,6 +330,9 @@ impl Session {
     }
 
     fn dispatch(&mut self, cmd: Command) -> Step {
+        if !matches!(cmd, Command::Bdat { .. }) {
+            self.chunk_failed = false;
+        }
         match cmd {
             Command::Ehlo(name) => self.ehlo(name, true),
             Command::Helo(name) => self.ehlo(name, false),
@@ -458,7 +466,9 @@ impl Session {
             _ => Some(Reply::bad_sequence("need MAIL and RCPT before BDAT")),
         };
         if refusal.is_some() {
-            self.errors += 1;
+            if !self.chunk_failed {
+                self.errors += 1;
+            }
         } else if last {
             if let State::Mail(env) = std::mem::replace(&mut self.state, State::Ready) {
                 self.state = State::Data(env);
@@ -497,6 +507,10 @@ impl Session {
             State::Fresh => return Step::Reply(Reply::bad_sequence("send EHLO first")),
             State::Mail(_) | State::Data(_) => return Step::Reply(Reply::bad_sequence("MAIL transaction in progress")),
             State::Ready => {}
+        }
+        // AUTH is an EHLO extension (RFC 4954 3): after HELO nothing was offered.
+        if self.helo.as_ref().is_some_and(|h| !h.extended) {
+            return Step::Reply(Reply::bad_sequence("send EHLO first"));
         }
         if self.user.is_some() {
             return Step::Reply(Reply::bad_sequence("already authenticated"));

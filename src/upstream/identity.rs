@@ -18,6 +18,10 @@ pub struct ClientIdentity {
     pub local: SocketAddr,
     /// Forward-confirmed reverse DNS name, if any.
     pub name: Option<String>,
+    /// No name because the lookup was skipped (all lookup slots busy) or timed out: the upstream is told
+    /// `NAME=[TEMPUNAVAIL]`, so Postfix's `reject_unknown_client_hostname` defers (4xx) rather than treating
+    /// the client as permanently nameless.
+    pub name_temporarily_unavailable: bool,
     /// The EHLO/HELO argument.
     pub helo: Option<String>,
     /// Whether the client used EHLO (ESMTP) rather than HELO.
@@ -43,7 +47,11 @@ impl ClientIdentity {
             IpAddr::V6(a) => format!("IPV6:{a}"),
         };
         let _ = write!(cmd, " ADDR={} PORT={}", addr, self.peer.port());
-        let name = self.name.as_deref().map(xtext).unwrap_or_else(|| "[UNAVAILABLE]".into());
+        let name = match (&self.name, self.name_temporarily_unavailable) {
+            (Some(n), _) => xtext(n),
+            (None, true) => "[TEMPUNAVAIL]".into(),
+            (None, false) => "[UNAVAILABLE]".into(),
+        };
         let _ = write!(cmd, " NAME={name}");
         if let Some(h) = &self.helo {
             let _ = write!(cmd, " HELO={}", xtext(h));
@@ -112,10 +120,19 @@ mod tests {
             peer: "192.0.2.7:40000".parse().unwrap(),
             local: "127.0.0.1:25".parse().unwrap(),
             name: Some("client.example".into()),
+            name_temporarily_unavailable: false,
             helo: Some("helo+name".into()),
             esmtp: true,
             login: None,
         }
+    }
+
+    #[test]
+    fn a_skipped_lookup_is_a_temporary_unknown() {
+        let id = ClientIdentity { name: None, name_temporarily_unavailable: true, ..ident() };
+        assert!(id.xclient_command().contains(" NAME=[TEMPUNAVAIL] "), "{}", id.xclient_command());
+        let id = ClientIdentity { name: None, ..ident() };
+        assert!(id.xclient_command().contains(" NAME=[UNAVAILABLE] "), "{}", id.xclient_command());
     }
 
     #[test]

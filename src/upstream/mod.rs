@@ -235,6 +235,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
 pub struct Connection {
     io: BufReader<BufWriter<Box<dyn Stream>>>,
     ext: Extensions,
+    /// `ext` as it was before the first introduction (moat's own EHLO).
+    own_ext: Extensions,
     settings: std::sync::Arc<UpstreamSettings>,
     /// Whether MAIL was sent and the transaction not yet finished or reset.
     in_transaction: bool,
@@ -269,6 +271,7 @@ impl Connection {
         let mut conn = Connection {
             io: BufReader::new(BufWriter::new(Box::new(tcp) as Box<dyn Stream>)),
             ext: Extensions::default(),
+            own_ext: Extensions::default(),
             settings,
             in_transaction: false,
             tls: false,
@@ -290,6 +293,7 @@ impl Connection {
         if let Some(tls) = conn.settings.tls.clone() {
             conn.starttls(&tls, &name).await?;
         }
+        conn.own_ext = conn.ext.clone();
         crate::metrics::upstream_connect_seconds(start.elapsed());
         Ok(conn)
     }
@@ -297,6 +301,14 @@ impl Connection {
     /// The extensions the upstream offered.
     pub fn extensions(&self) -> &Extensions {
         &self.ext
+    }
+
+    /// What the upstream offered moat itself, before any client was introduced: the same for every client,
+    /// so the view sessions advertise from ([`pool::Pool::learn`]) does not flip with whichever client
+    /// connected last when the upstream answers some clients differently (Postfix's
+    /// `smtpd_discard_ehlo_keyword_address_maps`).
+    pub fn own_extensions(&self) -> &Extensions {
+        &self.own_ext
     }
 
     async fn ehlo(&mut self, name: &str) -> Result<(), UpstreamError> {
@@ -410,9 +422,10 @@ impl Connection {
     }
 
     /// `455 4.5.4` when the client uses SMTPUTF8 or DSN parameters this connection's upstream does not offer.
-    /// The session refuses parameters it did not advertise, and advertises only what the pool last saw the
-    /// upstream offer; so this is the rare upstream that changed in between (or offers them to some clients
-    /// only): temporary, as the client's next session is not offered them. Dropping them instead would lose
+    /// The session refuses parameters it did not advertise, and advertises what the upstream offers moat
+    /// itself; so this is an upstream that changed in between (the next session is not offered them) or
+    /// one that offers them to some clients only (Postfix's `smtpd_discard_ehlo_keyword_address_maps`: such
+    /// a client keeps getting 455 and should be sent without them). Dropping them instead would lose
     /// a NOTIFY the client relies on (RFC 3461 5.2 wants a "relayed" DSN then, which moat cannot send).
     fn unsupported(&self, smtputf8: bool, dsn: bool) -> Option<Reply> {
         let missing = match (smtputf8 && !self.ext.smtputf8, dsn && !self.ext.dsn) {

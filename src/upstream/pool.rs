@@ -52,8 +52,9 @@ impl Pool {
         UpstreamOffers { dsn: bits & OFFERS_DSN != 0, smtputf8: bits & OFFERS_SMTPUTF8 != 0 }
     }
 
-    /// Remembers what a connection's latest EHLO reply offered (call it after [`Connection::introduce`]:
-    /// the reply to the client's own EHLO is the one that counts).
+    /// Remembers what the upstream offers: pass [`Connection::own_extensions`], the reply to moat's own
+    /// EHLO, which is the same for every client. A client the upstream treats differently (fewer keywords
+    /// after XCLIENT) gets `455 4.5.4` for parameters its introduced connection lacks.
     pub fn learn(&self, ext: &Extensions) {
         let bits = if ext.dsn { OFFERS_DSN } else { 0 } | if ext.smtputf8 { OFFERS_SMTPUTF8 } else { 0 };
         self.offers.store(bits, Ordering::Relaxed);
@@ -65,7 +66,7 @@ impl Pool {
         let conn = Connection::connect(self.settings.clone(), None).await;
         self.report(&conn);
         let conn = conn?;
-        self.learn(conn.extensions());
+        self.learn(conn.own_extensions());
         self.checkin(conn).await;
         Ok(self.offers())
     }
@@ -96,10 +97,7 @@ impl Pool {
                 _ => Ok(()),
             };
             match probe {
-                Ok(()) => {
-                    self.learn(conn.extensions());
-                    return Ok((conn, true));
-                }
+                Ok(()) => return Ok((conn, true)),
                 // A pooled connection that fails its probe (gone, or answering 421/503) is dropped; only a
                 // slow upstream ends the search, since a fresh connection would wait the same.
                 Err(super::UpstreamError::Timeout(p)) => return Err(super::UpstreamError::Timeout(p)),
@@ -114,9 +112,9 @@ impl Pool {
         let connected = Connection::connect(self.settings.clone(), Some(ident)).await;
         self.report(&connected);
         let mut conn = connected?;
+        // A new connection: the upstream may have changed what it offers since the last one.
+        self.learn(conn.own_extensions());
         conn.introduce(ident).await?;
-        // After XCLIENT the upstream answered EHLO as it would the client: that reply is the one that counts.
-        self.learn(conn.extensions());
         Ok(conn)
     }
 

@@ -53,7 +53,7 @@ impl Driver {
                         Some(line) => step = ex.respond(&line),
                         None => {
                             self.auth_record(mechanism, "", "failure");
-                            let s = self.session.line_too_long(MAX_AUTH_LINE);
+                            let s = self.session.auth_failed(Reply::auth_line_too_long());
                             return Ok(self.auth_reply(s));
                         }
                     }
@@ -70,7 +70,15 @@ impl Driver {
         if let Check::Locked(_) = auth.lockout().check(ip, Some(&name), Instant::now()) {
             return Ok(self.auth_locked(mechanism, &name));
         }
-        match auth.verify(creds, &self.ctx.name, ip).await {
+        // The wait for a turn and a verification permit is bounded like any other wait: behind a flood the
+        // client gets 454 (try again) after the idle timeout rather than an unbounded delay.
+        let verified = tokio::time::timeout(self.ctx.idle_timeout, auth.verify(creds, &self.ctx.name, ip))
+            .await
+            .unwrap_or_else(|_| {
+                debug!(mechanism = mechanism.as_str(), "authentication waited too long for a verification slot");
+                Err(AuthError::Internal)
+            });
+        match verified {
             Ok(user) => {
                 self.auth_record(mechanism, &user, "success");
                 debug!(user = %user, mechanism = mechanism.as_str(), "authenticated");

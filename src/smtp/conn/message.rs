@@ -170,6 +170,7 @@ impl Driver {
         if early_refusal && !last {
             // RFC 3030 2: a chunk may be refused, which ends the transaction; no need to take more chunks.
             self.end_of_message().await;
+            self.session.abort_transaction();
             return Ok(());
         }
         let too_big = self.txn.as_ref().is_some_and(|t| t.too_big);
@@ -269,7 +270,9 @@ impl Driver {
         let window = self.ctx.pipeline.scan_window(&txn.ctx).map(|w| w.min(budget.capacity() / SCAN_MEMORY_FACTOR));
         let (data, reservation) = match window {
             Some(window) => {
-                let want = txn.spool.len().min(window) * SCAN_MEMORY_FACTOR;
+                // The message's own in-memory spool already holds budget for about one copy: count it, or
+                // a message above a third of the budget could never be scanned even on an idle server.
+                let want = (txn.spool.len().min(window) * SCAN_MEMORY_FACTOR).saturating_sub(txn.spool.reserved());
                 let Some(r) = budget.reserve(want, SCAN_BUDGET_WAIT).await else {
                     let in_use = budget.in_use();
                     warn!(txn.id = %txn.id, size = txn.size, in_use, "spool.memory_budget full, cannot scan");

@@ -32,19 +32,20 @@ impl ReverseDns {
         ReverseDns { timeout, lookups: Arc::new(Semaphore::new(max_lookups)) }
     }
 
-    /// The client's forward-confirmed name, or `None` (no name, a lookup error, no free permit, timeout).
-    pub async fn name(&self, ip: IpAddr) -> Option<String> {
+    /// The client's forward-confirmed name: `Ok(None)` when it has none (or the lookup failed), `Err(())`
+    /// when the lookup was skipped (no free permit) or timed out, which is temporary.
+    pub async fn name(&self, ip: IpAddr) -> Result<Option<String>, ()> {
         self.bounded(move || confirmed_name(ip)).await
     }
 
     /// Runs `lookup` on the blocking pool if a permit is free, waiting for it at most the timeout.
-    async fn bounded<F>(&self, lookup: F) -> Option<String>
+    async fn bounded<F>(&self, lookup: F) -> Result<Option<String>, ()>
     where
         F: FnOnce() -> Option<String> + Send + 'static,
     {
         let Ok(permit) = self.lookups.clone().try_acquire_owned() else {
             crate::metrics::reverse_dns_skipped(ReverseDnsSkip::Busy);
-            return None;
+            return Err(());
         };
         let task = tokio::task::spawn_blocking(move || {
             // Held until the resolver returns, however long after the connection stopped waiting.
@@ -52,11 +53,11 @@ impl ReverseDns {
             lookup()
         });
         match tokio::time::timeout(self.timeout, task).await {
-            Ok(Ok(name)) => name,
-            Ok(Err(_)) => None, // the lookup panicked: no name
+            Ok(Ok(name)) => Ok(name),
+            Ok(Err(_)) => Ok(None), // the lookup panicked: no name
             Err(_) => {
                 crate::metrics::reverse_dns_skipped(ReverseDnsSkip::Timeout);
-                None
+                Err(())
             }
         }
     }
@@ -99,9 +100,10 @@ mod tests {
         let started = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel();
         let rx = Arc::new(std::sync::Mutex::new(rx));
-        // A flood of ten connections while every lookup hangs: each goes on without a name.
+        // A flood of ten connections while every lookup hangs: each goes on at once, its name temporarily
+        // unavailable (timed out or skipped), which the upstream hears as NAME=[TEMPUNAVAIL].
         for _ in 0..10 {
-            assert_eq!(rdns.bounded(stuck_lookup(started.clone(), rx.clone())).await, None);
+            assert_eq!(rdns.bounded(stuck_lookup(started.clone(), rx.clone())).await, Err(()));
         }
         // Only two lookups ever reached the resolver; the other eight were skipped without waiting.
         for _ in 0..500 {
@@ -124,6 +126,7 @@ mod tests {
         }
         assert_eq!(rdns.lookups.available_permits(), 2);
         let rdns = ReverseDns { timeout: Duration::from_secs(30), ..rdns };
-        assert_eq!(rdns.bounded(|| Some("mail.example".into())).await.as_deref(), Some("mail.example"));
+        assert_eq!(rdns.bounded(|| Some("mail.example".into())).await, Ok(Some("mail.example".into())));
+        assert_eq!(rdns.bounded(|| None).await, Ok(None), "no name: a permanent answer");
     }
 }

@@ -281,3 +281,35 @@ fn locked_attempts_close_the_session() {
     assert!(matches!(h.0.auth_locked(), Step::Reply(_)));
     assert!(matches!(h.0.auth_locked(), Step::Close(r, CloseReason::AuthLocked) if r.code == 421));
 }
+
+#[test]
+fn chunks_pipelined_after_a_failed_chunk_are_not_counted_as_errors() {
+    let mut h = Harness::new(cfg()); // max_errors 5
+    h.cmd("EHLO client.test", 250);
+    h.cmd("MAIL FROM:<a@example.org>", 250);
+    h.cmd("RCPT TO:<b@example.test>", 250);
+    h.cmd("BDAT 10", 250);
+    // The driver refused the chunk (too big, or a header rule): the transaction ends.
+    h.0.abort_transaction();
+    // RFC 3030 2: chunks already in the pipeline are discarded with 503, and cost the client nothing.
+    for _ in 0..8 {
+        h.cmd("BDAT 10", 503);
+    }
+    h.cmd("BDAT 10 LAST", 503);
+    assert!(!h.0.error_limit_reached());
+    // Any other command ends that grace: a later stray BDAT counts again.
+    h.cmd("NOOP", 250);
+    for _ in 0..5 {
+        h.cmd("BDAT 10", 503);
+    }
+    assert!(h.0.error_limit_reached());
+}
+
+#[test]
+fn auth_after_helo_is_out_of_sequence() {
+    let mut h = Harness::new(SessionConfig { auth_without_tls: true, ..auth_cfg(Role::Mx) });
+    h.cmd("HELO c", 250);
+    h.cmd("AUTH PLAIN AGFAYg==", 503);
+    h.cmd("EHLO c", 250);
+    h.cmd("AUTH PLAIN AGFAYg==", 334);
+}
