@@ -275,19 +275,21 @@ async fn draining_refuses_a_transaction_pipelined_after_the_final_dot() {
     assert_eq!(mails, 1, "the pipelined MAIL never reached the upstream");
 }
 
-/// DSN and SMTPUTF8 are offered to clients only as the upstream offers them: learnt at start-up and from
-/// every upstream EHLO. A parameter moat did not offer is refused (`555`); one it offered but the upstream
-/// stopped offering meanwhile gets `455` (never dropped silently).
+/// DSN and SMTPUTF8 are offered to clients only as the upstream offers them: learnt at start-up and from the
+/// upstream's answer to moat's own EHLO on every new upstream connection (never from an introduced client's
+/// EHLO, which may differ per client). A parameter moat did not offer is refused (`555`); one it offered but
+/// the upstream stopped offering meanwhile gets `455` (never dropped silently).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dsn_and_smtputf8_are_offered_as_the_upstream_offers_them() {
     let fake = FakeUpstream::start(Script { no_dsn: true, no_smtputf8: true, ..Default::default() }).await;
-    let running = start(&test_config(fake.addr, "")).await;
+    // No pooling: every session's first MAIL opens (and learns from) a new upstream connection.
+    let running = start(&test_config(fake.addr, "upstream.pool_size = 0")).await;
     let (mut c, _) = Client::connect(running.addr("smtp").unwrap()).await;
     let ehlo = c.expect("EHLO client.example", 250).await;
     assert!(!ehlo.contains("DSN") && !ehlo.contains("SMTPUTF8"), "learnt at start-up:\n{ehlo}");
     let text = c.expect("MAIL FROM:<a@example.org> RET=HDRS", 555).await;
     assert!(text.starts_with("555 5.5.4"), "{text}");
-    // The upstream now offers both; moat learns it from the introduction at the next MAIL.
+    // The upstream now offers both; moat learns it from the next new connection (this MAIL's).
     fake.set_script(Script::default());
     c.expect("MAIL FROM:<a@example.org>", 250).await;
     c.expect("RSET", 250).await;
@@ -296,14 +298,21 @@ async fn dsn_and_smtputf8_are_offered_as_the_upstream_offers_them() {
     c.expect("MAIL FROM:<a@example.org> RET=HDRS", 250).await;
     c.expect("RCPT TO:<b@example.test> NOTIFY=SUCCESS", 250).await;
     c.expect("RSET", 250).await;
-    // The upstream stops offering DSN after this session's EHLO advertised it.
+    // The upstream stops offering DSN after this session's EHLO advertised it: the held connection,
+    // re-introduced after the new EHLO, lacks it, so the parameter gets 455.
     fake.set_script(Script { no_dsn: true, ..Default::default() });
     let ehlo = c.expect("EHLO other.example", 250).await;
     assert!(ehlo.contains("DSN"), "not learnt yet:\n{ehlo}");
     let text = c.expect("MAIL FROM:<a@example.org> RET=FULL", 455).await;
     assert!(text.starts_with("455 4.5.4"), "{text}");
-    let ehlo = c.expect("EHLO other.example", 250).await;
-    assert!(!ehlo.contains("DSN"), "learnt from the re-introduction:\n{ehlo}");
+    c.expect("QUIT", 221).await;
+    // The next session's new upstream connection teaches moat that DSN is gone.
+    let (mut c, _) = Client::connect(running.addr("smtp").unwrap()).await;
+    c.expect("EHLO client.example", 250).await;
+    c.expect("MAIL FROM:<a@example.org>", 250).await;
+    c.expect("RSET", 250).await;
+    let ehlo = c.expect("EHLO client.example", 250).await;
+    assert!(!ehlo.contains("DSN"), "learnt from the new connection:\n{ehlo}");
     c.expect("QUIT", 221).await;
     let cmds = fake.commands.lock().unwrap().clone();
     assert!(cmds.iter().any(|c| c.contains("RET=HDRS")), "{cmds:?}");

@@ -38,6 +38,11 @@ fn head_complete(head: &[u8]) -> bool {
     head.starts_with(b"\r\n") || memchr::memmem::find(head, b"\r\n\r\n").is_some()
 }
 
+/// [`head_complete`] for a kept header whose bytes before `from` were already searched (`from` > 0).
+fn head_complete_from(head: &[u8], from: usize) -> bool {
+    memchr::memmem::find(&head[from..], b"\r\n\r\n").is_some()
+}
+
 /// The reply when the memory budget has no room for a content scan.
 fn scan_budget_exhausted() -> Reply {
     Reply::new(451, "4.3.1 insufficient system resources, try again later")
@@ -126,8 +131,11 @@ impl Driver {
     /// whether the header section just ended within that bound (a longer one is judged at end of data).
     fn track_head(txn: &mut Txn, out: &[u8]) -> bool {
         let room = MAX_HEAD - txn.head.len();
+        // Only the new bytes and the three before them can complete "\r\n\r\n": searching the whole kept
+        // header on every read would cost quadratic time for a client that sends tiny segments.
+        let from = txn.head.len().saturating_sub(3);
         txn.head.extend_from_slice(&out[..out.len().min(room)]);
-        let complete = head_complete(&txn.head);
+        let complete = if from == 0 { head_complete(&txn.head) } else { head_complete_from(&txn.head, from) };
         txn.head_done = complete || txn.head.len() >= MAX_HEAD;
         complete
     }
