@@ -23,6 +23,20 @@ enum Key {
     Name(String),
 }
 
+impl Key {
+    /// IPv6 clients are counted per /64, the block one host or subscriber usually holds (an attacker with
+    /// one /64 has 2^64 addresses); IPv4-mapped addresses as IPv4.
+    fn ip(ip: IpAddr) -> Key {
+        match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Key::Ip(IpAddr::V4(v4)),
+                None => Key::Ip(IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)))),
+            },
+            v4 => Key::Ip(v4),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Entry {
     /// Failure times inside the window, oldest first (at most `threshold` kept).
@@ -75,7 +89,7 @@ impl Lockout {
     /// Whether the client IP (and, when known, the name) may attempt now.
     pub fn check(&self, ip: IpAddr, name: Option<&str>, now: Instant) -> Check {
         let t = self.lock();
-        let mut keys = vec![Key::Ip(ip)];
+        let mut keys = vec![Key::ip(ip)];
         if let Some(n) = name {
             keys.push(Key::Name(normalize(n)));
         }
@@ -90,7 +104,7 @@ impl Lockout {
         let mut t = self.lock();
         let mut worst = 0usize;
         let mut locked = false;
-        let mut keys = vec![Key::Ip(ip)];
+        let mut keys = vec![Key::ip(ip)];
         if let Some(n) = name {
             keys.push(Key::Name(normalize(n)));
         }
@@ -265,10 +279,21 @@ mod tests {
         assert!(matches!(l.check(IP, Some("victim"), t0), Check::Locked(_)));
         // Fill the table with single failures of other addresses (no name), past its bound.
         for i in 0..(MAX_ENTRIES as u32 + 10) {
-            let ip = IpAddr::V6(std::net::Ipv6Addr::from(0x2001_0db8_u128 << 96 | u128::from(i)));
+            let ip = IpAddr::V6(std::net::Ipv6Addr::from((0x2001_0db8_u128 << 96) | (u128::from(i) << 64)));
             l.failure(ip, None, t0);
         }
         assert!(l.len() <= MAX_ENTRIES);
         assert!(matches!(l.check(IP, None, t0), Check::Locked(_)), "the locked address survived the flood");
+    }
+
+    #[test]
+    fn ipv6_is_counted_per_64() {
+        let l = lockout();
+        let t0 = Instant::now();
+        for host in 1..=3u16 {
+            l.failure(format!("2001:db8:1:2::{host:x}").parse().unwrap(), None, t0);
+        }
+        assert!(matches!(l.check("2001:db8:1:2::ffff".parse().unwrap(), None, t0), Check::Locked(_)));
+        assert_eq!(l.check("2001:db8:1:3::1".parse().unwrap(), None, t0), Check::Allowed, "another /64");
     }
 }
