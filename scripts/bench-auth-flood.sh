@@ -86,48 +86,17 @@ grep -qF '$argon2id$' "$WORK/users.toml" || die "users file has no argon2id hash
 MOAT_PORT=$(free_port)
 # A copy of config/moat.toml: one plain listener with AUTH allowed without TLS (loopback only), upstream =
 # smtp-sink without client identity, metrics off, audit to a file, generous connection limits.
-"$PY" - "$CONFIG_SRC" "$WORK/moat.toml" "$MOAT_PORT" "$SINK_PORT" "$WORK" "$AUTH_PERMITS" "$BENCH_LOCKOUT" <<'PYEOF'
-import re, sys
-src, dst, port, sink, work, permits, lockout = sys.argv[1:]
-out, section, skip = [], None, False
-set_keys = {
-    ("server", "reverse_dns"): "false",
-    ("upstream", "address"): f'"127.0.0.1:{sink}"',
-    ("upstream", "identity"): '"none"',
-    ("metrics", "address"): '""',
-    ("audit", "destination"): f'"{work}/audit.jsonl"',
-    ("limits", "max_connections"): "5000",
-    ("limits", "max_connections_per_ip"): "5000",
-    ("relay", "local_domains"): '["sink.example"]',
-    ("auth", "users_file"): f'"{work}/users.toml"',
-    ("auth", "max_concurrent_verifications"): permits,
-}
-if lockout == "off":
-    set_keys[("auth", "lockout_threshold")] = "1000000000"
-    set_keys[("auth", "lockout_window")] = '"1s"'
-    set_keys[("auth", "failure_delay")] = '"0ms"'
-seen = set()
-for line in open(src):
-    m = re.match(r"^\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]\]?", line)
-    if m:
-        section = m.group(2)
-        skip = section == "listener"
-        if skip:
-            continue
-    if skip:
-        continue
-    k = re.match(r"^\s*([A-Za-z0-9_]+)\s*=", line)
-    if k and (section, k.group(1)) in set_keys:
-        line = f"{k.group(1)} = {set_keys[(section, k.group(1))]}\n"
-        seen.add((section, k.group(1)))
-    out.append(line)
-missing = set(set_keys) - seen
-if missing:
-    sys.exit(f"config/moat.toml lacks keys {sorted(missing)}; update bench-auth-flood.sh")
-out.append(f'\n[[listener]]\nname = "bench"\naddress = "127.0.0.1:{port}"\nmode = "plain"\nrole = "mx"\n'
-           'require_tls = false\nauth_without_tls = true\n')
-open(dst, "w").write("".join(out))
-PYEOF
+LOCKOUT_KEYS=()
+if [ "$BENCH_LOCKOUT" = off ]; then
+    LOCKOUT_KEYS=(auth.lockout_threshold=1000000000 'auth.lockout_window="1s"' 'auth.failure_delay="0ms"')
+fi
+"$PY" "$ROOT/scripts/bench-config.py" "$CONFIG_SRC" "$WORK/moat.toml" "$MOAT_PORT" \
+    --listener-extra "auth_without_tls = true" \
+    server.reverse_dns=false "upstream.address=\"127.0.0.1:$SINK_PORT\"" 'upstream.identity="none"' \
+    'metrics.address=""' "audit.destination=\"$WORK/audit.jsonl\"" limits.max_connections=5000 \
+    limits.max_connections_per_ip=5000 'relay.local_domains=["sink.example"]' \
+    "auth.users_file=\"$WORK/users.toml\"" "auth.max_concurrent_verifications=$AUTH_PERMITS" \
+    "${LOCKOUT_KEYS[@]}"
 "$MOAT_BIN" check --config "$WORK/moat.toml" >/dev/null || die "moat check rejects $WORK/moat.toml"
 "$MOAT_BIN" serve --config "$WORK/moat.toml" >"$WORK/moat.log" 2>&1 &
 MOAT_PID=$!

@@ -98,51 +98,13 @@ if [ "$DIRECT_ONLY" = 0 ]; then
     MOAT_PORT=$(free_port)
     # A copy of config/moat.toml: the shipped listeners replaced by one plain listener on a free port,
     # upstream = smtp-sink without client identity, metrics off, connection limits above IDLE_CONNS.
-    "$PY" - "$CONFIG_SRC" "$WORK/moat.toml" "$MOAT_PORT" "$SINK_PORT" "${BENCH_REVERSE_DNS:-false}" \
-        "$((IDLE_CONNS + 1000))" <<'PYEOF'
-import re, sys
-src, dst, port, sink, rdns, maxconn = sys.argv[1:]
-out, section, skip = [], None, False
-set_keys = {
-    ("upstream", "address"): f'"127.0.0.1:{sink}"',
-    ("upstream", "identity"): '"none"',
-    ("metrics", "address"): '""',
-    ("server", "reverse_dns"): rdns,
-    ("limits", "max_connections"): maxconn,
-    ("limits", "max_connections_per_ip"): maxconn,
-    ("relay", "local_domains"): '["sink.example"]',
-}
-import os
-if os.environ.get("BENCH_RULES", "on") == "off":
-    set_keys[("rules", "directory")] = '""'
-seen = set()
-for line in open(src):
-    m = re.match(r"^\s*(\[\[?)\s*([A-Za-z0-9_.-]+)\s*\]\]?", line)
-    if m:
-        section = m.group(2)
-        skip = section == "listener"
-        if skip:
-            continue
-    if skip:
-        continue
-    k = re.match(r"^\s*([A-Za-z0-9_]+)\s*=", line)
-    if k and (section, k.group(1)) in set_keys:
-        line = f"{k.group(1)} = {set_keys[(section, k.group(1))]}\n"
-        seen.add((section, k.group(1)))
-    out.append(line)
-missing = set(set_keys) - seen
-if missing:
-    sys.exit(f"config/moat.toml lacks keys {sorted(missing)}; update bench-e2e.sh")
-out.append(f'\n[[listener]]\nname = "bench"\naddress = "127.0.0.1:{port}"\nmode = "plain"\nrole = "mx"\n'
-           'require_tls = false\n')
-open(dst, "w").write("".join(out))
-try:
-    import tomllib
-    c = tomllib.load(open(dst, "rb"))
-    assert len(c["listener"]) == 1 and c["upstream"]["identity"] == "none" and c["metrics"]["address"] == ""
-except ImportError:
-    pass
-PYEOF
+    RULES_KEY=()
+    [ "${BENCH_RULES:-on}" = off ] && RULES_KEY=('rules.directory=""')
+    "$PY" "$ROOT/scripts/bench-config.py" "$CONFIG_SRC" "$WORK/moat.toml" "$MOAT_PORT" \
+        "upstream.address=\"127.0.0.1:$SINK_PORT\"" 'upstream.identity="none"' 'metrics.address=""' \
+        "server.reverse_dns=${BENCH_REVERSE_DNS:-false}" "limits.max_connections=$((IDLE_CONNS + 1000))" \
+        "limits.max_connections_per_ip=$((IDLE_CONNS + 1000))" 'relay.local_domains=["sink.example"]' \
+        "${RULES_KEY[@]}"
     "$MOAT_BIN" check --config "$WORK/moat.toml" >/dev/null || die "moat check rejects $WORK/moat.toml"
     "${MOAT_CPU[@]}" "$MOAT_BIN" serve --config "$WORK/moat.toml" >"$WORK/moat.log" 2>&1 &
     MOAT_PID=$!
