@@ -7,10 +7,12 @@
 //! and rule reloads, which share that pool). So a semaphore caps the lookups in flight; the permit moves into
 //! the blocking task and is given back only when the resolver returns. A connection that finds no free
 //! permit, or whose lookup outlives the timeout, goes on at once without a name; both are counted in
-//! `moat_reverse_dns_skipped_total`.
+//! `moat_reverse_dns_skipped_total`. One address has at most one lookup in flight, so a single client
+//! whose PTR zone hangs cannot take every permit by reconnecting.
 
+use std::collections::HashSet;
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -24,18 +26,53 @@ pub struct ReverseDns {
     timeout: Duration,
     /// One permit per lookup running on the blocking pool (`server.max_reverse_dns_lookups`).
     lookups: Arc<Semaphore>,
+    /// Addresses with a lookup in flight (at most one each).
+    in_flight: Arc<Mutex<HashSet<IpAddr>>>,
+}
+
+/// An address's claim on its one lookup; released when the lookup (or the attempt) ends.
+struct Claim {
+    set: Arc<Mutex<HashSet<IpAddr>>>,
+    ip: IpAddr,
+}
+
+impl Claim {
+    fn take(set: &Arc<Mutex<HashSet<IpAddr>>>, ip: IpAddr) -> Option<Claim> {
+        let fresh = set.lock().unwrap_or_else(|p| p.into_inner()).insert(ip);
+        fresh.then(|| Claim { set: Arc::clone(set), ip })
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.ip);
+    }
 }
 
 impl ReverseDns {
     /// At most `max_lookups` resolver calls at once, each awaited for at most `timeout`.
     pub fn new(timeout: Duration, max_lookups: usize) -> ReverseDns {
-        ReverseDns { timeout, lookups: Arc::new(Semaphore::new(max_lookups)) }
+        ReverseDns { timeout, lookups: Arc::new(Semaphore::new(max_lookups)), in_flight: Arc::default() }
     }
 
     /// The client's forward-confirmed name: `Ok(None)` when it has none (or the lookup failed), `Err(())`
     /// when the lookup was skipped (no free permit) or timed out, which is temporary.
     pub async fn name(&self, ip: IpAddr) -> Result<Option<String>, ()> {
-        self.bounded(move || confirmed_name(ip)).await
+        self.name_with(ip, confirmed_name).await
+    }
+
+    /// [`ReverseDns::name`] with the resolver call given, for tests.
+    async fn name_with(&self, ip: IpAddr, resolve: fn(IpAddr) -> Option<String>) -> Result<Option<String>, ()> {
+        let Some(claim) = Claim::take(&self.in_flight, ip) else {
+            crate::metrics::reverse_dns_skipped(ReverseDnsSkip::Busy);
+            return Err(());
+        };
+        self.bounded(move || {
+            // Held, like the permit, until the resolver returns.
+            let _claim = claim;
+            resolve(ip)
+        })
+        .await
     }
 
     /// Runs `lookup` on the blocking pool if a permit is free, waiting for it at most the timeout.
@@ -128,5 +165,44 @@ mod tests {
         let rdns = ReverseDns { timeout: Duration::from_secs(30), ..rdns };
         assert_eq!(rdns.bounded(|| Some("mail.example".into())).await, Ok(Some("mail.example".into())));
         assert_eq!(rdns.bounded(|| None).await, Ok(None), "no name: a permanent answer");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_address_has_at_most_one_lookup_in_flight() {
+        static RELEASE: std::sync::Mutex<Option<mpsc::Receiver<()>>> = std::sync::Mutex::new(None);
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        fn hanging(_: IpAddr) -> Option<String> {
+            STARTED.fetch_add(1, Ordering::SeqCst);
+            let rx = RELEASE.lock().unwrap().take();
+            if let Some(rx) = rx {
+                let _ = rx.recv();
+            }
+            None
+        }
+        let (tx, rx) = mpsc::channel();
+        *RELEASE.lock().unwrap() = Some(rx);
+        let rdns = ReverseDns::new(Duration::from_millis(20), 8);
+        let ip: IpAddr = "192.0.2.66".parse().unwrap();
+        // The first lookup hangs (timed out for its connection); the address's reconnections are skipped
+        // without taking more permits, while another address still gets its lookup.
+        assert_eq!(rdns.name_with(ip, hanging).await, Err(()));
+        for _ in 0..5 {
+            assert_eq!(rdns.name_with(ip, hanging).await, Err(()));
+        }
+        assert_eq!(STARTED.load(Ordering::SeqCst), 1);
+        assert_eq!(rdns.lookups.available_permits(), 7);
+        assert_eq!(
+            rdns.name_with("192.0.2.67".parse().unwrap(), |_| Some("ok.example".into())).await,
+            Ok(Some("ok.example".into()))
+        );
+        // The resolver returns: the address may look up again.
+        tx.send(()).unwrap();
+        for _ in 0..500 {
+            if rdns.in_flight.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(rdns.name_with(ip, |_| Some("back.example".into())).await, Ok(Some("back.example".into())));
     }
 }
