@@ -125,7 +125,7 @@ impl Spool {
 
     /// Makes sure `want` bytes are reserved against the budget; false when the budget is exhausted.
     fn reserve(&mut self, want: usize) -> bool {
-        let have = self.permit.as_ref().map_or(0, |p| p.num_permits()) * BUDGET_UNIT;
+        let have = self.reserved() as usize;
         if want <= have {
             return true;
         }

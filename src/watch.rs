@@ -52,8 +52,12 @@ where
             if let Some(now) = current.as_ref().filter(|now| previous.as_ref() == Some(now)) {
                 let act = {
                     let mut acted = acted.lock().unwrap_or_else(|p| p.into_inner());
-                    // Remembered even when the reload is refused, so a broken file is reported once, not every poll.
-                    (acted.as_ref() != Some(now)).then(|| *acted = Some(now.clone())).is_some()
+                    let changed = acted.as_ref() != Some(now);
+                    if changed {
+                        // Remembered even when the reload is refused, so a broken file is reported once.
+                        *acted = Some(now.clone());
+                    }
+                    changed
                 };
                 if act {
                     on_change().await;

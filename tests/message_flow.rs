@@ -8,6 +8,7 @@ use std::path::Path;
 
 use common::fake::{FakeUpstream, Script};
 use common::moat::{start, test_config, Client};
+use moat::server::Running;
 
 /// A rules directory holding `rules` as its one file.
 fn rules_dir(rules: &str) -> tempfile::TempDir {
@@ -80,11 +81,8 @@ async fn header_verdict_stops_spooling() {
     running.stop().await;
 }
 
-/// One session holds most of a 1 MiB budget in its spool (a BDAT chunk, answered once spooled); another
-/// session's message then cannot reserve memory for its scan and gets `451 4.3.1`, nothing relayed. When
-/// the first session lets go (RSET), the same message is scanned and relayed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scan_memory_counts_against_the_spool_budget() {
+/// moat with one body rule (so every message is scanned) and a 1 MiB memory budget, any message held in memory.
+async fn with_a_body_rule_and_1mib_budget() -> (tempfile::TempDir, FakeUpstream, Running) {
     let rules = rules_dir("[[rule]]\nid = \"body\"\nwhen = { body = 'never-matches-xyz' }\naction = \"reject\"\n");
     let fake = FakeUpstream::start(Script::default()).await;
     let extra = format!(
@@ -92,6 +90,15 @@ async fn scan_memory_counts_against_the_spool_budget() {
         toml_path(rules.path())
     );
     let running = start(&test_config(fake.addr, &extra)).await;
+    (rules, fake, running)
+}
+
+/// One session holds most of a 1 MiB budget in its spool (a BDAT chunk, answered once spooled); another
+/// session's message then cannot reserve memory for its scan and gets `451 4.3.1`, nothing relayed. When
+/// the first session lets go (RSET), the same message is scanned and relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_memory_counts_against_the_spool_budget() {
+    let (_rules, fake, running) = with_a_body_rule_and_1mib_budget().await;
     let addr = running.addr("smtp").unwrap();
 
     let (mut holder, _) = Client::connect(addr).await;
@@ -122,13 +129,7 @@ async fn scan_memory_counts_against_the_spool_budget() {
 /// holds a large part of the budget (the scan's reservation counts that copy).
 #[tokio::test]
 async fn a_large_message_is_scanned_on_an_idle_server() {
-    let rules = rules_dir("[[rule]]\nid = \"body\"\nwhen = { body = 'never-matches-xyz' }\naction = \"reject\"\n");
-    let fake = FakeUpstream::start(Script::default()).await;
-    let extra = format!(
-        "rules.directory = {}\nspool.memory_budget = \"1MiB\"\nspool.memory_threshold = \"1MiB\"",
-        toml_path(rules.path())
-    );
-    let running = start(&test_config(fake.addr, &extra)).await;
+    let (_rules, fake, running) = with_a_body_rule_and_1mib_budget().await;
     let addr = running.addr("smtp").unwrap();
     let (mut c, _) = Client::connect(addr).await;
     c.expect("EHLO client.example", 250).await;
@@ -138,5 +139,6 @@ async fn a_large_message_is_scanned_on_an_idle_server() {
         let (code, text) = data(&mut c, &message).await;
         assert_eq!(code, 250, "{text}");
     }
+    assert_eq!(fake.wait_for(2).await.len(), 2, "both relayed");
     running.stop().await;
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use common::fake::{FakeUpstream, Script};
 use common::moat::{start, test_config, Client};
+use moat::server::Running;
 
 /// A rule file tagging at MAIL and at the header phase (a `subject` rule, run when the header section ends)
 /// with version `v`.
@@ -31,6 +32,19 @@ fn header<'a>(msg: &'a str, name: &str) -> Option<&'a str> {
     msg.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
 }
 
+/// moat whose rules directory holds `version_file(version)`, polled every `watch_interval` ("0s": not).
+async fn serve_version(version: u32, watch_interval: &str) -> (tempfile::TempDir, FakeUpstream, Running) {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), &version_file(version));
+    let fake = FakeUpstream::start(Script::default()).await;
+    let extra = format!(
+        "rules.directory = {:?}\nrules.watch_interval = \"{watch_interval}\"",
+        dir.path().display().to_string()
+    );
+    let running = start(&test_config(fake.addr, &extra)).await;
+    (dir, fake, running)
+}
+
 async fn send(client: &mut Client, n: usize) {
     client.expect("MAIL FROM:<alice@example.org>", 250).await;
     client.expect("RCPT TO:<bob@example.test>", 250).await;
@@ -42,11 +56,7 @@ async fn send(client: &mut Client, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_under_load_judges_each_message_by_one_version() {
-    let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), &version_file(0));
-    let fake = FakeUpstream::start(Script::default()).await;
-    let extra = format!("rules.directory = {:?}\nrules.watch_interval = \"20ms\"", dir.path().display().to_string());
-    let running = start(&test_config(fake.addr, &extra)).await;
+    let (dir, fake, running) = serve_version(0, "20ms").await;
     let addr = running.addr("smtp").unwrap();
     let rules = running.rules.clone().expect("rules loaded");
 
@@ -111,11 +121,7 @@ async fn reload_under_load_judges_each_message_by_one_version() {
 /// rules that run when the header section ends are the MAIL snapshot's; the next transaction uses the new set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_phase_uses_the_transaction_snapshot() {
-    let dir = tempfile::tempdir().unwrap();
-    write(dir.path(), &version_file(1));
-    let fake = FakeUpstream::start(Script::default()).await;
-    let extra = format!("rules.directory = {:?}\nrules.watch_interval = \"0s\"", dir.path().display().to_string());
-    let running = start(&test_config(fake.addr, &extra)).await;
+    let (dir, fake, running) = serve_version(1, "0s").await;
     let rules = running.rules.clone().expect("rules loaded");
     let (mut client, _) = Client::connect(running.addr("smtp").unwrap()).await;
     client.expect("EHLO client.example", 250).await;

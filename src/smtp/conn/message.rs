@@ -33,14 +33,10 @@ const SCAN_BUDGET_WAIT: Duration = Duration::from_secs(2);
 const SCAN_MEMORY_FACTOR: u64 = 2;
 
 /// Whether `head` (the start of the message) holds its whole header section: the empty line that ends it
-/// was read (a message may also start with it: no headers at all).
-fn head_complete(head: &[u8]) -> bool {
-    head.starts_with(b"\r\n") || memchr::memmem::find(head, b"\r\n\r\n").is_some()
-}
-
-/// [`head_complete`] for a kept header whose bytes before `from` were already searched (`from` > 0).
-fn head_complete_from(head: &[u8], from: usize) -> bool {
-    memchr::memmem::find(&head[from..], b"\r\n\r\n").is_some()
+/// was read (a message may also start with it: no headers at all). The bytes before `from` are known not to
+/// hold the end (searched on an earlier read), so only the rest is searched.
+fn head_complete(head: &[u8], from: usize) -> bool {
+    head.starts_with(b"\r\n") || memchr::memmem::find(&head[from.min(head.len())..], b"\r\n\r\n").is_some()
 }
 
 /// The reply when the memory budget has no room for a content scan.
@@ -135,7 +131,7 @@ impl Driver {
         // header on every read would cost quadratic time for a client that sends tiny segments.
         let from = txn.head.len().saturating_sub(3);
         txn.head.extend_from_slice(&out[..out.len().min(room)]);
-        let complete = if from == 0 { head_complete(&txn.head) } else { head_complete_from(&txn.head, from) };
+        let complete = head_complete(&txn.head, from);
         txn.head_done = complete || txn.head.len() >= MAX_HEAD;
         complete
     }
@@ -319,7 +315,7 @@ impl Driver {
         let Some(prefix) = txn.ctx.subject_prefix.as_deref() else { return SubjectEdit::Keep };
         let head = header_section(&txn.head);
         let whole_message = txn.head.len() as u64 == txn.size;
-        subject::plan(head, whole_message || head_complete(head), prefix)
+        subject::plan(head, whole_message || head_complete(head, 0), prefix)
     }
 
     /// Sends the message upstream and returns the upstream's reply. A connection the upstream dropped
