@@ -860,6 +860,13 @@ mod tests {
     }
 
     #[test]
+    fn a_memory_budget_too_small_to_use_is_refused() {
+        let e = parse("[spool]\nmemory_budget = \"32KiB\"\nmemory_threshold = \"16KiB\"\n").unwrap_err();
+        assert!(e.to_string().contains("at least 64KiB"), "{e}");
+        assert!(parse("[spool]\nmemory_budget = \"64KiB\"\nmemory_threshold = \"16KiB\"\n").is_ok());
+    }
+
+    #[test]
     fn upstream_tls_defaults_to_off_and_system_roots() {
         let c = parse("").unwrap();
         assert_eq!(c.upstream.tls, UpstreamTlsMode::Off);
