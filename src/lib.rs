@@ -27,6 +27,7 @@ pub mod server;
 pub mod shutdown;
 pub mod smtp;
 pub mod spool;
+pub mod state;
 pub mod tls;
 pub mod trace;
 pub mod upstream;

@@ -150,7 +150,8 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     if let Some(a) = &auth {
         a.spawn_watcher(Duration::from_secs(5), shutdown.soft.clone());
     }
-    let (rules, pipeline) = rules_pipeline(config, &shutdown)?;
+    let store = crate::state::open(&config.state);
+    let (rules, pipeline) = build_pipeline(config, &shutdown, &store)?;
     let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
     let pool = Pool::new(settings);
     pool.report_health(ready.clone());
@@ -250,14 +251,30 @@ async fn probe_upstream(pool: &Pool, limit: Duration) {
     }
 }
 
-/// Loads the rule files (blocking, at start-up) and builds the pipeline; starts the rules watcher.
-fn rules_pipeline(
+/// Builds the pipeline: every stage, in the order its hooks run. A new stage is one more line here.
+fn build_pipeline(
     config: &Config,
     shutdown: &Shutdown,
+    _store: &crate::state::SharedStore,
 ) -> Result<(Option<Arc<crate::rules::Rules>>, Pipeline), ServerError> {
+    let mut stages: Vec<Arc<dyn crate::pipeline::Stage>> = Vec::new();
+    let mut rules = None;
+    if let Some((handle, stage)) = rules_stage(config, shutdown)? {
+        stages.push(stage);
+        rules = Some(handle);
+    }
+    Ok((rules, Pipeline::new(stages)))
+}
+
+/// Loads the rule files (blocking, at start-up) and starts the rules watcher; `None` without rules.
+#[allow(clippy::type_complexity)]
+fn rules_stage(
+    config: &Config,
+    shutdown: &Shutdown,
+) -> Result<Option<(Arc<crate::rules::Rules>, Arc<dyn crate::pipeline::Stage>)>, ServerError> {
     let rc = &config.rules;
     if rc.directory.as_os_str().is_empty() {
-        return Ok((None, Pipeline::default()));
+        return Ok(None);
     }
     let rules = crate::rules::Rules::load(&rc.directory, &config.relay.local_domains).map_err(ServerError::Rules)?;
     let rules = Arc::new(rules);
@@ -273,7 +290,7 @@ fn rules_pipeline(
         );
     }
     let stage = crate::pipeline::rules::RulesStage::new(rules.clone(), rc);
-    Ok((Some(rules), Pipeline::new(vec![Arc::new(stage)])))
+    Ok(Some((rules, Arc::new(stage))))
 }
 
 fn audit_destination(dest: &str) -> AuditDestination {

@@ -4,6 +4,7 @@
 //! must not silently fall back to a default). [`Config::validate`] reports every problem at once, each
 //! with the file and line it came from when known, as `moat check` prints them.
 
+pub mod state;
 pub mod units;
 
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use state::{StateBackend, StateConfig};
 pub use units::{ByteSize, Span};
 
 /// The hard ceiling for `limits.max_command_line`: no command or reply needs more (smtp-proto caps at 4096 too).
@@ -36,6 +38,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub relay: RelayConfig,
     pub rules: RulesConfig,
+    pub state: StateConfig,
 }
 
 /// `[rules]`: the rule files and content scanning (docs/rules.md).
@@ -402,6 +405,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             relay: RelayConfig::default(),
             rules: RulesConfig::default(),
+            state: StateConfig::default(),
         }
     }
 }
@@ -629,6 +633,9 @@ impl Config {
         };
         if self.listeners.is_empty() {
             bad("listener", "at least one [[listener]] is required".into());
+        }
+        for (key, message) in self.state.problems() {
+            bad(key, message);
         }
         for (i, l) in self.listeners.iter().enumerate() {
             if l.name.is_empty() || !l.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {

@@ -1,29 +1,32 @@
 //! The filtering pipeline: stages that give a [`Verdict`] at each phase of a connection.
 //!
-//! Stages run in order; the first decisive verdict (accept, reject, tempfail) ends the phase. Each stage's
-//! verdict and time are recorded in the transaction's [`StageRecord`]s for the audit trail. Per-transaction
-//! state lives in [`TxnContext`], owned by the session, never in a stage. The rule-driven stages (lists,
-//! content rules, rates) plug in here; the core ships the trait, the runner and no stage.
+//! One file per stage under `pipeline/`, each implementing [`Stage`] ([`stage`] says what every hook is
+//! for). Stages run in the order the server builds them (`server::build_pipeline`); the first decisive
+//! verdict (accept, reject, tempfail, discard) ends a phase. Each stage's verdict and time go into the
+//! transaction's [`StageRecord`]s for the audit trail. Per-connection and per-transaction state lives in
+//! [`ConnInfo::ext`] and [`TxnContext::ext`], owned by the session, never in a stage. A stage that needs an
+//! answer from the network starts a [`lookup::Lookup`] early and reads it in a later hook.
 //!
-//! The phases of a message: MAIL, each RCPT (whose effects are undone when that recipient ends up refused,
-//! see [`TxnContext::mark`]), the end of the header section during DATA/BDAT ([`Stage::on_headers`]: a
-//! refusal there stops spooling), and the end of data ([`Stage::on_end_of_data`]). [`subject`] rewrites the
-//! Subject of a relayed message when a verdict asked for a prefix.
+//! Stages today: [`rules::RulesStage`] (the rule files). The phases of a message: MAIL, each RCPT (whose
+//! effects are undone when that recipient ends up refused, see [`TxnContext::mark`]), the end of the header
+//! section during DATA/BDAT ([`Stage::on_headers`]: a refusal there stops spooling), and the end of data
+//! ([`Stage::on_end_of_data`]). [`subject`] rewrites the Subject of a relayed message when a verdict asked.
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
 use crate::smtp::command::{MailFrom, RcptTo};
 use crate::smtp::Reply;
 
+mod context;
+pub mod ext;
+pub mod lookup;
 pub mod rules;
+pub mod stage;
 pub mod subject;
 
-/// A boxed future returned by stage hooks (trait objects cannot have `async fn` yet).
-pub type HookFuture<'a> = Pin<Box<dyn Future<Output = Verdict> + Send + 'a>>;
+pub use context::{AuthEvent, ConnInfo, MessageView, RcptOutcome, StageRecord, TxnContext, TxnEnd, TxnMark};
+pub use stage::{EventFuture, HookFuture, Stage};
 
 /// What a stage decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -61,132 +64,6 @@ impl Verdict {
     }
 }
 
-/// The connection facts every stage may read.
-#[derive(Clone, Debug)]
-pub struct ConnInfo {
-    pub listener: Arc<str>,
-    pub peer: SocketAddr,
-    pub local: SocketAddr,
-    pub name: Option<String>,
-}
-
-/// One stage's verdict and duration, for the audit record.
-#[derive(Clone, Debug)]
-pub struct StageRecord {
-    pub stage: &'static str,
-    pub phase: &'static str,
-    pub verdict: &'static str,
-    pub micros: u64,
-}
-
-/// Per-transaction state owned by the session.
-#[derive(Debug, Default)]
-pub struct TxnContext {
-    /// Verdicts so far, in order.
-    pub records: Vec<StageRecord>,
-    /// Header lines (canonical CRLF) that accepted verdicts ask to add to the message.
-    pub add_headers: Vec<String>,
-    /// The prefix a verdict asked for on the relayed message's Subject (the first one asked wins).
-    pub subject_prefix: Option<String>,
-    /// The HELO/EHLO name when MAIL was given.
-    pub helo: Option<String>,
-    /// The authenticated user when MAIL was given.
-    pub auth_user: Option<String>,
-    /// The rules stage's state: the one rule-set snapshot this transaction is judged by, and its score.
-    pub rules: Option<rules::TxnRules>,
-}
-
-/// Where a transaction's effects stood before a RCPT ran through the pipeline, to undo them when that
-/// recipient ends up refused (by a stage or by the upstream): a refused recipient adds no header, score or
-/// flag to the message. The audit records of the hits stay.
-#[derive(Clone, Debug)]
-pub struct TxnMark {
-    add_headers: usize,
-    subject_prefix: bool,
-    rules: Option<rules::RulesMark>,
-}
-
-impl TxnContext {
-    /// The current state of the effects, for [`TxnContext::rollback`].
-    pub fn mark(&self) -> TxnMark {
-        TxnMark {
-            add_headers: self.add_headers.len(),
-            subject_prefix: self.subject_prefix.is_some(),
-            rules: self.rules.as_ref().map(rules::TxnRules::mark),
-        }
-    }
-
-    /// Undoes every effect since `mark` (effects only ever accumulate, so truncating is enough).
-    pub fn rollback(&mut self, mark: TxnMark) {
-        self.add_headers.truncate(mark.add_headers);
-        if !mark.subject_prefix {
-            self.subject_prefix = None;
-        }
-        if let (Some(state), Some(m)) = (self.rules.as_mut(), mark.rules) {
-            state.rollback(m);
-        }
-    }
-}
-
-/// The message at end of data, as far as it is held for the stages.
-#[derive(Clone, Debug)]
-pub struct MessageView<'a> {
-    /// The header section (canonical CRLF, up to 64 KiB).
-    pub head: &'a [u8],
-    /// The message from its start, up to the largest [`Stage::scan_window`]; `None` when no stage asked.
-    /// Shared, so a stage can hand it to a blocking task without copying it.
-    pub data: Option<bytes::Bytes>,
-    /// The whole message's size; larger than `data` when the message exceeds the window.
-    pub size: u64,
-}
-
-/// One check in the pipeline. Every hook has a default that continues.
-pub trait Stage: Send + Sync {
-    /// A short, stable name (metrics label).
-    fn name(&self) -> &'static str;
-
-    /// After accept, before the greeting. A refusal becomes the `554` banner and the connection closes.
-    fn on_connect<'a>(&'a self, _conn: &'a ConnInfo) -> HookFuture<'a> {
-        Box::pin(async { Verdict::Continue })
-    }
-
-    /// On MAIL FROM, before the upstream sees it. A refusal is the reply to MAIL.
-    fn on_mail<'a>(&'a self, _conn: &'a ConnInfo, _txn: &'a mut TxnContext, _mail: &'a MailFrom) -> HookFuture<'a> {
-        Box::pin(async { Verdict::Continue })
-    }
-
-    /// On RCPT TO, before the upstream sees it. A refusal is the reply to that RCPT.
-    fn on_rcpt<'a>(&'a self, _conn: &'a ConnInfo, _txn: &'a mut TxnContext, _rcpt: &'a RcptTo) -> HookFuture<'a> {
-        Box::pin(async { Verdict::Continue })
-    }
-
-    /// When the header section is complete during DATA/BDAT (its empty line arrived), with the section
-    /// (canonical CRLF, at most 64 KiB; a longer section never comes here and is judged at end of data).
-    /// A refusal or [`Verdict::Discard`] is final: moat stops spooling, reads on to the end of the data,
-    /// and answers then (the upstream never sees the message); other effects carry into end of data.
-    fn on_headers<'a>(&'a self, _conn: &'a ConnInfo, _txn: &'a mut TxnContext, _head: &'a [u8]) -> HookFuture<'a> {
-        Box::pin(async { Verdict::Continue })
-    }
-
-    /// At the end of data, before anything goes upstream, with the message (its header section, and its
-    /// first [`Stage::scan_window`] bytes when a stage asked). A refusal is the reply to the end of data;
-    /// [`Verdict::Discard`] answers `250` without relaying.
-    fn on_end_of_data<'a>(
-        &'a self,
-        _conn: &'a ConnInfo,
-        _txn: &'a mut TxnContext,
-        _msg: &'a MessageView<'a>,
-    ) -> HookFuture<'a> {
-        Box::pin(async { Verdict::Continue })
-    }
-
-    /// How many bytes of the message this stage wants to read at end of data for this transaction; `None`:
-    /// the header section is enough.
-    fn scan_window(&self, _txn: &TxnContext) -> Option<u64> {
-        None
-    }
-}
-
 /// The ordered list of stages.
 #[derive(Clone, Default)]
 pub struct Pipeline {
@@ -199,11 +76,34 @@ impl Pipeline {
         Pipeline { stages }
     }
 
-    /// Runs `on_connect` of every stage.
+    /// The stages' names, in order.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.stages.iter().map(|s| s.name()).collect()
+    }
+
+    /// Runs `on_connect` of every stage until one decides.
     pub async fn connect(&self, conn: &ConnInfo) -> Verdict {
         for s in &self.stages {
-            let v = s.on_connect(conn).await;
+            let v = bounded(s.as_ref(), "connect", s.on_connect(conn)).await.0;
             if v != Verdict::Continue {
+                return v;
+            }
+        }
+        Verdict::Continue
+    }
+
+    /// Tells every stage about a new HELO name.
+    pub async fn helo(&self, conn: &ConnInfo, helo: &str) {
+        for s in &self.stages {
+            event(s.as_ref(), s.on_helo(conn, helo)).await;
+        }
+    }
+
+    /// Runs `on_auth` of every stage until one refuses.
+    pub async fn auth(&self, conn: &ConnInfo, auth: AuthEvent<'_>) -> Verdict {
+        for s in &self.stages {
+            let v = bounded(s.as_ref(), "auth", s.on_auth(conn, auth)).await.0;
+            if v.refusal().is_some() {
                 return v;
             }
         }
@@ -220,6 +120,13 @@ impl Pipeline {
         self.run(conn, txn, Hook::Rcpt(rcpt)).await
     }
 
+    /// Tells every stage the reply a recipient got.
+    pub async fn rcpt_done(&self, conn: &ConnInfo, txn: &mut TxnContext, outcome: RcptOutcome<'_>) {
+        for s in &self.stages {
+            event(s.as_ref(), s.on_rcpt_done(conn, txn, outcome)).await;
+        }
+    }
+
     /// Runs `on_headers`.
     pub async fn headers(&self, conn: &ConnInfo, txn: &mut TxnContext, head: &[u8]) -> Verdict {
         self.run(conn, txn, Hook::Headers(head)).await
@@ -230,6 +137,13 @@ impl Pipeline {
         self.run(conn, txn, Hook::EndOfData(msg)).await
     }
 
+    /// Tells every stage how the transaction ended.
+    pub async fn txn_end(&self, conn: &ConnInfo, txn: &mut TxnContext, end: TxnEnd<'_>) {
+        for s in &self.stages {
+            event(s.as_ref(), s.on_txn_end(conn, txn, end)).await;
+        }
+    }
+
     /// The largest scan window any stage asked for this transaction.
     pub fn scan_window(&self, txn: &TxnContext) -> Option<u64> {
         self.stages.iter().filter_map(|s| s.scan_window(txn)).max()
@@ -237,18 +151,19 @@ impl Pipeline {
 
     async fn run(&self, conn: &ConnInfo, txn: &mut TxnContext, hook: Hook<'_>) -> Verdict {
         for s in &self.stages {
+            let s = s.as_ref();
             let start = Instant::now();
-            let v = match hook {
-                Hook::Mail(m) => s.on_mail(conn, txn, m).await,
-                Hook::Rcpt(r) => s.on_rcpt(conn, txn, r).await,
-                Hook::Headers(h) => s.on_headers(conn, txn, h).await,
-                Hook::EndOfData(h) => s.on_end_of_data(conn, txn, h).await,
+            let fut = match hook {
+                Hook::Mail(m) => s.on_mail(conn, txn, m),
+                Hook::Rcpt(r) => s.on_rcpt(conn, txn, r),
+                Hook::Headers(h) => s.on_headers(conn, txn, h),
+                Hook::EndOfData(h) => s.on_end_of_data(conn, txn, h),
             };
-            crate::metrics::stage_seconds(s.name(), start.elapsed());
+            let (v, timed_out) = bounded(s, hook.phase(), fut).await;
             txn.records.push(StageRecord {
                 stage: s.name(),
                 phase: hook.phase(),
-                verdict: v.as_str(),
+                verdict: if timed_out { "timeout" } else { v.as_str() },
                 micros: start.elapsed().as_micros() as u64,
             });
             if v != Verdict::Continue {
@@ -256,6 +171,36 @@ impl Pipeline {
             }
         }
         Verdict::Continue
+    }
+}
+
+/// Runs one verdict hook within the stage's deadline; `true` when it overran (the stage's
+/// [`Stage::on_deadline`] verdict is returned then).
+async fn bounded(s: &dyn Stage, phase: &'static str, fut: HookFuture<'_>) -> (Verdict, bool) {
+    let start = Instant::now();
+    let out = match s.deadline() {
+        None => (fut.await, false),
+        Some(d) => match tokio::time::timeout(d, fut).await {
+            Ok(v) => (v, false),
+            Err(_) => {
+                tracing::debug!(stage = s.name(), phase, "stage overran its deadline");
+                (s.on_deadline(phase), true)
+            }
+        },
+    };
+    crate::metrics::stage_seconds(s.name(), start.elapsed());
+    out
+}
+
+/// Runs one event hook within the stage's deadline.
+async fn event(s: &dyn Stage, fut: EventFuture<'_>) {
+    match s.deadline() {
+        None => fut.await,
+        Some(d) => {
+            if tokio::time::timeout(d, fut).await.is_err() {
+                tracing::debug!(stage = s.name(), "stage event overran its deadline");
+            }
+        }
     }
 }
 
@@ -278,3 +223,6 @@ impl Hook<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

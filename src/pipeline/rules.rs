@@ -30,7 +30,6 @@ pub const PARTIAL_SCAN_HEADER: &str = "X-Moat-Scan: partial\r\n";
 pub struct TxnRules {
     /// The snapshot this transaction is judged by.
     pub set: Arc<RuleSet>,
-    pub score: f64,
     /// An `accept` rule hit: no further rule applies to this transaction.
     pub accepted: bool,
     /// A `discard` rule hit before end of data.
@@ -47,7 +46,6 @@ pub struct TxnRules {
 /// The effects in [`TxnRules`] at one point, to undo those of a refused recipient ([`super::TxnMark`]).
 #[derive(Clone, Debug)]
 pub struct RulesMark {
-    score: f64,
     accepted: bool,
     discard: bool,
     quarantine: Option<bool>,
@@ -58,7 +56,6 @@ impl TxnRules {
     /// The current effects.
     pub fn mark(&self) -> RulesMark {
         RulesMark {
-            score: self.score,
             accepted: self.accepted,
             discard: self.discard,
             quarantine: self.quarantine,
@@ -68,7 +65,6 @@ impl TxnRules {
 
     /// Back to the effects of `m`.
     pub fn rollback(&mut self, m: RulesMark) {
-        self.score = m.score;
         self.accepted = m.accepted;
         self.discard = m.discard;
         self.quarantine = m.quarantine;
@@ -78,7 +74,7 @@ impl TxnRules {
 
 impl std::fmt::Debug for TxnRules {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TxnRules").field("version", &self.set.version).field("score", &self.score).finish()
+        f.debug_struct("TxnRules").field("version", &self.set.version).finish()
     }
 }
 
@@ -145,7 +141,7 @@ fn apply(set: &RuleSet, hits: &[usize], txn: &mut TxnContext, phase: Phase) -> V
                     txn.subject_prefix.clone_from(subject_prefix);
                 }
             }
-            Action::Score(s) => state.score += s,
+            Action::Score(s) => txn.score += s,
             Action::Quarantine { deliver, headers } => {
                 state.quarantine = Some(state.quarantine.unwrap_or(true) && *deliver);
                 txn.add_headers.extend(headers.iter().cloned());
@@ -208,7 +204,6 @@ impl Stage for RulesStage {
             let set = self.rules.snapshot();
             let state = TxnRules {
                 set: set.clone(),
-                score: 0.0,
                 accepted: false,
                 discard: false,
                 quarantine: None,
@@ -333,7 +328,7 @@ impl RulesStage {
         if state.accepted {
             return Verdict::Continue;
         }
-        let score = state.score;
+        let score = txn.score;
         if score >= set.reject_at {
             return Verdict::Reject(Reply::new(550, format!("5.7.1 message refused (score {score:.1})")));
         }
@@ -510,7 +505,6 @@ mod tests {
         let mut txn = TxnContext {
             rules: Some(TxnRules {
                 set,
-                score: 1.0,
                 accepted: false,
                 discard: false,
                 quarantine: None,
@@ -518,14 +512,15 @@ mod tests {
                 rcpts: vec!["b@example.test".into()],
                 headers_done: false,
             }),
+            score: 1.0,
             ..TxnContext::default()
         };
         txn.add_headers.push("X-Mail: 1\r\n".into());
         let mark = txn.mark();
         txn.add_headers.push("X-Rcpt: 1\r\n".into());
         txn.subject_prefix = Some("[R] ".into());
+        txn.score += 5.0;
         if let Some(s) = txn.rules.as_mut() {
-            s.score += 5.0;
             s.accepted = true;
             s.discard = true;
             s.quarantine = Some(false);
@@ -535,7 +530,7 @@ mod tests {
         assert_eq!(txn.add_headers, ["X-Mail: 1\r\n"]);
         assert_eq!(txn.subject_prefix, None);
         let s = txn.rules.as_ref().unwrap();
-        assert_eq!((s.score, s.accepted, s.discard, s.quarantine), (1.0, false, false, None));
+        assert_eq!((txn.score, s.accepted, s.discard, s.quarantine), (1.0, false, false, None));
         assert_eq!(s.rcpts, ["b@example.test"]);
     }
 }

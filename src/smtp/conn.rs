@@ -23,7 +23,7 @@ use tracing::{debug, warn};
 
 use crate::audit::AuditSink;
 use crate::config::BareLineEndings;
-use crate::pipeline::{ConnInfo, Pipeline, TxnContext, Verdict};
+use crate::pipeline::{ConnInfo, Pipeline, RcptOutcome, TxnContext, Verdict};
 use crate::smtp::codec::{DataDecoder, Framed, Framing, LineReader};
 use crate::smtp::command::{MailFrom, RcptTo};
 use crate::smtp::session::{CloseReason, Session, SessionConfig, Step};
@@ -107,6 +107,8 @@ struct Driver {
     /// The client's identity changed (a new EHLO/HELO, STARTTLS) since the held upstream connection was
     /// introduced: the next MAIL re-introduces it, or the upstream would log and check the old HELO.
     ident_stale: bool,
+    /// The HELO name the stages were last told about ([`Pipeline::helo`]).
+    helo_seen: Option<String>,
 }
 
 /// Serves one accepted connection to its end. `io` is the raw TCP stream (TLS is layered here).
@@ -125,7 +127,8 @@ pub async fn serve(
         },
         None => (None, false),
     };
-    let info = ConnInfo { listener: ctx.name.clone(), peer, local, name: name.clone() };
+    let mut info = ConnInfo::new(&conn_id, ctx.name.clone(), ctx.session.role, peer, local);
+    info.name.clone_from(&name);
     let mut d = Driver {
         session: Session::new(ctx.session.clone(), ctx.implicit_tls),
         io: Box::new(io),
@@ -148,6 +151,7 @@ pub async fn serve(
         deadline: Instant::now() + ctx.session_timeout,
         txn_seq: 0,
         ident_stale: false,
+        helo_seen: None,
         conn_id,
         ctx,
     };
@@ -215,7 +219,9 @@ impl Driver {
                     }
                 }
             };
-            if let Some(reason) = self.step(step).await? {
+            let closing = self.step(step).await?;
+            self.notify_helo().await;
+            if let Some(reason) = closing {
                 self.flush().await?;
                 return match reason {
                     CloseReason::Quit => Ok(()),
@@ -327,6 +333,8 @@ impl Driver {
             return;
         }
         let mut ctx = TxnContext {
+            id: format!("{}.{}", self.conn_id, self.txn_seq + 1),
+            mail_from: mail.address.clone(),
             helo: self.session.helo().map(|h| h.name.clone()),
             auth_user: self.session.user().map(str::to_string),
             ..TxnContext::default()
@@ -340,7 +348,7 @@ impl Driver {
         if reply.is_positive() {
             self.txn_seq += 1;
             self.txn = Some(Txn {
-                id: format!("{}.{}", self.conn_id, self.txn_seq),
+                id: ctx.id.clone(),
                 started: std::time::SystemTime::now(),
                 ctx,
                 mail,
@@ -398,6 +406,17 @@ impl Driver {
             }
         }
         Reply::upstream_unavailable()
+    }
+
+    /// Tells the stages about a HELO name they have not seen yet (after EHLO/HELO, once per new name).
+    async fn notify_helo(&mut self) {
+        let Some(h) = self.session.helo() else { return };
+        if self.helo_seen.as_deref() == Some(h.name.as_str()) {
+            return;
+        }
+        let name = h.name.clone();
+        self.ctx.pipeline.helo(&self.info, &name).await;
+        self.helo_seen = Some(name);
     }
 
     /// Copies the client's current EHLO/HELO into the identity; a change marks the identity stale.
@@ -466,6 +485,8 @@ impl Driver {
                 txn.ctx.rollback(mark);
             }
             txn.rcpts.push((rcpt.address.clone(), reply.clone()));
+            let outcome = RcptOutcome { rcpt: &rcpt, reply: &reply };
+            self.ctx.pipeline.rcpt_done(&self.info, &mut txn.ctx, outcome).await;
         }
         self.session.rcpt_done(rcpt, &reply);
         self.queue(&reply);

@@ -13,6 +13,7 @@ use crate::auth::lockout::Check;
 use crate::auth::sasl::{Exchange, Mechanism, SaslError, SaslStep};
 use crate::auth::AuthError;
 use crate::metrics::AuthResult;
+use crate::pipeline::AuthEvent;
 use crate::smtp::codec::{Framed, LineReader, MAX_AUTH_LINE};
 use crate::smtp::session::{CloseReason, InitialResponse, Step};
 use crate::smtp::Reply;
@@ -80,6 +81,13 @@ impl Driver {
             });
         match verified {
             Ok(user) => {
+                let event = AuthEvent { login: &user, success: true };
+                if let Some(r) = self.ctx.pipeline.auth(&self.info, event).await.refusal() {
+                    // A stage refused the session after all (a suspended account): it stays unauthenticated.
+                    self.auth_record(mechanism, &user, "refused");
+                    self.queue(r);
+                    return Ok(None);
+                }
                 self.auth_record(mechanism, &user, "success");
                 debug!(user = %user, mechanism = mechanism.as_str(), "authenticated");
                 self.session.auth_done(user.clone());
@@ -103,6 +111,7 @@ impl Driver {
                     crate::metrics::auth_lockout();
                 }
                 self.auth_record(mechanism, &name, "failure");
+                self.ctx.pipeline.auth(&self.info, AuthEvent { login: &name, success: false }).await;
                 debug!(mechanism = mechanism.as_str(), delay = ?delay, "authentication failed");
                 tokio::time::sleep(delay).await;
                 let s = self.session.auth_failed(Reply::auth_invalid());

@@ -16,7 +16,7 @@ use super::{Driver, Stop, Txn, MAX_HEAD};
 use crate::audit::{RcptRecord, ReplyRecord, StageRecord, TransactionRecord, UpstreamRecord};
 use crate::metrics::MessageVerdict;
 use crate::pipeline::subject::{self, SubjectEdit};
-use crate::pipeline::{MessageView, Verdict};
+use crate::pipeline::{MessageView, TxnEnd, Verdict};
 use crate::smtp::codec::{DataDecoder, Framing};
 use crate::smtp::Reply;
 use crate::trace::{header_section, header_value, received_header, ReceivedInfo};
@@ -215,6 +215,10 @@ impl Driver {
         crate::metrics::received_bytes(&self.ctx.name, txn.size);
         info!(txn.id = %txn.id, size = txn.size, rcpt.count = txn.rcpts.len(), verdict = verdict.as_str(), reply.code = reply.code, "message");
         self.audit(&txn, verdict.as_str(), &reply, upstream);
+        let rcpts: Vec<String> = txn.rcpts.iter().filter(|(_, r)| r.is_positive()).map(|(a, _)| a.clone()).collect();
+        let end =
+            TxnEnd { reply: Some(&reply), relayed: verdict == MessageVerdict::Accepted, size: txn.size, rcpts: &rcpts };
+        self.ctx.pipeline.txn_end(&self.info, &mut txn.ctx, end).await;
         self.queue(&reply);
     }
 
@@ -376,11 +380,13 @@ impl Driver {
 
     /// Drops the open transaction (RSET, EHLO, client gone) and resets the upstream.
     pub(super) async fn abort_txn(&mut self, why: &'static str) {
-        if let Some(txn) = self.txn.take() {
+        if let Some(mut txn) = self.txn.take() {
             debug!(txn.id = %txn.id, why, "transaction aborted");
             crate::metrics::message(&self.ctx.name, crate::metrics::MessageVerdict::Aborted, txn.size);
             let reply = Reply::new(0, why);
             self.audit(&txn, "aborted", &reply, None);
+            let end = TxnEnd { reply: None, relayed: false, size: txn.size, rcpts: &[] };
+            self.ctx.pipeline.txn_end(&self.info, &mut txn.ctx, end).await;
         }
         self.reset_upstream().await;
     }
