@@ -19,6 +19,8 @@
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod conn;
+pub mod headers;
 pub mod health;
 pub mod metrics;
 pub mod pipeline;

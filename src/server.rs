@@ -15,9 +15,9 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::audit::{AuditDestination, AuditSink};
 use crate::config::{Config, ListenerConfig, ListenerMode};
+use crate::conn::{self, ListenerContext, ReverseDns};
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
-use crate::smtp::conn::{self, ListenerContext, ReverseDns};
 use crate::smtp::session::SessionConfig;
 use crate::smtp::Reply;
 use crate::spool::SpoolBudget;

@@ -315,5 +315,31 @@ fn params(s: &str) -> Result<Vec<Param>, SyntaxError> {
     Ok(out)
 }
 
+/// A SASL mechanism moat offers (the AUTH command's first argument; the exchange is `auth::sasl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mechanism {
+    Plain,
+    Login,
+}
+
+impl Mechanism {
+    /// From the AUTH command's (upper-cased) mechanism name.
+    pub fn from_name(name: &str) -> Option<Mechanism> {
+        match name {
+            "PLAIN" => Some(Mechanism::Plain),
+            "LOGIN" => Some(Mechanism::Login),
+            _ => None,
+        }
+    }
+
+    /// A stable label (metrics, audit).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::Plain => "PLAIN",
+            Mechanism::Login => "LOGIN",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

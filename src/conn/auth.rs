@@ -190,7 +190,7 @@ impl Driver {
     /// cannot be read).
     pub(super) fn header_from_refusal(&self, head: &[u8]) -> Option<Reply> {
         let (user, auth) = (self.session.user()?, self.ctx.auth.as_ref()?);
-        match crate::auth::from_addresses(head) {
+        match crate::headers::from_addresses(head) {
             Some(addrs) if addrs.iter().all(|a| !a.is_empty() && auth.sender_allowed(user, a)) => None,
             _ => Some(Reply::from_not_owned(user)),
         }
