@@ -70,16 +70,28 @@ impl Running {
         self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
     }
 
-    /// Stops accepting, lets sessions finish within the grace period, then returns.
-    pub async fn stop(self) {
+    /// Stops accepting, lets sessions finish within the grace period, then returns how it went.
+    pub async fn stop(self) -> Stopped {
         info!(grace = ?self.grace, "shutting down");
-        let cut = self.shutdown.drain(self.grace).await;
-        if cut > 0 {
-            warn!(sessions = cut, "grace period over; sessions cut off");
+        let cut_off = self.shutdown.drain(self.grace).await;
+        if cut_off > 0 {
+            // Their clients got no reply for the transaction in flight and will retry; nothing half-sent
+            // was queued upstream. Still an operator wants to know (a grace period too short for the
+            // traffic), so it is an error and the exit code says it too.
+            error!(sessions = cut_off, grace = ?self.grace, "grace period over; sessions cut off");
         }
         self.audit.close().await;
         info!("stopped");
+        Stopped { cut_off }
     }
+}
+
+/// How a stop went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub struct Stopped {
+    /// Sessions still running when the grace period ended, dropped mid-transaction.
+    pub cut_off: usize,
 }
 
 /// Per-IP connection counts; a [`IpSlot`] gives its count back when dropped.

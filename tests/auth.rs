@@ -112,7 +112,7 @@ async fn sasl_exchange_on_the_wire() {
     assert!(c.expect(&STANDARD.encode(ALICE), 334).await.contains("UGFzc3dvcmQ6"));
     assert!(c.expect(&STANDARD.encode(ALICE_PW), 235).await.contains("2.7.0"));
     c.expect(&format!("AUTH PLAIN {}", plain(ALICE, ALICE_PW)), 503).await;
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -123,7 +123,7 @@ async fn auth_before_tls_is_refused_on_submission() {
     assert!(!text.contains("AUTH"), "AUTH offered in plaintext: {text}");
     assert!(c.expect(&format!("AUTH PLAIN {}", plain(ALICE, ALICE_PW)), 538).await.contains("5.7.11"));
     c.expect("MAIL FROM:<alice@example.test>", 530).await;
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -146,7 +146,7 @@ async fn mx_is_not_an_open_relay_and_auth_relays_with_login() {
     assert!(x.ends_with(&format!("LOGIN={ALICE}")), "{x}");
     let text = String::from_utf8_lossy(&d[0].data);
     assert!(text.contains(" with ESMTPA id "), "{text}");
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -165,7 +165,7 @@ async fn pooled_connection_does_not_inherit_a_login() {
     }
     let d = s.fake.wait_for(2).await;
     assert!(d[1].xclient.as_deref().unwrap().ends_with("LOGIN=[UNAVAILABLE]"), "{:?}", d[1].xclient);
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -187,7 +187,7 @@ async fn sender_forgery_is_refused() {
     c.expect("QUIT", 221).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(s.fake.messages().is_empty(), "a forged message reached the upstream");
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -211,7 +211,7 @@ async fn lockout_per_ip_across_connections_and_expiry() {
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let mut c = ehlo(&s, "127.0.0.5").await;
     c.expect(&good, 235).await;
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -226,7 +226,7 @@ async fn lockout_per_name_from_many_addresses() {
     // The address itself is fine for other names.
     let code = totp::code_now(CAROL_TOTP, now());
     c.expect(&format!("AUTH PLAIN {}", plain("carol", &format!("carolpw{code}"))), 235).await;
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 fn now() -> u64 {
@@ -245,7 +245,7 @@ async fn totp_current_old_and_reused_codes() {
     c.expect(&format!("AUTH PLAIN {}", plain("carol", &format!("carolpw{code}"))), 235).await;
     let mut again = ehlo(&s, "127.0.0.7").await;
     again.expect(&format!("AUTH PLAIN {}", plain("carol", &format!("carolpw{code}"))), 535).await;
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -260,7 +260,7 @@ async fn audit_has_no_secrets() {
     c.expect(&STANDARD.encode(ALICE_PW), 235).await;
     c.expect("QUIT", 221).await;
     let path = s.audit.clone();
-    s.running.stop().await;
+    let _ = s.running.stop().await;
     let text = std::fs::read_to_string(path).unwrap();
     assert!(text.contains("\"type\":\"auth\""), "{text}");
     assert!(text.contains("\"result\":\"failure\"") && text.contains("\"result\":\"success\""), "{text}");
@@ -316,7 +316,7 @@ async fn swaks_auth_plain_and_login_over_starttls() {
     let text = String::from_utf8_lossy(&d[0].data);
     assert!(text.contains(" with ESMTPSA id "), "{text}");
     assert!(d[0].xclient.as_deref().unwrap().contains(&format!("LOGIN={ALICE}")));
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -348,7 +348,7 @@ print("OK")
     let out = r.output();
     assert!(r.status.success() && out.contains("refused 535") && out.contains("OK"), "{out}");
     assert_eq!(s.fake.wait_for(1).await.len(), 1);
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -377,7 +377,7 @@ async fn postfix_receives_login_via_xclient() {
     .await
     .unwrap();
     assert!(found.0, "postfix log lacks sasl_username:\n{}", found.1.log());
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 // ---- long SASL responses (RFC 4954 4) ----
@@ -426,7 +426,7 @@ async fn long_sasl_responses_are_parsed_up_to_12288_octets() {
     let text = c.expect(&format!("NOOP {}", "x".repeat(600)), 500).await;
     assert!(text.contains("limit 512 octets"), "{text}");
     c.expect(&format!("AUTH PLAIN {}", plain(ALICE, ALICE_PW)), 235).await;
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 // ---- lockout with simultaneous attempts ----
@@ -465,7 +465,7 @@ async fn simultaneous_attempts_get_no_more_guesses_than_the_threshold() {
     assert!(codes.iter().all(|&c| c == 535 || c == 454), "{codes:?}");
     let auth = s.running.auth.as_ref().unwrap();
     assert_eq!(auth.turns_in_use(), 0, "turns left held after every attempt was answered");
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 // ---- users file reload ----
@@ -536,7 +536,7 @@ async fn users_file_reloads_through_the_watcher_and_the_reload_entry_point() {
     auth.reload_logged().await;
     assert!(auth.reload_counts().refused > before.refused);
     assert_eq!(auth_code(&s, ALICE, ALICE_PW).await, 235);
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 // ---- the `moat user` CLI, as the real binary ----
@@ -681,5 +681,5 @@ async fn a_user_written_by_the_cli_authenticates_through_moat() {
     c.expect("AUTH LOGIN", 334).await;
     c.expect(&STANDARD.encode("bob@example.test"), 334).await;
     c.expect(&STANDARD.encode(&app), 235).await;
-    running.stop().await;
+    let _ = running.stop().await;
 }

@@ -78,7 +78,7 @@ async fn header_verdict_stops_spooling() {
     let msgs = fake.wait_for(1).await;
     assert_eq!(msgs.len(), 1);
     assert!(String::from_utf8_lossy(&msgs[0].data).contains("Subject: c\r\n"));
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 /// moat with one body rule (so every message is scanned) and a 1 MiB memory budget, any message held in memory.
@@ -122,7 +122,7 @@ async fn scan_memory_counts_against_the_spool_budget() {
     let (code, text) = data(&mut c, &message).await;
     assert_eq!(code, 250, "{text}");
     assert_eq!(fake.wait_for(1).await.len(), 1);
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 /// A message the budget can hold is scanned on an idle server, even when its own in-memory spool already
@@ -140,5 +140,5 @@ async fn a_large_message_is_scanned_on_an_idle_server() {
         assert_eq!(code, 250, "{text}");
     }
     assert_eq!(fake.wait_for(2).await.len(), 2, "both relayed");
-    running.stop().await;
+    let _ = running.stop().await;
 }

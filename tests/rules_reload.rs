@@ -114,7 +114,7 @@ async fn reload_under_load_judges_each_message_by_one_version() {
     let last = String::from_utf8_lossy(&msgs[sent].data).into_owned();
     assert_eq!(header(&last, "X-V-Data"), Some("40"), "{last}");
     drop(client);
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 /// A reload between MAIL and DATA does not reach the header phase of the open transaction: the header
@@ -138,7 +138,7 @@ async fn header_phase_uses_the_transaction_snapshot() {
     assert_eq!(header(&texts[0], "X-V-Data"), Some("1"), "{}", texts[0]);
     assert_eq!(header(&texts[1], "X-V-Data"), Some("2"), "{}", texts[1]);
     drop(client);
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 /// `moat check` runs the same validation offline: every problem with file:line, exit status 1.

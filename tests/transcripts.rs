@@ -157,7 +157,7 @@ async fn run_transcript(path: &Path) -> Result<(), String> {
         }
     }
     drop(client);
-    running.stop().await;
+    let _ = running.stop().await;
     result.map_err(|e| format!("{e}\n--- dialogue ---\n{log}"))
 }
 
