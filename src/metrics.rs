@@ -77,6 +77,8 @@ pub const TLS_CERTIFICATE_EXPIRY: &str = "moat_tls_certificate_expiry_timestamp_
 pub const TLS_RELOAD_TOTAL: &str = "moat_tls_reload_total";
 /// Users-file reloads, by result.
 pub const USERS_RELOAD_TOTAL: &str = "moat_users_reload_total";
+/// Message bytes in the spool's spill files.
+pub const SPOOL_DISK_BYTES: &str = "moat_spool_disk_bytes";
 /// Message bytes the spool holds in memory.
 pub const SPOOL_MEMORY_BYTES: &str = "moat_spool_memory_bytes";
 /// Messages the spool moved to a temporary file.
@@ -254,6 +256,7 @@ const FAMILIES: &[(&str, Kind, Unit, &str)] = &[
     (TLS_RELOAD_TOTAL, Kind::Counter, Unit::Count, "Certificate reloads, by result."),
     (USERS_RELOAD_TOTAL, Kind::Counter, Unit::Count, "Users-file reloads, by result."),
     (SPOOL_MEMORY_BYTES, Kind::Gauge, Unit::Bytes, "Message bytes the spool holds in memory."),
+    (SPOOL_DISK_BYTES, Kind::Gauge, Unit::Bytes, "Message bytes in the spool's spill files."),
     (SPOOL_SPILLED_TOTAL, Kind::Counter, Unit::Count, "Messages the spool moved to a temporary file."),
     (AUDIT_RECORDS_DROPPED_TOTAL, Kind::Counter, Unit::Count, "Audit records dropped (queue full or write failed)."),
     (REVERSE_DNS_SKIPPED_TOTAL, Kind::Counter, Unit::Count, "Connections left without a reverse DNS name, by reason."),
@@ -448,6 +451,12 @@ pub fn spool_memory(bytes: usize) {
 }
 
 /// Counts a message spilled from memory to a temporary file.
+/// Sets the bytes in spill files.
+pub fn spool_disk(bytes: u64) {
+    gauge!(SPOOL_DISK_BYTES).set(bytes as f64);
+}
+
+/// Counts a message moved to a spill file.
 pub fn spool_spilled() {
     counter!(SPOOL_SPILLED_TOTAL).increment(1);
 }

@@ -177,7 +177,8 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
         .reverse_dns
         .then(|| ReverseDns::new(config.server.reverse_dns_timeout.get(), config.server.max_reverse_dns_lookups));
     let spool_dir = (!config.spool.directory.as_os_str().is_empty()).then(|| config.spool.directory.clone());
-    let spool = SpoolBudget::new(config.spool.memory_budget.bytes(), config.spool.memory_threshold.bytes(), spool_dir);
+    let spool = SpoolBudget::new(config.spool.memory_budget.bytes(), config.spool.memory_threshold.bytes(), spool_dir)
+        .with_disk_budget(config.spool.disk_budget.bytes());
     // The audit writer outlives the drain (records of transactions finishing in the grace period must be
     // written); `Running::stop` closes it after the drain.
     let audit =

@@ -323,6 +323,9 @@ pub struct Limits {
 pub struct SpoolConfig {
     pub memory_threshold: ByteSize,
     pub memory_budget: ByteSize,
+    /// The most bytes all spill files together may hold; a message that would pass it is answered
+    /// `452 4.3.1` (as on a full disk), before the disk itself fills up.
+    pub disk_budget: ByteSize,
     pub directory: PathBuf,
 }
 
@@ -472,6 +475,7 @@ impl Default for SpoolConfig {
         SpoolConfig {
             memory_threshold: ByteSize(256 << 10),
             memory_budget: ByteSize(256 << 20),
+            disk_budget: ByteSize(4 << 30),
             directory: PathBuf::new(),
         }
     }
@@ -698,6 +702,9 @@ impl Config {
         }
         if self.spool.memory_budget.bytes() < 64 * 1024 {
             bad("memory_budget", "spool.memory_budget must be at least 64KiB (a scan or spool needs room)".into());
+        }
+        if self.spool.disk_budget.bytes() < 1 << 20 {
+            bad("disk_budget", "spool.disk_budget must be at least 1MiB".into());
         }
         if self.spool.memory_threshold > self.spool.memory_budget {
             bad("memory_threshold", "spool.memory_threshold is larger than spool.memory_budget".into());

@@ -149,6 +149,8 @@ label_enum! {
         SessionTimeout => "session_timeout",
         /// The spool's memory budget.
         MemoryBudget => "memory_budget",
+        /// The spool's disk budget (bytes in spill files).
+        SpoolDiskBudget => "spool_disk_budget",
     }
 }
 
