@@ -16,7 +16,7 @@ struct Moat {
     dir: std::path::PathBuf,
 }
 
-fn start_moat(upstream: SocketAddr, grace: &str) -> Moat {
+async fn start_moat(upstream: SocketAddr, grace: &str) -> Moat {
     let dir = std::env::temp_dir().join(format!("moat-shutdown-{}-{}", std::process::id(), upstream.port()));
     std::fs::create_dir_all(&dir).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -42,7 +42,7 @@ fn start_moat(upstream: SocketAddr, grace: &str) -> Moat {
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::net::TcpStream::connect(addr).is_err() {
         assert!(Instant::now() < deadline, "moat did not listen: {}", log(&dir));
-        std::thread::sleep(Duration::from_millis(50));
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     Moat { child, addr, dir }
 }
@@ -52,6 +52,8 @@ fn log(dir: &std::path::Path) -> String {
 }
 
 impl Moat {
+    /// SIGTERM, then waits for the exit code. Blocking: call it from `spawn_blocking`.
+    #[allow(clippy::disallowed_methods)]
     fn terminate(&mut self) -> i32 {
         let ok = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
         assert!(ok.success());
@@ -77,7 +79,7 @@ impl Drop for Moat {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clean_drain_exits_zero() {
     let fake = FakeUpstream::start(Script::default()).await;
-    let mut moat = start_moat(fake.addr, "5s");
+    let mut moat = start_moat(fake.addr, "5s").await;
     let (mut idle, _) = Client::connect(moat.addr).await;
     idle.expect("EHLO idle.example", 250).await;
     let code = tokio::task::spawn_blocking(move || {
@@ -93,7 +95,7 @@ async fn a_clean_drain_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_cut_off_by_the_grace_period_give_exit_code_3() {
     let fake = FakeUpstream::start(Script::default()).await;
-    let mut moat = start_moat(fake.addr, "500ms");
+    let mut moat = start_moat(fake.addr, "500ms").await;
     let (mut busy, _) = Client::connect(moat.addr).await;
     busy.expect("EHLO busy.example", 250).await;
     busy.expect("MAIL FROM:<a@example.org>", 250).await;
