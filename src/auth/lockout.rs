@@ -7,9 +7,10 @@
 //! tries many names stays counted even if it guesses one right.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use crate::client_key::ClientKey;
 
 /// Most keys (IPs plus names) tracked at once.
 pub const MAX_ENTRIES: usize = 65_536;
@@ -19,22 +20,9 @@ pub const MAX_DELAY: Duration = Duration::from_secs(8);
 /// What is counted.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Key {
-    Ip(IpAddr),
+    /// A client (IPv6 per prefix, [`ClientKey`]).
+    Client(ClientKey),
     Name(String),
-}
-
-impl Key {
-    /// IPv6 clients are counted per /64, the block one host or subscriber usually holds (an attacker with
-    /// one /64 has 2^64 addresses); IPv4-mapped addresses as IPv4.
-    fn ip(ip: IpAddr) -> Key {
-        match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Key::Ip(IpAddr::V4(v4)),
-                None => Key::Ip(IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)))),
-            },
-            v4 => Key::Ip(v4),
-        }
-    }
 }
 
 #[derive(Debug, Default)]
@@ -87,9 +75,9 @@ impl Lockout {
     }
 
     /// Whether the client IP (and, when known, the name) may attempt now.
-    pub fn check(&self, ip: IpAddr, name: Option<&str>, now: Instant) -> Check {
+    pub fn check(&self, client: ClientKey, name: Option<&str>, now: Instant) -> Check {
         let t = self.lock();
-        let mut keys = vec![Key::ip(ip)];
+        let mut keys = vec![Key::Client(client)];
         if let Some(n) = name {
             keys.push(Key::Name(normalize(n)));
         }
@@ -99,12 +87,12 @@ impl Lockout {
     }
 
     /// Records a failure; returns how long to wait before answering and whether a key just got locked.
-    pub fn failure(&self, ip: IpAddr, name: Option<&str>, now: Instant) -> (Duration, bool) {
+    pub fn failure(&self, client: ClientKey, name: Option<&str>, now: Instant) -> (Duration, bool) {
         let s = self.settings;
         let mut t = self.lock();
         let mut worst = 0usize;
         let mut locked = false;
-        let mut keys = vec![Key::ip(ip)];
+        let mut keys = vec![Key::Client(client)];
         if let Some(n) = name {
             keys.push(Key::Name(normalize(n)));
         }
@@ -200,30 +188,36 @@ mod tests {
         })
     }
 
-    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+    fn k(s: &str) -> ClientKey {
+        ClientKey::of(s.parse().unwrap())
+    }
+
+    fn ip() -> ClientKey {
+        k("192.0.2.1")
+    }
 
     #[test]
     fn locks_after_threshold_and_expires() {
         let l = lockout();
         let t0 = Instant::now();
-        assert_eq!(l.failure(IP, Some("alice"), t0), (Duration::from_millis(100), false));
-        assert_eq!(l.failure(IP, Some("alice"), t0), (Duration::from_millis(200), false));
-        assert_eq!(l.check(IP, Some("alice"), t0), Check::Allowed);
-        let (_, locked) = l.failure(IP, Some("alice"), t0);
+        assert_eq!(l.failure(ip(), Some("alice"), t0), (Duration::from_millis(100), false));
+        assert_eq!(l.failure(ip(), Some("alice"), t0), (Duration::from_millis(200), false));
+        assert_eq!(l.check(ip(), Some("alice"), t0), Check::Allowed);
+        let (_, locked) = l.failure(ip(), Some("alice"), t0);
         assert!(locked);
-        assert!(matches!(l.check(IP, None, t0), Check::Locked(_)));
-        assert!(matches!(l.check("192.0.2.9".parse().unwrap(), Some("ALICE"), t0), Check::Locked(_)));
+        assert!(matches!(l.check(ip(), None, t0), Check::Locked(_)));
+        assert!(matches!(l.check(k("192.0.2.9"), Some("ALICE"), t0), Check::Locked(_)));
         let later = t0 + Duration::from_secs(301);
-        assert_eq!(l.check(IP, Some("alice"), later), Check::Allowed);
+        assert_eq!(l.check(ip(), Some("alice"), later), Check::Allowed);
     }
 
     #[test]
     fn window_slides() {
         let l = lockout();
         let t0 = Instant::now();
-        l.failure(IP, Some("a"), t0);
-        l.failure(IP, Some("b"), t0);
-        let (_, locked) = l.failure(IP, Some("c"), t0 + Duration::from_secs(61));
+        l.failure(ip(), Some("a"), t0);
+        l.failure(ip(), Some("b"), t0);
+        let (_, locked) = l.failure(ip(), Some("c"), t0 + Duration::from_secs(61));
         assert!(!locked, "the first two fell out of the window");
     }
 
@@ -231,10 +225,10 @@ mod tests {
     fn success_keeps_the_ip_count() {
         let l = lockout();
         let t0 = Instant::now();
-        l.failure(IP, Some("a"), t0);
-        l.failure(IP, Some("b"), t0);
+        l.failure(ip(), Some("a"), t0);
+        l.failure(ip(), Some("b"), t0);
         l.success("c");
-        let (_, locked) = l.failure(IP, Some("d"), t0);
+        let (_, locked) = l.failure(ip(), Some("d"), t0);
         assert!(locked, "a success for another name did not reset the IP");
     }
 
@@ -243,10 +237,10 @@ mod tests {
         let l = lockout();
         let t0 = Instant::now();
         for i in 1..=3u8 {
-            l.failure(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, i)), Some("bob"), t0);
+            l.failure(k(&format!("127.0.0.{i}")), Some("bob"), t0);
         }
-        assert!(matches!(l.check("127.0.0.9".parse().unwrap(), Some("bob"), t0), Check::Locked(_)));
-        assert_eq!(l.check("127.0.0.9".parse().unwrap(), Some("carol"), t0), Check::Allowed);
+        assert!(matches!(l.check(k("127.0.0.9"), Some("bob"), t0), Check::Locked(_)));
+        assert_eq!(l.check(k("127.0.0.9"), Some("carol"), t0), Check::Allowed);
     }
 
     #[test]
@@ -260,11 +254,11 @@ mod tests {
         let t0 = Instant::now();
         let mut last = Duration::ZERO;
         for _ in 0..50 {
-            last = l.failure(IP, None, t0).0;
+            last = l.failure(ip(), None, t0).0;
         }
         assert_eq!(last, MAX_DELAY);
         for i in 0..(MAX_ENTRIES + 10) {
-            l.failure(IP, Some(&format!("user{i}")), t0);
+            l.failure(ip(), Some(&format!("user{i}")), t0);
         }
         assert!(l.len() <= MAX_ENTRIES);
     }
@@ -274,16 +268,16 @@ mod tests {
         let l = lockout();
         let t0 = Instant::now();
         for _ in 0..3 {
-            l.failure(IP, Some("victim"), t0);
+            l.failure(ip(), Some("victim"), t0);
         }
-        assert!(matches!(l.check(IP, Some("victim"), t0), Check::Locked(_)));
+        assert!(matches!(l.check(ip(), Some("victim"), t0), Check::Locked(_)));
         // Fill the table with single failures of other addresses (no name), past its bound.
         for i in 0..(MAX_ENTRIES as u32 + 10) {
-            let ip = IpAddr::V6(std::net::Ipv6Addr::from((0x2001_0db8_u128 << 96) | (u128::from(i) << 64)));
-            l.failure(ip, None, t0);
+            let v6 = std::net::Ipv6Addr::from((0x2001_0db8_u128 << 96) | (u128::from(i) << 64));
+            l.failure(ClientKey::of(v6.into()), None, t0);
         }
         assert!(l.len() <= MAX_ENTRIES);
-        assert!(matches!(l.check(IP, None, t0), Check::Locked(_)), "the locked address survived the flood");
+        assert!(matches!(l.check(ip(), None, t0), Check::Locked(_)), "the locked address survived the flood");
     }
 
     #[test]
@@ -291,9 +285,9 @@ mod tests {
         let l = lockout();
         let t0 = Instant::now();
         for host in 1..=3u16 {
-            l.failure(format!("2001:db8:1:2::{host:x}").parse().unwrap(), None, t0);
+            l.failure(k(&format!("2001:db8:1:2::{host:x}")), None, t0);
         }
-        assert!(matches!(l.check("2001:db8:1:2::ffff".parse().unwrap(), None, t0), Check::Locked(_)));
-        assert_eq!(l.check("2001:db8:1:3::1".parse().unwrap(), None, t0), Check::Allowed, "another /64");
+        assert!(matches!(l.check(k("2001:db8:1:2::ffff"), None, t0), Check::Locked(_)));
+        assert_eq!(l.check(k("2001:db8:1:3::1"), None, t0), Check::Allowed, "another /64");
     }
 }

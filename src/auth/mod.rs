@@ -12,7 +12,6 @@ pub mod store;
 pub mod totp;
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -27,6 +26,7 @@ use self::gate::{TurnKey, Turns};
 use self::lockout::{Check, Lockout, LockoutSettings};
 use self::sasl::Credentials;
 use self::store::{Matched, StoreError, UserStore};
+use crate::client_key::ClientKey;
 use crate::config::AuthConfig;
 
 /// Why a verification did not succeed.
@@ -122,15 +122,15 @@ impl Authenticator {
         &self.lockout
     }
 
-    /// Verifies the credentials of a client at `ip` and counts the outcome in the lockout. Attempts wait
-    /// their turn per IP and per name ([`gate`]), then the lockout is checked again, then the password is
+    /// Verifies the credentials of `client` and counts the outcome in the lockout. Attempts wait
+    /// their turn per client key and per name ([`gate`]), then the lockout is checked again, then the password is
     /// verified on the blocking pool, at most `max_concurrent_verifications` at once. Returns the user's
     /// canonical name.
-    pub async fn verify(&self, creds: Credentials, listener: &str, ip: IpAddr) -> Result<String, AuthError> {
+    pub async fn verify(&self, creds: Credentials, listener: &str, client: ClientKey) -> Result<String, AuthError> {
         let name = creds.user.clone();
-        let _ip_turn = self.turns.take(TurnKey::Ip(ip)).await.ok_or(AuthError::Internal)?;
+        let _ip_turn = self.turns.take(TurnKey::Client(client)).await.ok_or(AuthError::Internal)?;
         let _name_turn = self.turns.take(TurnKey::Name(name.to_lowercase())).await.ok_or(AuthError::Internal)?;
-        if let Check::Locked(_) = self.lockout.check(ip, Some(&name), Instant::now()) {
+        if let Check::Locked(_) = self.lockout.check(client, Some(&name), Instant::now()) {
             return Err(AuthError::Locked);
         }
         // Counted while the turns are held, so the next attempt of this IP or name sees this failure.
@@ -140,7 +140,7 @@ impl Authenticator {
                 Ok(user)
             }
             None => {
-                let (delay, locked) = self.lockout.failure(ip, Some(&name), Instant::now());
+                let (delay, locked) = self.lockout.failure(client, Some(&name), Instant::now());
                 Err(AuthError::Invalid { delay, locked })
             }
         }
@@ -288,6 +288,9 @@ pub fn from_addresses(head: &[u8]) -> Option<Vec<String>> {
     // A From header the parser did not see would reach the upstream unchecked.
     (headers == raw_count).then_some(out)
 }
+
+#[cfg(test)]
+mod verify_tests;
 
 #[cfg(test)]
 mod tests {

@@ -303,6 +303,8 @@ pub enum BareLineEndings {
 pub struct Limits {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// IPv6 clients are counted per prefix of this many bits by every per-client bound (`client_key`).
+    pub ipv6_client_prefix: u8,
     pub max_message_size: ByteSize,
     pub max_recipients: usize,
     pub max_errors: u32,
@@ -450,6 +452,7 @@ impl Default for Limits {
         Limits {
             max_connections: 1000,
             max_connections_per_ip: 50,
+            ipv6_client_prefix: crate::client_key::DEFAULT_IPV6_PREFIX,
             max_message_size: ByteSize(50 << 20),
             max_recipients: 100,
             max_errors: 10,
@@ -681,6 +684,10 @@ impl Config {
             if v == 0 {
                 bad(key, format!("limits.{key} must be at least 1"));
             }
+        }
+        if !(32..=128).contains(&lim.ipv6_client_prefix) {
+            let p = lim.ipv6_client_prefix;
+            bad("ipv6_client_prefix", format!("limits.ipv6_client_prefix must be between 32 and 128, not {p}"));
         }
         if lim.max_recipients < 100 {
             // RFC 5321 4.5.3.1.8 asks servers to accept at least 100; allowed, but worth knowing.

@@ -51,6 +51,8 @@ pub struct ListenerContext {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub implicit_tls: bool,
     pub received_header: bool,
+    /// How clients are counted by the per-client bounds (IPv6 per `limits.ipv6_client_prefix`).
+    pub client_keys: crate::client_key::ClientKeys,
     /// Reverse DNS of clients (bounded, shared by all listeners); `None` with `server.reverse_dns = false`.
     pub reverse_dns: Option<ReverseDns>,
     pub pool: Arc<Pool>,

@@ -38,8 +38,8 @@ impl Driver {
             self.queue(&Reply::bad_sequence("authentication not enabled"));
             return Ok(None);
         };
-        let ip = self.info.peer.ip();
-        if let Check::Locked(_) = auth.lockout().check(ip, None, Instant::now()) {
+        let client = self.ctx.client_keys.key(self.info.peer.ip());
+        if let Check::Locked(_) = auth.lockout().check(client, None, Instant::now()) {
             return Ok(self.auth_locked(mechanism, ""));
         }
         let (mut ex, mut step) = Exchange::start(mechanism, initial.as_ref().map(|i| i.0.as_str()));
@@ -67,12 +67,12 @@ impl Driver {
             }
         };
         let name = creds.user.clone();
-        if let Check::Locked(_) = auth.lockout().check(ip, Some(&name), Instant::now()) {
+        if let Check::Locked(_) = auth.lockout().check(client, Some(&name), Instant::now()) {
             return Ok(self.auth_locked(mechanism, &name));
         }
         // The wait for a turn and a verification permit is bounded like any other wait: behind a flood the
         // client gets 454 (try again) after the idle timeout rather than an unbounded delay.
-        let verified = tokio::time::timeout(self.ctx.idle_timeout, auth.verify(creds, &self.ctx.name, ip))
+        let verified = tokio::time::timeout(self.ctx.idle_timeout, auth.verify(creds, &self.ctx.name, client))
             .await
             .unwrap_or_else(|_| {
                 debug!(mechanism = mechanism.as_str(), "authentication waited too long for a verification slot");

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
+use crate::client_key::{ClientKey, ClientKeys};
 use crate::metrics::ReverseDnsSkip;
 
 /// Bounded reverse lookups; one per server, shared by every listener.
@@ -26,33 +27,35 @@ pub struct ReverseDns {
     timeout: Duration,
     /// One permit per lookup running on the blocking pool (`server.max_reverse_dns_lookups`).
     lookups: Arc<Semaphore>,
-    /// Addresses with a lookup in flight (at most one each).
-    in_flight: Arc<Mutex<HashSet<IpAddr>>>,
+    /// How addresses map to clients (IPv6 per prefix).
+    keys: ClientKeys,
+    /// Clients with a lookup in flight (at most one each).
+    in_flight: Arc<Mutex<HashSet<ClientKey>>>,
 }
 
 /// An address's claim on its one lookup; released when the lookup (or the attempt) ends.
 struct Claim {
-    set: Arc<Mutex<HashSet<IpAddr>>>,
-    ip: IpAddr,
+    set: Arc<Mutex<HashSet<ClientKey>>>,
+    key: ClientKey,
 }
 
 impl Claim {
-    fn take(set: &Arc<Mutex<HashSet<IpAddr>>>, ip: IpAddr) -> Option<Claim> {
-        let fresh = set.lock().unwrap_or_else(|p| p.into_inner()).insert(ip);
-        fresh.then(|| Claim { set: Arc::clone(set), ip })
+    fn take(set: &Arc<Mutex<HashSet<ClientKey>>>, key: ClientKey) -> Option<Claim> {
+        let fresh = set.lock().unwrap_or_else(|p| p.into_inner()).insert(key);
+        fresh.then(|| Claim { set: Arc::clone(set), key })
     }
 }
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        self.set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.ip);
+        self.set.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.key);
     }
 }
 
 impl ReverseDns {
     /// At most `max_lookups` resolver calls at once, each awaited for at most `timeout`.
-    pub fn new(timeout: Duration, max_lookups: usize) -> ReverseDns {
-        ReverseDns { timeout, lookups: Arc::new(Semaphore::new(max_lookups)), in_flight: Arc::default() }
+    pub fn new(timeout: Duration, max_lookups: usize, keys: ClientKeys) -> ReverseDns {
+        ReverseDns { timeout, lookups: Arc::new(Semaphore::new(max_lookups)), keys, in_flight: Arc::default() }
     }
 
     /// The client's forward-confirmed name: `Ok(None)` when it has none (or the lookup failed), `Err(())`
@@ -63,7 +66,7 @@ impl ReverseDns {
 
     /// [`ReverseDns::name`] with the resolver call given, for tests.
     async fn name_with(&self, ip: IpAddr, resolve: fn(IpAddr) -> Option<String>) -> Result<Option<String>, ()> {
-        let Some(claim) = Claim::take(&self.in_flight, ip) else {
+        let Some(claim) = Claim::take(&self.in_flight, self.keys.key(ip)) else {
             crate::metrics::reverse_dns_skipped(ReverseDnsSkip::Busy);
             return Err(());
         };
@@ -133,7 +136,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dns_outage_occupies_at_most_the_permitted_threads() {
-        let rdns = ReverseDns::new(Duration::from_millis(20), 2);
+        let rdns = ReverseDns::new(Duration::from_millis(20), 2, ClientKeys::default());
         let started = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = mpsc::channel();
         let rx = Arc::new(std::sync::Mutex::new(rx));
@@ -181,7 +184,7 @@ mod tests {
         }
         let (tx, rx) = mpsc::channel();
         *RELEASE.lock().unwrap() = Some(rx);
-        let rdns = ReverseDns::new(Duration::from_millis(20), 8);
+        let rdns = ReverseDns::new(Duration::from_millis(20), 8, ClientKeys::default());
         let ip: IpAddr = "192.0.2.66".parse().unwrap();
         // The first lookup hangs (timed out for its connection); the address's reconnections are skipped
         // without taking more permits, while another address still gets its lookup.
@@ -204,5 +207,31 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         assert_eq!(rdns.name_with(ip, |_| Some("back.example".into())).await, Ok(Some("back.example".into())));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn one_ipv6_64_has_at_most_one_lookup_in_flight() {
+        static RELEASE: std::sync::Mutex<Option<mpsc::Receiver<()>>> = std::sync::Mutex::new(None);
+        static STARTED: AtomicUsize = AtomicUsize::new(0);
+        fn hanging(_: IpAddr) -> Option<String> {
+            STARTED.fetch_add(1, Ordering::SeqCst);
+            let rx = RELEASE.lock().unwrap().take();
+            if let Some(rx) = rx {
+                let _ = rx.recv();
+            }
+            None
+        }
+        let (tx, rx) = mpsc::channel();
+        *RELEASE.lock().unwrap() = Some(rx);
+        let rdns = ReverseDns::new(Duration::from_millis(20), 8, ClientKeys::default());
+        // Many addresses of one /64, one after the other while the first lookup hangs: one client key, one
+        // lookup, one permit.
+        for host in 1..=6u16 {
+            let from: IpAddr = format!("2001:db8:1:2::{host:x}").parse().unwrap();
+            assert_eq!(rdns.name_with(from, hanging).await, Err(()));
+        }
+        assert_eq!(STARTED.load(Ordering::SeqCst), 1);
+        assert_eq!(rdns.lookups.available_permits(), 7);
+        tx.send(()).unwrap();
     }
 }
