@@ -87,7 +87,8 @@ pub struct AuthConfig {
     pub users_file: PathBuf,
     /// Password verifications running at once; 0 means the number of cores.
     pub max_concurrent_verifications: usize,
-    /// Failures per client IP or per login name within `lockout_window` that lock it.
+    /// Failures per client key within `lockout_window` that lock it; failures per login name from unknown
+    /// clients that throttle the name for them (`auth::lockout`).
     pub lockout_threshold: u32,
     pub lockout_window: Span,
     pub lockout_duration: Span,

@@ -39,7 +39,7 @@ impl Driver {
             return Ok(None);
         };
         let client = self.ctx.client_keys.key(self.info.peer.ip());
-        if let Check::Locked(_) = auth.lockout().check(client, None, Instant::now()) {
+        if let Check::Locked(_) = auth.lockout().check(client, Instant::now()) {
             return Ok(self.auth_locked(mechanism, ""));
         }
         let (mut ex, mut step) = Exchange::start(mechanism, initial.as_ref().map(|i| i.0.as_str()));
@@ -67,9 +67,6 @@ impl Driver {
             }
         };
         let name = creds.user.clone();
-        if let Check::Locked(_) = auth.lockout().check(client, Some(&name), Instant::now()) {
-            return Ok(self.auth_locked(mechanism, &name));
-        }
         // The wait for a turn and a verification permit is bounded like any other wait: behind a flood the
         // client gets 454 (try again) after the idle timeout rather than an unbounded delay.
         let verified = tokio::time::timeout(self.ctx.idle_timeout, auth.verify(creds, &self.ctx.name, client))
@@ -98,12 +95,14 @@ impl Driver {
                 self.queue(&Reply::auth_temporary());
                 Ok(None)
             }
-            Err(AuthError::Invalid { delay, locked }) => {
+            Err(AuthError::Invalid { delay, locked, throttled }) => {
                 if locked {
                     crate::metrics::auth_lockout();
                 }
-                self.auth_record(mechanism, &name, "failure");
-                debug!(mechanism = mechanism.as_str(), delay = ?delay, "authentication failed");
+                // A throttled name is answered exactly as a wrong password for an unknown name (same reply,
+                // same verification cost, same delay); only the audit trail tells them apart.
+                self.auth_record(mechanism, &name, if throttled { "throttled" } else { "failure" });
+                debug!(mechanism = mechanism.as_str(), delay = ?delay, throttled, "authentication failed");
                 tokio::time::sleep(delay).await;
                 let s = self.session.auth_failed(Reply::auth_invalid());
                 Ok(self.auth_reply(s))
