@@ -250,6 +250,10 @@ pub struct UpstreamConfig {
     pub helo_name: String,
     pub pool_size: usize,
     pub pool_idle_timeout: Span,
+    /// Most upstream connections open at once (pooled ones included); below Postfix's process limit.
+    pub max_connections: usize,
+    /// How long a client waits for an upstream connection when all are in use (then `451 4.3.2`).
+    pub connection_wait: Span,
     pub connect_timeout: Span,
     pub command_timeout: Span,
     pub data_timeout: Span,
@@ -437,6 +441,8 @@ impl Default for UpstreamConfig {
             helo_name: String::new(),
             pool_size: 32,
             pool_idle_timeout: secs(30),
+            max_connections: 80,
+            connection_wait: secs(10),
             connect_timeout: secs(10),
             command_timeout: secs(60),
             data_timeout: secs(300),
@@ -721,6 +727,9 @@ impl Config {
             if d.get().is_zero() {
                 bad(key, format!("upstream.{key} must be positive"));
             }
+        }
+        if up.max_connections == 0 {
+            bad("max_connections", "upstream.max_connections must be at least 1".into());
         }
         if self.listeners.iter().any(|l| l.address == up.address) {
             bad(

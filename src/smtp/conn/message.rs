@@ -216,6 +216,13 @@ impl Driver {
         info!(txn.id = %txn.id, size = txn.size, rcpt.count = txn.rcpts.len(), verdict = verdict.as_str(), reply.code = reply.code, "message");
         self.audit(&txn, verdict.as_str(), &reply, upstream);
         self.queue(&reply);
+        if self.ctx.pool.has_waiters() {
+            // Someone waits for an upstream connection (all `upstream.max_connections` open): give this one
+            // back between transactions (closed, its slot to the waiter) rather than hold it while idle.
+            if let Some(conn) = self.upstream.take() {
+                self.ctx.pool.checkin(conn).await;
+            }
+        }
     }
 
     /// Decides and, if accepted, relays. Returns the client's reply, the verdict label and the upstream reply.
