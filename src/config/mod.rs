@@ -925,6 +925,18 @@ mod tests {
     }
 
     #[test]
+    fn client_prefix_and_upstream_cap_are_checked() {
+        let c = parse("").unwrap();
+        assert_eq!((c.limits.ipv6_client_prefix, c.upstream.max_connections), (64, 80));
+        assert_eq!(c.upstream.connection_wait.get(), Duration::from_secs(10));
+        let e = parse("[limits]\nipv6_client_prefix = 16\n[upstream]\nmax_connections = 0\n").unwrap_err();
+        let text = e.to_string();
+        assert_eq!(e.problems().len(), 2, "{text}");
+        assert!(text.contains("ipv6_client_prefix must be between 32 and 128"), "{text}");
+        assert!(text.contains("upstream.max_connections must be at least 1"), "{text}");
+    }
+
+    #[test]
     fn bad_units_are_refused() {
         let e = parse("[limits]\nidle_timeout = \"5 weeks\"\n").unwrap_err();
         assert_eq!(e.problems()[0].line, Some(2));
