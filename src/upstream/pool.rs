@@ -105,18 +105,16 @@ impl Pool {
 
     /// A connection ready for a transaction on behalf of `ident`. Returns it and whether it was reused.
     pub async fn checkout(&self, ident: &ClientIdentity) -> Result<(Connection, bool), UpstreamError> {
-        loop {
-            let Some(conn) = self.take_idle() else { break };
-            match self.reuse(conn, ident).await? {
-                Some(conn) => return Ok((conn, true)),
-                None => continue,
+        while let Some(conn) = self.take_idle() {
+            if let Some(conn) = self.reuse(conn, ident).await? {
+                return Ok((conn, true));
             }
         }
         let slot = match self.limit.acquire(|| self.take_idle()).await? {
             Acquired::Slot(s) => s,
             Acquired::Found(conn) => match self.reuse(conn, ident).await? {
                 Some(conn) => return Ok((conn, true)),
-                // It failed its probe and is gone, slot and all: wait again, within the same bound.
+                // It failed its probe and is gone, its slot freed: one more bounded wait for a slot.
                 None => self.slot().await?,
             },
         };
