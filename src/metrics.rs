@@ -67,7 +67,7 @@ pub const UPSTREAM_CONNECTIONS: &str = "moat_upstream_connections";
 pub const UPSTREAM_CONNECTION_WAIT_TIMEOUTS_TOTAL: &str = "moat_upstream_connection_wait_timeouts_total";
 /// AUTH attempts, by mechanism and result.
 pub const AUTH_ATTEMPTS_TOTAL: &str = "moat_auth_attempts_total";
-/// Client IPs or login names locked out after too many AUTH failures.
+/// Clients locked out, or login names throttled for unknown clients, after too many AUTH failures.
 pub const AUTH_LOCKOUTS_TOTAL: &str = "moat_auth_lockouts_total";
 /// Time each pipeline stage took, per hook call.
 pub const STAGE_SECONDS: &str = "moat_stage_seconds";
@@ -414,7 +414,7 @@ pub fn auth_attempt(mechanism: &str, result: AuthResult) {
     counter!(AUTH_ATTEMPTS_TOTAL, "mechanism" => mechanism.as_str(), "result" => result.as_str()).increment(1);
 }
 
-/// Counts a lockout (a client IP or login name locked after too many AUTH failures).
+/// Counts a lockout (a client locked, or a login name throttled, after too many AUTH failures).
 pub fn auth_lockout() {
     counter!(AUTH_LOCKOUTS_TOTAL).increment(1);
 }
