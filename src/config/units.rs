@@ -149,3 +149,8 @@ mod tests {
         assert!(Span::parse("5 weeks").is_err());
     }
 }
+
+/// A span of whole seconds (for defaults).
+pub(crate) fn secs(n: u64) -> Span {
+    Span(Duration::from_secs(n))
+}
