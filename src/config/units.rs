@@ -125,6 +125,11 @@ impl<'de> Deserialize<'de> for Span {
     }
 }
 
+/// A span of whole seconds (for defaults).
+pub(crate) fn secs(n: u64) -> Span {
+    Span(Duration::from_secs(n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,9 +153,4 @@ mod tests {
         assert_eq!(Span::parse("7").unwrap().0, Duration::from_secs(7));
         assert!(Span::parse("5 weeks").is_err());
     }
-}
-
-/// A span of whole seconds (for defaults).
-pub(crate) fn secs(n: u64) -> Span {
-    Span(Duration::from_secs(n))
 }
