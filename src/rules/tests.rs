@@ -141,6 +141,13 @@ fn errors_carry_positions() {
     assert!(e[0].starts_with("t.toml:6:") && e[0].contains("duplicate"), "{e:?}");
     let e = errors("[[rule]]\nid = \"a\"\nwhen = { helo = \"x\" }\naction = \"reject\"\nreply = \"250 ok\"\n");
     assert!(e[0].starts_with("t.toml:5:"), "{e:?}");
+    // A reply code is exactly three digits: `str::parse` alone would take `+550` and `0550`.
+    for code in ["+550", "0550", " 550"] {
+        let e = errors(&format!(
+            "[[rule]]\nid = \"a\"\nwhen = {{ helo = \"x\" }}\naction = \"reject\"\nreply = \"{code} 5.7.1 no\"\n"
+        ));
+        assert!(e[0].starts_with("t.toml:5:") && e[0].contains("3-digit"), "{code}: {e:?}");
+    }
     let e = errors("[[rule]]\nid = \"a\"\nwhen = { in_list = \"nope\" }\naction = \"reject\"\n");
     assert!(e[0].contains("unknown list"), "{e:?}");
 }
