@@ -2,8 +2,8 @@
 //!
 //! Stages run in order; the first decisive verdict (accept, reject, tempfail) ends the phase. Each stage's
 //! verdict and time are recorded in the transaction's [`StageRecord`]s for the audit trail. Per-transaction
-//! state lives in [`TxnContext`], owned by the session, never in a stage. The rule-driven stages (lists,
-//! content rules, rates) plug in here; the core ships the trait, the runner and no stage.
+//! state lives in [`TxnContext`], owned by the session, never in a stage. The one stage today is [`rules`]
+//! (the rule files, their lists and content conditions); other checks plug in as further stages.
 //!
 //! The phases of a message: MAIL, each RCPT (whose effects are undone when that recipient ends up refused,
 //! see [`TxnContext::mark`]), the end of the header section during DATA/BDAT ([`Stage::on_headers`]: a

@@ -2,8 +2,8 @@
 //! headers and texts, URLs, attachments with their declared and sniffed types, the names inside zip
 //! attachments, and the MIME structure's size and depth.
 //!
-//! Runs in `spawn_blocking` (see `pipeline::rules`) on at most `scan_window` bytes; every list built here
-//! is bounded by that input or by a constant below.
+//! Runs on at most `scan_window` bytes: inline for up to 32 KiB, else in `spawn_blocking` (see
+//! `pipeline::rules`); every list built here is bounded by that input or by a constant below.
 
 use std::borrow::Cow;
 

@@ -422,3 +422,36 @@ fn body_texts_are_each_part_once_as_sent() {
         alt.texts.iter().any(|t| t.contains("plain part")) && alt.texts.iter().any(|t| t.contains("<b>html part</b>"))
     );
 }
+
+/// A program behind 1,000 other entries is not waved through: the shipped rules refuse an archive moat
+/// could not list to the end, and directory entries (or entries without a name) do not use up the limit.
+#[test]
+fn shipped_rules_refuse_programs_hidden_behind_many_entries() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let s =
+        RuleSet::load_dir(&root, &["example.test".into()]).unwrap_or_else(|e| panic!("{}", super::format_errors(&e)));
+    let refused = |zip: &[u8]| -> Vec<String> {
+        let msg = with_attachments(&[("application/zip", "invoice.zip", zip)]);
+        let content = Content::parse(&msg);
+        let f = facts(Some(&content), &[]);
+        let mut hits = s.hits(Phase::Headers, &f);
+        hits.extend(s.hits(Phase::Data, &f));
+        hits.into_iter()
+            .filter(|&i| matches!(s.rules[i].action, super::Action::Reject(_)))
+            .map(|i| s.rules[i].id.to_string())
+            .collect()
+    };
+    let exe = ("invoice.exe", &b"MZ"[..]);
+    let files: Vec<String> = (0..1000).map(|i| format!("f{i}.txt")).collect();
+    let mut entries: Vec<(&str, &[u8])> = files.iter().map(|n| (n.as_str(), &b""[..])).collect();
+    entries.push(exe);
+    assert_eq!(refused(&super::zip::tests::archive(&entries)), ["archive-unreadable"]);
+    let dirs: Vec<String> = (0..1000).map(|i| format!("d{i}/")).collect();
+    let mut entries: Vec<(&str, &[u8])> = dirs.iter().map(|n| (n.as_str(), &b""[..])).collect();
+    entries.extend((0..1000).map(|_| ("", &b""[..])));
+    entries.push(exe);
+    assert_eq!(refused(&super::zip::tests::archive(&entries)), ["attachment-executable"]);
+    // Many ordinary files within the limit pass.
+    let entries: Vec<(&str, &[u8])> = files.iter().map(|n| (n.as_str(), &b"x"[..])).collect();
+    assert!(refused(&super::zip::tests::archive(&entries[..999])).is_empty());
+}
