@@ -178,6 +178,11 @@ impl Content {
 /// their charset), which would hide the magic bytes and the zip directory of a binary file declared
 /// `text/plain`; for those the transfer encoding is undone again from the raw message. Binary parts are
 /// borrowed as they are.
+///
+/// A part mail-parser left undecoded although it declares base64 is decoded here too, up to the first
+/// line that starts a boundary: mail-parser 0.11.9 loses track of the boundaries after an empty multipart
+/// (`--inner--` right after its headers) and returns the following parts as raw text, which would hide a
+/// zip or a program from every content rule (found by `tests/fuzz.rs`).
 fn attachment_bytes<'a>(part: &'a MessagePart<'_>, raw: &'a [u8]) -> Cow<'a, [u8]> {
     if !matches!(part.body, PartType::Text(_) | PartType::Html(_)) {
         return Cow::Borrowed(part.contents());
@@ -185,7 +190,12 @@ fn attachment_bytes<'a>(part: &'a MessagePart<'_>, raw: &'a [u8]) -> Cow<'a, [u8
     let Some(body) = raw.get(part.offset_body as usize..part.offset_end as usize) else {
         return Cow::Borrowed(part.contents());
     };
+    let declared_base64 = part.content_transfer_encoding().is_some_and(|e| e.trim().eq_ignore_ascii_case("base64"));
     match part.encoding {
+        Encoding::None if declared_base64 => {
+            let end = memchr::memmem::find(body, b"\n--").map_or(body.len(), |i| i + 1);
+            decode_base64(&body[..end]).map_or(Cow::Borrowed(body), Cow::Owned)
+        }
         Encoding::Base64 => decode_base64(body).map_or(Cow::Borrowed(part.contents()), Cow::Owned),
         Encoding::None => Cow::Borrowed(body),
         Encoding::QuotedPrintable => Cow::Borrowed(part.contents()),

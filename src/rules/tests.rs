@@ -455,3 +455,56 @@ fn shipped_rules_refuse_programs_hidden_behind_many_entries() {
     let entries: Vec<(&str, &[u8])> = files.iter().map(|n| (n.as_str(), &b"x"[..])).collect();
     assert!(refused(&super::zip::tests::archive(&entries[..999])).is_empty());
 }
+
+/// mail-parser issue #120: an attached message that is not a message leaves a sub-message without parts,
+/// on which several mail-parser accessors index `parts[0]`. The scan must not touch those.
+#[test]
+fn corrupted_attached_message_does_not_panic() {
+    let raw =
+        b"From: Test <test@example.org>\r\nSubject: test\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+--b\r\nContent-Type: text/plain; charset=\"UTF-8\"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nbla\r\n\r\n\
+--b\r\nContent-Type: message/rfc822\r\nContent-Disposition: attachment; filename=\"corrupted.eml\"\r\n\
+Content-Transfer-Encoding: 8bit\r\n\r\nthis attachment is not a valid eml, sorry!\r\n--b--\r\n";
+    let c = Content::parse(raw);
+    assert_eq!(c.attachments.len(), 1, "{c:?}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let s = RuleSet::load_dir(&root, &["example.test".into()]).unwrap();
+    let _ = data_hits(&s, raw);
+}
+
+/// A message/rfc822 part whose body is another message/rfc822 header, inside a multipart: mail-parser
+/// 0.11.9 recovers, but trips its own `debug_assert!` on the way (found by `tests/fuzz.rs`
+/// `content::message_scan`; Cargo.toml turns mail-parser's debug assertions off so that tests see what
+/// release builds do). The scan must finish and see the structure it can.
+#[test]
+fn nested_attached_message_headers_only() {
+    let raw = b"Content-Type: multipart/alternative; boundary=a\r\n\r\n--a\r\nContent-Type: message/rfc822\r\n\r\n\
+Content-Type: message/rfc822\r\n\r\n\r\n--a--\r\n";
+    let c = Content::parse(raw);
+    assert!(c.parts >= 2, "{c:?}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let s = RuleSet::load_dir(&root, &["example.test".into()]).unwrap();
+    let _ = data_hits(&s, raw);
+}
+
+/// An empty multipart (its close delimiter right after its headers) makes mail-parser 0.11.9 lose the
+/// boundary: the parts after it come back as raw text with their base64 undecoded, so a zip attachment
+/// there was neither sniffed nor listed and a program inside it passed (found by `tests/fuzz.rs`
+/// `content::message_scan`). The declared transfer encoding is honoured now.
+#[test]
+fn attachment_after_an_empty_multipart_is_still_decoded() {
+    use base64::Engine as _;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let s = RuleSet::load_dir(&root, &["example.test".into()]).unwrap();
+    let zip = base64::engine::general_purpose::STANDARD.encode(zip_of(&["invoice.exe"]));
+    for declared in ["application/zip", "application/octet-stream"] {
+        let raw = format!(
+            "Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\n\
+             Content-Type: multipart/alternative; boundary=\"b2\"\r\n\r\n--b2--\r\n--b1\r\n\
+             Content-Type: {declared}; name=\"invoice.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{zip}\r\n--b1--\r\n"
+        );
+        let c = Content::parse(raw.as_bytes());
+        assert_eq!(c.archive_names, ["invoice.exe"], "{declared}: {c:?}");
+        assert!(data_hits(&s, raw.as_bytes()).contains(&"attachment-executable".to_string()), "{declared}");
+    }
+}
