@@ -342,8 +342,12 @@ fn attachment_leaves(c: &CondSpec, out: &mut Vec<Cond>) -> Result<(), String> {
     if let Some(n) = c.mime_depth_over {
         out.push(Cond::Leaf(Leaf::MimeDepthOver(n)));
     }
-    for (flag, leaf) in [(c.archive_unreadable, Leaf::ArchiveUnreadable), (c.archive_encrypted, Leaf::ArchiveEncrypted)]
-    {
+    let flags = [
+        (c.archive_unreadable, Leaf::ArchiveUnreadable),
+        (c.archive_encrypted, Leaf::ArchiveEncrypted),
+        (c.mime_malformed, Leaf::MimeMalformed),
+    ];
+    for (flag, leaf) in flags {
         match flag {
             Some(true) => out.push(Cond::Leaf(leaf)),
             Some(false) => out.push(Cond::Not(Box::new(Cond::Leaf(leaf)))),

@@ -56,6 +56,10 @@ pub struct Content {
     pub archive_unreadable: bool,
     /// A zip attachment with an encrypted entry.
     pub archive_encrypted: bool,
+    /// A multipart of the message has more delimiter lines than the parts mail-parser returned for it: on
+    /// malformed MIME (an empty multipart, a message/rfc822 part that is not a message) mail-parser 0.11.9
+    /// loses the boundaries and folds the parts after it into one, which no content rule then sees.
+    pub mime_malformed: bool,
     /// The number of MIME parts (of the top-level message).
     pub parts: usize,
     /// How deeply multiparts and attached messages nest: 0 for a single-part message, 1 for a multipart
@@ -94,6 +98,7 @@ impl Content {
             c.add_attachment(a, raw);
         }
         c.parts = msg.parts.len();
+        c.mime_malformed = lost_parts(&msg, raw);
         c.depth = depth(&msg);
         c.extract_urls();
         c
@@ -243,6 +248,25 @@ fn depth(msg: &Message<'_>) -> usize {
         }
     }
     deepest
+}
+
+/// Whether some multipart of the top-level message has more delimiter lines (`--boundary`, RFC 2046 5.1.1)
+/// in its body than mail-parser returned parts for it. Boundaries cannot occur inside parts (that is what
+/// makes them boundaries), so a surplus means parts were lost, not that the sender wrote odd text.
+fn lost_parts(msg: &Message<'_>, raw: &[u8]) -> bool {
+    msg.parts.iter().any(|part| {
+        let PartType::Multipart(children) = &part.body else { return false };
+        let Some(boundary) = part.content_type().and_then(|c| c.attribute("boundary")) else { return false };
+        let Some(body) = raw.get(part.offset_body as usize..part.offset_end as usize) else { return false };
+        let delimiters = body
+            .split(|&b| b == b'\n')
+            .filter(|line| {
+                let rest = line.strip_prefix(b"--").and_then(|l| l.strip_prefix(boundary.as_bytes()));
+                rest.is_some_and(|r| r.iter().all(|b| b.is_ascii_whitespace()))
+            })
+            .count();
+        delimiters > children.len()
+    })
 }
 
 fn header_text(v: &HeaderValue<'_>) -> String {

@@ -508,3 +508,42 @@ fn attachment_after_an_empty_multipart_is_still_decoded() {
         assert!(data_hits(&s, raw.as_bytes()).contains(&"attachment-executable".to_string()), "{declared}");
     }
 }
+
+/// Parts mail-parser folds into another after malformed MIME are invisible to every content rule; the
+/// surplus of delimiter lines gives them away, and the shipped rules refuse the message.
+#[test]
+fn parts_lost_to_malformed_mime_are_refused() {
+    use base64::Engine as _;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let s = RuleSet::load_dir(&root, &["example.test".into()]).unwrap();
+    let zip = base64::engine::general_purpose::STANDARD.encode(zip_of(&["invoice.exe"]));
+    let part = |name: &str| {
+        format!(
+            "Content-Type: application/octet-stream; name=\"{name}\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{zip}\r\n"
+        )
+    };
+    let head = "Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n";
+    // An empty multipart, then two parts: the second is folded into the first.
+    let empty = format!(
+        "{head}--b1\r\nContent-Type: multipart/alternative; boundary=\"b2\"\r\n\r\n--b2--\r\n--b1\r\n{}--b1\r\n{}--b1--\r\n",
+        part("a.pdf"),
+        part("b.pdf")
+    );
+    // A message/rfc822 part whose body is not a header block swallows the part after it.
+    let swallowed = format!(
+        "{head}--b1\r\nContent-Type: message/rfc822\r\n\r\nnot a header line\r\n--b1\r\n{}--b1--\r\n",
+        part("b.pdf")
+    );
+    for raw in [empty, swallowed] {
+        assert!(Content::parse(raw.as_bytes()).mime_malformed, "{raw}");
+        assert!(data_hits(&s, raw.as_bytes()).contains(&"mime-malformed".to_string()), "{raw}");
+    }
+    // Well-formed multiparts, nested ones included, are not.
+    let nested = b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=o\r\n\r\n--o\r\n\
+Content-Type: multipart/alternative; boundary=i\r\n\r\n--i\r\nContent-Type: text/plain\r\n\r\nhi\r\n--i\r\n\
+Content-Type: text/html\r\n\r\n<p>hi</p>\r\n--i--\r\n--o\r\nContent-Type: text/plain\r\n\r\nx\r\n--o--\r\n";
+    assert!(!Content::parse(nested).mime_malformed);
+    let msg =
+        with_attachments(&[("application/zip", "a.zip", &zip_of(&["a.txt"])), ("application/pdf", "b.pdf", b"%PDF")]);
+    assert!(!Content::parse(&msg).mime_malformed);
+}

@@ -235,17 +235,9 @@ fn message_scan() {
         assert!(text <= 4 * raw.len() + 64, "{text} bytes of text from {} bytes", raw.len());
         let headers: usize = c.headers.iter().map(|(n, v)| n.len() + v.len()).sum();
         assert!(headers <= 4 * raw.len() + 64, "{headers} bytes of headers from {} bytes", raw.len());
-        // Well-formed MIME only: no raw bytes or stray headers, no empty multipart (RFC 2046 5.1.1 wants at
-        // least one body part) and no message/rfc822 part that is not a message: after those, mail-parser
-        // 0.11.9 loses the boundaries (see docs/testing.md, "Fuzzing").
-        let empty_multipart = pieces.windows(2).any(|w| matches!(w, [Piece::Open { .. }, Piece::Close]));
-        let bad_message = |ctype: u8| CTYPES[usize::from(ctype) % CTYPES.len()] == "message/rfc822";
-        let clean = !empty_multipart
-            && !pieces.iter().any(|p| match p {
-                Piece::Raw(_) | Piece::Header { .. } => true,
-                Piece::Text { ctype, .. } => bad_message(*ctype),
-                _ => false,
-            });
+        // Without raw bytes or stray headers in the way, every intact zip's files are seen, or the scan
+        // says it lost parts (`mime_malformed`: an empty multipart, a message/rfc822 part that is not one).
+        let clean = !c.mime_malformed && !pieces.iter().any(|p| matches!(p, Piece::Raw(_) | Piece::Header { .. }));
         if clean && c.archive_names.len() < MAX_ARCHIVE_NAMES {
             for p in pieces {
                 let Piece::ZipAttachment { zip, .. } = p else { continue };
