@@ -178,3 +178,40 @@ fn moat_check_validates_rules() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok, 0 rules"));
 }
+
+/// `moat check` refuses a bad entry in a bloom `ip` list with the list file's line (it used to hash any
+/// string), and accepts the list once the entry is fixed.
+#[test]
+fn moat_check_refuses_bad_entries_in_bloom_ip_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(rules.join("lists")).unwrap();
+    std::fs::write(
+        rules.join("10-a.toml"),
+        "[[list]]\nname = \"nets\"\nkind = \"ip\"\nfile = \"lists/nets.txt\"\nbloom = true\n\
+         [[rule]]\nid = \"a\"\nwhen = { in_list = \"nets\" }\naction = \"reject\"\n",
+    )
+    .unwrap();
+    std::fs::write(rules.join("lists/nets.txt"), "127.0.0.0/8\nnot-an-ip!!\n").unwrap();
+    let config = dir.path().join("moat.toml");
+    let text = format!(
+        "rules.directory = {:?}\n[[listener]]\nname = \"smtp\"\naddress = \"127.0.0.1:0\"\nmode = \"plain\"\n",
+        rules.display().to_string()
+    );
+    std::fs::write(&config, text).unwrap();
+    let check = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+            .arg("check")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("nets.txt:2:") && err.contains("not-an-ip!!"), "{err}");
+    std::fs::write(rules.join("lists/nets.txt"), "127.0.0.0/8\n192.0.2.1\n").unwrap();
+    let out = check();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

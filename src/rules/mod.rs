@@ -162,6 +162,8 @@ pub enum Leaf {
         ids: Vec<usize>,
     },
     ArchiveUnreadable,
+    /// Parts were lost to malformed MIME ([`content::Content::mime_malformed`]).
+    MimeMalformed,
     ArchiveEncrypted,
     MissingHeader(String),
     InList {
