@@ -11,7 +11,7 @@
 //! 5. [`spool`] holds message data with bounded memory until the verdict.
 //! 6. [`upstream`] relays accepted mail to the MTA, passing the client's identity (XCLIENT or PROXY v2), and
 //!    its replies come back to the client.
-//! 7. [`metrics`] and [`audit`] record what happened.
+//! 7. [`metrics`] and [`audit`] record what happened; [`quarantine`] keeps the messages rules held.
 //!
 //! [`config`] holds the typed configuration all of these read.
 #![forbid(unsafe_code)]
@@ -22,6 +22,7 @@ pub mod config;
 pub mod health;
 pub mod metrics;
 pub mod pipeline;
+pub mod quarantine;
 pub mod rules;
 pub mod server;
 pub mod shutdown;

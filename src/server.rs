@@ -152,6 +152,7 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     }
     let store = crate::state::open(&config.state);
     let (rules, pipeline) = build_pipeline(config, &shutdown, &store)?;
+    let quarantine = rules.as_ref().map(|_| crate::quarantine::start(config, &hostname, shutdown.soft.clone()));
     let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
     let pool = Pool::new(settings);
     pool.report_health(ready.clone());
@@ -186,7 +187,7 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
             source,
         })?;
         let addr = listener.local_addr().unwrap_or(l.address);
-        let ctx = Arc::new(listener_context(
+        let mut ctx = listener_context(
             config,
             l,
             &hostname,
@@ -198,7 +199,9 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
             auth.clone(),
             pipeline.clone(),
             reverse_dns.clone(),
-        ));
+        );
+        ctx.quarantine.clone_from(&quarantine);
+        let ctx = Arc::new(ctx);
         info!(listener = %l.name, address = %addr, mode = ?l.mode, role = ?l.role, "listening");
         crate::metrics::listener_started(&l.name);
         bound.push((l.name.clone(), addr));
@@ -350,6 +353,7 @@ fn listener_context(
         audit,
         shutdown: shutdown.soft.clone(),
         auth,
+        quarantine: None,
     }
 }
 

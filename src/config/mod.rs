@@ -4,6 +4,8 @@
 //! must not silently fall back to a default). [`Config::validate`] reports every problem at once, each
 //! with the file and line it came from when known, as `moat check` prints them.
 
+pub mod archive;
+pub mod quarantine;
 pub mod state;
 pub mod units;
 
@@ -39,6 +41,8 @@ pub struct Config {
     pub relay: RelayConfig,
     pub rules: RulesConfig,
     pub state: StateConfig,
+    pub quarantine: quarantine::QuarantineConfig,
+    pub archive: archive::ArchiveConfig,
 }
 
 /// `[rules]`: the rule files and content scanning (docs/rules.md).
@@ -51,7 +55,7 @@ pub struct RulesConfig {
     pub scan_window: ByteSize,
     /// What happens to a message larger than `scan_window`.
     pub oversize_policy: OversizePolicy,
-    /// Where `quarantine` rules write messages; empty: the `quarantine` subdirectory of `directory`.
+    /// Deprecated: `quarantine.directory`. When set, it is used as the quarantine store's directory.
     pub quarantine_dir: PathBuf,
     /// How often the rules directory is polled for changes; 0 disables the watcher (SIGHUP still works).
     pub watch_interval: Span,
@@ -406,6 +410,8 @@ impl Default for Config {
             relay: RelayConfig::default(),
             rules: RulesConfig::default(),
             state: StateConfig::default(),
+            quarantine: Default::default(),
+            archive: Default::default(),
         }
     }
 }
@@ -635,6 +641,9 @@ impl Config {
             bad("listener", "at least one [[listener]] is required".into());
         }
         for (key, message) in self.state.problems() {
+            bad(key, message);
+        }
+        for (key, message) in self.quarantine.problems().into_iter().chain(self.archive.problems()) {
             bad(key, message);
         }
         for (i, l) in self.listeners.iter().enumerate() {

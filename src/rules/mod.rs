@@ -18,7 +18,7 @@ pub mod zip;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
@@ -345,8 +345,8 @@ pub struct Rules {
     current: ArcSwap<RuleSet>,
     dir: PathBuf,
     local_domains: Vec<String>,
-    /// The directory's newest modification time when last loaded (shared with the watcher).
-    stamp: Arc<Mutex<Option<Option<SystemTime>>>>,
+    /// The rule files' [`Fingerprint`] when last loaded (shared with the watcher).
+    stamp: Arc<Mutex<Option<Fingerprint>>>,
 }
 
 impl std::fmt::Debug for Rules {
@@ -368,7 +368,7 @@ impl Rules {
             current: ArcSwap::from_pointee(set),
             dir: dir.to_owned(),
             local_domains: local_domains.to_vec(),
-            stamp: Arc::new(Mutex::new(Some(newest_mtime(dir)))),
+            stamp: Arc::new(Mutex::new(Some(fingerprint(dir)))),
         })
     }
 
@@ -383,7 +383,7 @@ impl Rules {
         let built = tokio::task::spawn_blocking(move || {
             // Stamped before reading, so the watcher does not reload these files again (a change made while
             // they are read shows up as a newer stamp).
-            *me.stamp.lock().unwrap_or_else(|p| p.into_inner()) = Some(newest_mtime(&me.dir));
+            *me.stamp.lock().unwrap_or_else(|p| p.into_inner()) = Some(fingerprint(&me.dir));
             RuleSet::load_dir(&me.dir, &me.local_domains)
         })
         .await;
@@ -413,7 +413,7 @@ impl Rules {
         }
     }
 
-    /// Reloads when the directory's newest modification time changed and then held still for one more
+    /// Reloads when the rule files' [`Fingerprint`] changed and then held still for one more
     /// `interval` (`crate::watch`: an editor writing several files is picked up once); `0s` disables it.
     pub fn spawn_watcher(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) {
         if interval.is_zero() {
@@ -425,7 +425,7 @@ impl Rules {
             interval,
             shutdown,
             Arc::clone(&self.stamp),
-            move || newest_mtime(&dir),
+            move || fingerprint(&dir),
             move || {
                 let me = Arc::clone(&me);
                 async move {
@@ -437,18 +437,31 @@ impl Rules {
     }
 }
 
-/// The newest modification time of the directory, its files and `lists/` (blocking).
-fn newest_mtime(dir: &Path) -> Option<SystemTime> {
-    let mut newest = std::fs::metadata(dir).and_then(|m| m.modified()).ok();
-    for d in [dir.to_path_buf(), dir.join("lists")] {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+/// What the watcher compares to see whether the rules changed: the [`crate::watch::Stamp`] of every rule
+/// file (`*.toml` directly in the directory) and every file in `lists/`, by name (blocking).
+///
+/// Only those files count. Directories do not, nor does the rules directory's own modification time: a
+/// quarantine store, an editor's lock file directory or anything else written below the rules directory
+/// must not make the rules reload (a steady stream of quarantined messages used to keep a real edit from
+/// ever holding still long enough to apply). A deleted or renamed file changes the list of names.
+pub type Fingerprint = Vec<(std::ffi::OsString, crate::watch::Stamp)>;
+
+/// The [`Fingerprint`] of `dir` now (blocking).
+pub fn fingerprint(dir: &Path) -> Fingerprint {
+    let mut out = Vec::new();
+    for (sub, only_toml) in [("", true), ("lists", false)] {
+        let Ok(entries) = std::fs::read_dir(dir.join(sub)) else { continue };
         for e in entries.flatten() {
-            if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
-                newest = newest.max(Some(t));
+            let path = e.path();
+            // `metadata` follows symbolic links: a linked rule file counts as the file it points to.
+            let is_file = std::fs::metadata(&path).is_ok_and(|m| m.is_file());
+            if is_file && (!only_toml || path.extension().is_some_and(|x| x == "toml")) {
+                out.push((Path::new(sub).join(e.file_name()).into_os_string(), crate::watch::stamp(&path)));
             }
         }
     }
-    newest
+    out.sort();
+    out
 }
 
 #[cfg(test)]

@@ -415,3 +415,31 @@ fn body_texts_are_each_part_once_as_sent() {
         alt.texts.iter().any(|t| t.contains("plain part")) && alt.texts.iter().any(|t| t.contains("<b>html part</b>"))
     );
 }
+
+/// Issue #16 defect 1: files written below the rules directory (a quarantine store) are not rule edits;
+/// rule files, list files, deletions and renames are.
+#[test]
+fn fingerprint_covers_rule_and_list_files_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("10-a.toml"), "").unwrap();
+    std::fs::create_dir(d.join("lists")).unwrap();
+    std::fs::write(d.join("lists/bad.txt"), "x\n").unwrap();
+    let before = super::fingerprint(d);
+    assert_eq!(before.len(), 2, "{before:?}");
+    let q = d.join("quarantine");
+    for i in 0..5 {
+        std::fs::create_dir_all(q.join("tmp")).unwrap();
+        std::fs::write(q.join(format!("{i}.eml")), "message").unwrap();
+        std::fs::write(d.join("README"), "").unwrap_or(());
+        std::fs::remove_file(d.join("README")).unwrap();
+    }
+    assert_eq!(super::fingerprint(d), before, "quarantined messages are not rule edits");
+    std::fs::write(d.join("lists/bad.txt"), "x\ny\n").unwrap();
+    let list_edit = super::fingerprint(d);
+    assert_ne!(list_edit, before, "a list edit counts");
+    std::fs::rename(d.join("10-a.toml"), d.join("20-a.toml")).unwrap();
+    assert_ne!(super::fingerprint(d), list_edit, "a rename counts");
+    std::fs::remove_file(d.join("20-a.toml")).unwrap();
+    assert_eq!(super::fingerprint(d).len(), 1, "a deletion counts");
+}

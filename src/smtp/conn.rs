@@ -7,6 +7,7 @@
 //! (RFC 2920 3.1), so a pipelining client gets its replies in one write.
 
 mod auth;
+mod copies;
 mod message;
 mod reverse_dns;
 
@@ -60,6 +61,8 @@ pub struct ListenerContext {
     pub shutdown: CancellationToken,
     /// The credential checker; `None` when AUTH is off.
     pub auth: Option<Arc<crate::auth::Authenticator>>,
+    /// Where `quarantine` rules keep messages; `None` when rules are off.
+    pub quarantine: Option<Arc<crate::quarantine::Store>>,
 }
 
 /// One open transaction's data-side state.

@@ -241,6 +241,9 @@ impl Driver {
                 Err(r) => return (r, MessageVerdict::Tempfailed, None),
             },
         };
+        if let Err(r) = self.quarantine_copy(txn, &verdict).await {
+            return (r, MessageVerdict::Tempfailed, None);
+        }
         if let Some((reply, label)) = self.final_reply(verdict).await {
             return (reply, label, None);
         }
@@ -370,7 +373,7 @@ impl Driver {
     }
 
     /// Aborts the upstream side of a transaction that will not be sent (nothing gets queued).
-    async fn reset_upstream(&mut self) {
+    pub(super) async fn reset_upstream(&mut self) {
         if let Some(conn) = self.upstream.as_mut() {
             if conn.in_transaction() && conn.reset().await.is_err() {
                 self.upstream = None;
