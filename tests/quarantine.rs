@@ -143,3 +143,77 @@ async fn a_store_that_cannot_be_written_answers_451_and_relays_nothing() {
     drop(client);
     running.stop().await;
 }
+
+/// The disk budget expires the oldest items (the running moat's sweeper), and `moat quarantine purge`
+/// removes items older than asked, while moat runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budget_expiry_and_purge() {
+    let rules = tempfile::tempdir().unwrap();
+    std::fs::write(rules.path().join("10-hold.toml"), HOLD_RULE).unwrap();
+    let store = tempfile::tempdir().unwrap();
+    let fake = FakeUpstream::start(Script::default()).await;
+    let extra = format!(
+        "rules.directory = {:?}\nquarantine.directory = {:?}\nquarantine.max_size = \"250KiB\"\nquarantine.sweep_interval = \"1s\"",
+        rules.path().display().to_string(),
+        store.path().display().to_string()
+    );
+    let running = start(&test_config(fake.addr, &extra)).await;
+    let (mut client, _) = Client::connect(running.addr("smtp").unwrap()).await;
+    client.expect("EHLO client.example", 250).await;
+    let body = format!("{}\r\n", "x".repeat(998)).repeat(100); // about 100 KB each
+    for i in 0..5 {
+        let (code, text) = send(&mut client, &format!("hold me {i}"), body.as_bytes()).await;
+        assert_eq!(code, 250, "{text}");
+    }
+    let subjects = |dir: &Path| -> Vec<String> {
+        let mut v: Vec<String> = items(dir)
+            .iter()
+            .map(|p| {
+                let m: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+                m["subject"].as_str().unwrap().to_string()
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let mut left = subjects(store.path());
+    for _ in 0..100 {
+        if left.len() <= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        left = subjects(store.path());
+    }
+    assert_eq!(left, ["hold me 3", "hold me 4"], "the oldest expire first, down to the budget");
+
+    // Back-date one item by 31 days; purge --older-than 30d removes exactly it.
+    let old =
+        items(store.path()).into_iter().find(|p| std::fs::read_to_string(p).unwrap().contains("hold me 3")).unwrap();
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&old).unwrap()).unwrap();
+    m["time"] = serde_json::json!(m["time"].as_u64().unwrap() - 31 * 86_400);
+    std::fs::write(&old, serde_json::to_vec(&m).unwrap()).unwrap();
+    let config = store.path().join("cli.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "quarantine.directory = {:?}\n[[listener]]\nname = \"x\"\naddress = \"127.0.0.1:0\"\n",
+            store.path().display().to_string()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+        .args(["quarantine", "purge", "--older-than", "30d", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.starts_with("purged 1 items"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(items(store.path()).len(), 1);
+    assert!(!old.exists() && !old.with_extension("eml").exists());
+    drop(client);
+    running.stop().await;
+}

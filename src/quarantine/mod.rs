@@ -8,7 +8,9 @@
 //! ([`spawn_sweeper`]) expires old items and keeps the store within its disk budget; `moat quarantine`
 //! ([`cli`]) lists, shows, releases, deletes and purges, also while moat runs.
 
+pub mod cli;
 pub mod id;
+pub mod release;
 
 pub mod retention;
 pub mod store;
@@ -33,14 +35,21 @@ pub struct Hold {
 /// this moat in item ids (the host name). The deprecated `rules.quarantine_dir`, when set, still names the
 /// directory.
 pub fn start(config: &crate::config::Config, instance: &str, shutdown: CancellationToken) -> Arc<Store> {
-    let mut dir = config.quarantine.directory.clone();
     if !config.rules.quarantine_dir.as_os_str().is_empty() {
         tracing::warn!("rules.quarantine_dir is deprecated; use quarantine.directory");
-        dir.clone_from(&config.rules.quarantine_dir);
     }
-    let store = Arc::new(Store::new(dir, instance));
+    let store = Arc::new(Store::new(directory(config), instance));
     spawn_sweeper(Arc::clone(&store), &config.quarantine, shutdown);
     store
+}
+
+/// The store's directory: `quarantine.directory`, or the deprecated `rules.quarantine_dir` when set.
+pub fn directory(config: &crate::config::Config) -> std::path::PathBuf {
+    if config.rules.quarantine_dir.as_os_str().is_empty() {
+        config.quarantine.directory.clone()
+    } else {
+        config.rules.quarantine_dir.clone()
+    }
 }
 
 /// The retention limits of `config`.

@@ -6,8 +6,10 @@ use crate::metrics::ExpiryReason;
 /// One stored item, as retention sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Entry {
-    /// When it was stored, Unix seconds.
+    /// When it was stored, Unix seconds, and the nanoseconds within that second (orders items stored in
+    /// one second).
     pub time: u64,
+    pub nanos: u32,
     /// The bytes it takes.
     pub bytes: u64,
 }
@@ -22,7 +24,7 @@ pub struct Limits {
 /// The indices of `entries` to remove at Unix time `now`, each with its reason, oldest first.
 pub fn plan(entries: &[Entry], now: u64, limits: Limits) -> Vec<(usize, ExpiryReason)> {
     let mut order: Vec<usize> = (0..entries.len()).collect();
-    order.sort_by_key(|&i| entries[i].time);
+    order.sort_by_key(|&i| (entries[i].time, entries[i].nanos));
     let mut total: u64 = entries.iter().map(|e| e.bytes).sum();
     let mut out = Vec::new();
     for i in order {
@@ -46,7 +48,7 @@ mod tests {
 
     #[test]
     fn age_then_budget_oldest_first() {
-        let e = |time, bytes| Entry { time, bytes };
+        let e = |time, bytes| Entry { time, nanos: 0, bytes };
         let entries = [e(300, 10), e(100, 10), e(200, 10), e(400, 10)];
         let none = plan(&entries, 1000, Limits::default());
         assert!(none.is_empty());

@@ -68,6 +68,9 @@ pub struct Meta {
     /// When it was stored, Unix seconds, and the same as RFC 3339 UTC.
     pub time: u64,
     pub date: String,
+    /// Nanoseconds within `time`'s second: orders items stored in one second.
+    #[serde(default)]
+    pub nanos: u32,
     /// The moat instance (host name) that stored it.
     pub instance: String,
     pub client: ClientFacts,
@@ -134,7 +137,8 @@ impl Store {
     pub async fn put(&self, mut meta: Meta, spool: &mut Spool) -> Result<String, StoreError> {
         let now = SystemTime::now();
         meta.id = id::new_id(&self.instance, now);
-        meta.time = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        (meta.time, meta.nanos) = (since.as_secs(), since.subsec_nanos());
         meta.date = id::rfc3339(meta.time);
         meta.instance.clone_from(&self.instance);
         let (dir, id) = (self.dir.clone(), meta.id.clone());
@@ -199,7 +203,7 @@ impl Store {
                 Err(e) => tracing::warn!(error = %e, "skipping unreadable quarantine item"),
             }
         }
-        out.sort_by(|a, b| (a.time, &a.id).cmp(&(b.time, &b.id)));
+        out.sort_by(|a, b| (a.time, a.nanos, &a.id).cmp(&(b.time, b.nanos, &b.id)));
         Ok(out)
     }
 
@@ -264,6 +268,7 @@ impl Store {
             .iter()
             .map(|m| Entry {
                 time: m.time,
+                nanos: m.nanos,
                 bytes: file_len(&self.sidecar_path(&m.id)) + file_len(&self.message_path(&m.id)),
             })
             .collect();
