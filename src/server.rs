@@ -153,6 +153,7 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     let store = crate::state::open(&config.state);
     let (rules, pipeline) = build_pipeline(config, &shutdown, &store)?;
     let quarantine = rules.as_ref().map(|_| crate::quarantine::start(config, &hostname, shutdown.soft.clone()));
+    let archive = crate::archive::Archive::start(&config.archive, &hostname, shutdown.soft.clone());
     let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
     let pool = Pool::new(settings);
     pool.report_health(ready.clone());
@@ -201,6 +202,7 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
             reverse_dns.clone(),
         );
         ctx.quarantine.clone_from(&quarantine);
+        ctx.archive.clone_from(&archive);
         let ctx = Arc::new(ctx);
         info!(listener = %l.name, address = %addr, mode = ?l.mode, role = ?l.role, "listening");
         crate::metrics::listener_started(&l.name);
@@ -354,6 +356,7 @@ fn listener_context(
         shutdown: shutdown.soft.clone(),
         auth,
         quarantine: None,
+        archive: None,
     }
 }
 

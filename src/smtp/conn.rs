@@ -63,6 +63,8 @@ pub struct ListenerContext {
     pub auth: Option<Arc<crate::auth::Authenticator>>,
     /// Where `quarantine` rules keep messages; `None` when rules are off.
     pub quarantine: Option<Arc<crate::quarantine::Store>>,
+    /// Copies of accepted mail; `None` when `archive.mode = "off"`.
+    pub archive: Option<Arc<crate::archive::Archive>>,
 }
 
 /// One open transaction's data-side state.
