@@ -1,6 +1,7 @@
 //! The quarantine store with moat as its own process in front of a real Postfix: a 30 MiB quarantined
 //! message is kept whole and `moat quarantine release` delivers it byte for byte; two moat processes
-//! quarantining into one directory at once lose nothing. Skipped when Postfix is missing, except under
+//! quarantining into one directory at once lose nothing; `bcc` archive copies arrive at the archive address
+//! and nowhere show to the client. Skipped when Postfix is missing, except under
 //! CI=true where that is a failure.
 // Plain #[test]s driving external processes: `std::thread::sleep` is deliberate here.
 #![allow(clippy::disallowed_methods)]
@@ -37,7 +38,7 @@ impl Moat {
             format!(
                 "server.hostname = \"moat.test\"\nserver.reverse_dns = false\nmetrics.address = \"\"\n\
                  audit.destination = \"off\"\nupstream.address = \"{upstream}\"\n\
-                 relay.local_domains = [\"example.test\"]\nrules.directory = {:?}\nquarantine.directory = {:?}\n{extra}\n\
+                 relay.local_domains = [\"example.test\", \"other.test\"]\nrules.directory = {:?}\nquarantine.directory = {:?}\n{extra}\n\
                  [[listener]]\nname = \"smtp\"\naddress = \"127.0.0.1:{port}\"\nmode = \"plain\"\n",
                 dir.path().join("rules").display().to_string(),
                 store.display().to_string()
@@ -238,4 +239,37 @@ fn two_processes_share_one_store_and_lose_nothing() {
         assert!(eml.starts_with(format!("Subject: {}", m["subject"].as_str().unwrap()).as_bytes()));
     }
     assert!(pf.messages().is_empty());
+}
+
+/// `bcc` archive: the archive address is one more recipient of the upstream transaction for selected mail
+/// (here: recipients in example.test); Postfix delivers the copy there. The client's reply and the
+/// recipient's copy never mention it; unselected mail gets no copy.
+#[test]
+fn bcc_archive_copies_arrive_at_the_archive_address() {
+    if !require_peer("postfix") {
+        return;
+    }
+    let pf = Postfix::start();
+    let store = tempfile::tempdir().unwrap();
+    let moat = Moat::start(
+        pf.addr(),
+        store.path(),
+        "archive.mode = \"bcc\"\narchive.address = \"journal@archive.example\"\narchive.rcpt_domains = [\"example.test\"]",
+    );
+    let reply = send(moat.addr, "bob@example.test", b"Subject: journaled\r\n\r\nkeep a copy\r\n");
+    assert!(reply.starts_with("250") && !reply.contains("archive"), "{reply}");
+    let reply = send(moat.addr, "carol@other.test", b"Subject: not journaled\r\n\r\nno copy\r\n");
+    assert!(reply.starts_with("250"), "{reply}");
+    let msgs = pf.wait_for_messages(3, Duration::from_secs(30));
+    std::thread::sleep(Duration::from_millis(500)); // a fourth (wrong) delivery would show up by now
+    let msgs = if msgs.len() == 3 { pf.messages() } else { msgs };
+    assert_eq!(msgs.len(), 3, "bob, the archive copy of bob's message, carol");
+    let text: Vec<String> = msgs.iter().map(|m| String::from_utf8_lossy(m).into_owned()).collect();
+    let journal: Vec<&String> = text.iter().filter(|t| t.contains("X-Original-To: journal@archive.example")).collect();
+    assert_eq!(journal.len(), 1, "{text:#?}");
+    assert!(journal[0].contains("Subject: journaled") && journal[0].contains("keep a copy"));
+    let bob = text.iter().find(|t| t.contains("X-Original-To: bob@example.test")).expect("bob's copy");
+    assert!(!bob.contains("archive.example"), "the recipient's copy reveals the archive: {bob}");
+    let carol = text.iter().find(|t| t.contains("X-Original-To: carol@other.test")).expect("carol's copy");
+    assert!(carol.contains("no copy"));
 }

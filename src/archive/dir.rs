@@ -228,3 +228,36 @@ fn read_dir(dir: &Path) -> io::Result<Vec<PathBuf>> {
 fn file_len(p: &Path) -> u64 {
     fs::metadata(p).map(|m| m.len()).unwrap_or(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::SpoolBudget;
+
+    async fn write(dir: &ArchiveDir, text: &str) -> Written {
+        let mut spool = SpoolBudget::new(1 << 20, 1 << 20, None).spool();
+        spool.write(text.as_bytes()).await.unwrap();
+        dir.write(Envelope { mail_from: "a@example.org".into(), ..Envelope::default() }, &mut spool).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn copies_expire_by_age_then_budget() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = ArchiveDir::new(root.path().to_path_buf(), "mx.test");
+        let a = write(&dir, "Subject: a\r\n\r\nold\r\n").await;
+        let b = write(&dir, "Subject: b\r\n\r\nmiddle\r\n").await;
+        let c = write(&dir, "Subject: c\r\n\r\nnew\r\n").await;
+        // `a` is 40 days old.
+        let mut env: Envelope = serde_json::from_slice(&fs::read(&a.sidecar).unwrap()).unwrap();
+        env.time -= 40 * 86_400;
+        fs::write(&a.sidecar, serde_json::to_vec(&env).unwrap()).unwrap();
+        let now = crate::quarantine::now_secs();
+        let (left, _) = dir.sweep(now, Limits { max_age: 30 * 86_400, max_bytes: 0 }).unwrap();
+        assert_eq!(left, 2);
+        assert!(!a.sidecar.exists() && !a.message.exists() && b.message.exists());
+        let one = file_len(&c.sidecar) + file_len(&c.message);
+        let (left, bytes) = dir.sweep(now, Limits { max_age: 0, max_bytes: one + one / 2 }).unwrap();
+        assert_eq!(left, 1);
+        assert!(bytes <= one + one / 2 && !b.message.exists() && c.message.exists(), "the oldest goes first");
+    }
+}
