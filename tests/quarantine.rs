@@ -217,3 +217,45 @@ async fn budget_expiry_and_purge() {
     drop(client);
     running.stop().await;
 }
+
+/// A quarantine store on a full disk (a 256 KiB tmpfs; we run as root): `451`, nothing relayed, no partial
+/// item or temporary file left; a message that fits is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_store_disk_answers_451_and_leaves_nothing() {
+    let base = tempfile::tempdir().unwrap();
+    let store = base.path().join("q");
+    std::fs::create_dir(&store).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&store)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        assert!(std::env::var("CI").map_or(true, |v| v != "true"), "CI=true: mount -t tmpfs must work (run as root)");
+        eprintln!("skipping: mount -t tmpfs not allowed");
+        return;
+    }
+    let rules = tempfile::tempdir().unwrap();
+    std::fs::write(rules.path().join("10-hold.toml"), HOLD_RULE).unwrap();
+    let fake = FakeUpstream::start(Script::default()).await;
+    let extra = format!(
+        "rules.directory = {:?}\nquarantine.directory = {:?}",
+        rules.path().display().to_string(),
+        store.display().to_string()
+    );
+    let running = start(&test_config(fake.addr, &extra)).await;
+    let (mut client, _) = Client::connect(running.addr("smtp").unwrap()).await;
+    client.expect("EHLO client.example", 250).await;
+    let big = format!("{}\r\n", "y".repeat(998)).repeat(1024);
+    let (code, text) = send(&mut client, "hold me", big.as_bytes()).await;
+    assert_eq!(code, 451, "{text}");
+    assert!(items(&store).is_empty());
+    assert_eq!(std::fs::read_dir(store.join("tmp")).unwrap().count(), 0, "no partial file left");
+    let (code, text) = send(&mut client, "hold me", b"small\r\n").await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(items(&store).len(), 1);
+    assert_eq!(fake.messages().len(), 0);
+    drop(client);
+    running.stop().await;
+    let _ = std::process::Command::new("umount").arg(&store).status();
+}

@@ -159,7 +159,14 @@ impl Store {
         });
         let json = serde_json::to_vec_pretty(&meta).map_err(io::Error::other);
         let me = self.clone();
-        blocking(move || me.commit(&id, file?, &json?, &tmp)).await.map_err(|e| self.io(e))?;
+        let committed = blocking(move || match (file, json) {
+            (Ok(file), Ok(json)) => me.commit(&id, file, &json, &tmp),
+            (Err(e), _) | (_, Err(e)) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        });
+        committed.await.map_err(|e| self.io(e))?;
         Ok(meta.id)
     }
 
