@@ -85,7 +85,7 @@ pub const SPOOL_SPILLED_TOTAL: &str = "moat_spool_spilled_total";
 pub const AUDIT_RECORDS_DROPPED_TOTAL: &str = "moat_audit_records_dropped_total";
 /// Client connections that went on without a reverse DNS name because the lookup was skipped, by reason.
 pub const REVERSE_DNS_SKIPPED_TOTAL: &str = "moat_reverse_dns_skipped_total";
-/// Items in the quarantine store (as of its last sweep or write).
+/// Items in the quarantine store (as of its last sweep).
 pub const QUARANTINE_ITEMS: &str = "moat_quarantine_items";
 /// Bytes the quarantine store holds (messages and sidecars).
 pub const QUARANTINE_BYTES: &str = "moat_quarantine_bytes";

@@ -12,6 +12,14 @@ use common::moat::{start, test_config, Client};
 
 const HOLD_RULE: &str = "[[rule]]\nid = \"hold\"\nwhen = { subject = 'hold me' }\naction = \"quarantine\"\n";
 
+/// The value of a series in moat's metrics (the recorder is process-wide: tests in this binary add up).
+fn metric(series: &str) -> f64 {
+    let text = moat::metrics::install().expect("metrics recorder").render();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+}
+
 fn items(dir: &Path) -> Vec<std::path::PathBuf> {
     let mut v: Vec<_> = std::fs::read_dir(dir)
         .map(|d| {
@@ -93,8 +101,10 @@ async fn the_whole_message_is_kept_beyond_the_scan_window() {
     let (mut client, _) = Client::connect(running.addr("smtp").unwrap()).await;
     client.expect("EHLO client.example", 250).await;
     let body: Vec<u8> = (0..100_000).flat_map(|i| format!("body line {i:06}\r\n").into_bytes()).collect();
+    let written = metric("moat_quarantine_writes_total{result=\"ok\"}");
     let (code, text) = send(&mut client, "hold me", &body).await;
     assert_eq!(code, 250, "{text}");
+    assert!(metric("moat_quarantine_writes_total{result=\"ok\"}") > written, "the write is counted");
     let found = items(store.path());
     assert_eq!(found.len(), 1);
     let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(&found[0]).unwrap()).unwrap();
@@ -148,6 +158,7 @@ async fn a_store_that_cannot_be_written_answers_451_and_relays_nothing() {
 /// removes items older than asked, while moat runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budget_expiry_and_purge() {
+    let expired = metric("moat_quarantine_expired_total{reason=\"budget\"}");
     let rules = tempfile::tempdir().unwrap();
     std::fs::write(rules.path().join("10-hold.toml"), HOLD_RULE).unwrap();
     let store = tempfile::tempdir().unwrap();
@@ -185,6 +196,7 @@ async fn budget_expiry_and_purge() {
         left = subjects(store.path());
     }
     assert_eq!(left, ["hold me 3", "hold me 4"], "the oldest expire first, down to the budget");
+    assert!(metric("moat_quarantine_expired_total{reason=\"budget\"}") >= expired + 3.0, "expiries are counted");
 
     // Back-date one item by 31 days; purge --older-than 30d removes exactly it.
     let old =
