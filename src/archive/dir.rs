@@ -16,7 +16,7 @@ use crate::config::archive::ArchiveConfig;
 use crate::metrics::ExpiryReason;
 use crate::quarantine::id;
 use crate::quarantine::retention::{self, Entry, Limits};
-use crate::quarantine::store::{blocking, sync_dir};
+use crate::quarantine::store::{blocking, new_file, private_dirs, sync_dir};
 use crate::spool::Spool;
 
 /// The envelope sidecar: the quarantine store's [`crate::quarantine::Meta`] (`verdict` is `accepted`).
@@ -80,9 +80,9 @@ impl ArchiveDir {
     async fn write_files(&self, env: &mut Envelope, spool: &mut Spool, tmp: &Path, out: &Written) -> io::Result<()> {
         let (tmp2, day) = (tmp.to_path_buf(), out.message.parent().map(Path::to_path_buf).unwrap_or_default());
         let file = blocking(move || {
-            fs::create_dir_all(tmp2.parent().unwrap_or(Path::new(".")))?;
-            fs::create_dir_all(&day)?;
-            File::options().write(true).create_new(true).open(&tmp2)
+            private_dirs(tmp2.parent().unwrap_or(Path::new(".")))?;
+            private_dirs(&day)?;
+            new_file(&tmp2)
         })
         .await?;
         let (size, digest) = compress(file, spool).await?;
@@ -93,7 +93,7 @@ impl ArchiveDir {
         blocking(move || {
             fs::hard_link(&tmp, &out.message)?;
             let tmp_json = tmp.with_extension("json");
-            let mut j = File::options().write(true).create_new(true).open(&tmp_json)?;
+            let mut j = new_file(&tmp_json)?;
             j.write_all(&json)?;
             j.sync_all()?;
             fs::hard_link(&tmp_json, &out.sidecar)?;

@@ -182,7 +182,8 @@ fn append_log(store: &Store, record: &Released) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
     line.push(b'\n');
     let path = store.dir().join("releases.log");
-    let mut f = std::fs::File::options().create(true).append(true).open(&path)?;
+    let mut f = std::os::unix::fs::OpenOptionsExt::mode(std::fs::File::options().create(true).append(true), 0o640)
+        .open(&path)?;
     f.write_all(&line)?;
     f.sync_all()?;
     sync_dir(store.dir())

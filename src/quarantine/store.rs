@@ -145,8 +145,8 @@ impl Store {
         let tmp = dir.join("tmp").join(format!("{id}.eml"));
         let tmp2 = tmp.clone();
         let file = blocking(move || {
-            fs::create_dir_all(tmp2.parent().unwrap_or(Path::new(".")))?;
-            File::options().write(true).create_new(true).open(&tmp2)
+            private_dirs(tmp2.parent().unwrap_or(Path::new(".")))?;
+            new_file(&tmp2)
         })
         .await
         .map_err(|e| self.io(e))?;
@@ -178,7 +178,7 @@ impl Store {
         let result = (|| {
             file.sync_all()?;
             fs::hard_link(tmp, &eml)?;
-            let mut j = File::options().write(true).create_new(true).open(&tmp_json)?;
+            let mut j = new_file(&tmp_json)?;
             j.write_all(json)?;
             j.sync_all()?;
             fs::hard_link(&tmp_json, &side)?;
@@ -353,6 +353,23 @@ pub async fn copy_spool(spool: &mut Spool, out: &mut impl Write) -> io::Result<(
 /// Runs blocking file work off the async threads.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(io::Error::other)?
+}
+
+/// Quarantined and archived mail is private: files `0640`, directories `0750` (the group can be given
+/// to reviewers; others get nothing).
+const FILE_MODE: u32 = 0o640;
+const DIR_MODE: u32 = 0o750;
+
+/// Creates a new file (never an existing one) readable by owner and group only.
+pub fn new_file(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    File::options().write(true).create_new(true).mode(FILE_MODE).open(path)
+}
+
+/// Creates `dir` and its missing parents, readable by owner and group only.
+pub fn private_dirs(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new().recursive(true).mode(DIR_MODE).create(dir)
 }
 
 /// fsync of a directory, so a link or an unlink in it survives a crash.

@@ -73,3 +73,15 @@ async fn sweep_expires_by_age_then_budget_and_skips_held_items() {
     let s = store.sweep(now_secs(), Limits { max_age: 0, max_bytes: one + one / 2 }).unwrap();
     assert_eq!((s.items, s.expired_budget), (1, 1));
 }
+
+#[tokio::test]
+async fn items_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(dir.path().join("q"), "mx.test");
+    let id = store.put(meta("b@example.test"), &mut spooled(b"x\r\n").await).await.unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&store.message_path(&id)), 0o640);
+    assert_eq!(mode(&dir.path().join(format!("q/{id}.json"))), 0o640);
+    assert_eq!(mode(&dir.path().join("q")), 0o750);
+}
