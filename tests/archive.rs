@@ -39,6 +39,17 @@ fn copies(root: &Path) -> Vec<(serde_json::Value, PathBuf)> {
     out
 }
 
+/// The value of a series in moat's metrics (process-wide: tests in this binary add up).
+fn metric(series: &str) -> f64 {
+    let text = moat::metrics::install().expect("metrics recorder").render();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("{series} missing:\n{text}"))
+}
+
+const DIR_OK: &str = "moat_archive_copies_total{mode=\"directory\",result=\"ok\"}";
+const DIR_ERROR: &str = "moat_archive_copies_total{mode=\"directory\",result=\"error\"}";
+
 fn gunzip(p: &Path) -> Vec<u8> {
     let mut out = Vec::new();
     flate2::read::GzDecoder::new(std::fs::File::open(p).unwrap()).read_to_end(&mut out).unwrap();
@@ -63,6 +74,7 @@ fn noise(n: usize) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn directory_archive_keeps_accepted_mail_and_drops_refused() {
+    let ok_before = metric(DIR_OK);
     let root = tempfile::tempdir().unwrap();
     let fake = FakeUpstream::start(Script::default()).await;
     let extra = format!("archive.mode = \"directory\"\narchive.directory = {:?}", root.path().display().to_string());
@@ -84,6 +96,7 @@ async fn directory_archive_keeps_accepted_mail_and_drops_refused() {
     assert_eq!(env["rcpts"], serde_json::json!(["bob@example.test"]));
     assert_eq!(env["verdict"], "accepted");
     assert_eq!(env["client"]["listener"], "smtp");
+    assert!(metric(DIR_OK) > ok_before, "the copy is counted");
 
     // The upstream refuses the message after its data: the client is told so, and no copy stays.
     fake.set_script(Script { end: Some("554 5.7.1 no thanks".into()), ..Script::default() });
@@ -122,12 +135,14 @@ async fn a_full_archive_disk_answers_451_and_loses_nothing() {
             dir.display().to_string()
         )
     };
+    let errors_before = metric(DIR_ERROR);
     let running = start(&test_config(fake.addr, &config(true))).await;
     let (mut client, _) = Client::connect(running.addr("smtp").unwrap()).await;
     client.expect("EHLO client.example", 250).await;
     let (code, text) = send(&mut client, "bob@example.test", &noise(1 << 20)).await;
     assert_eq!(code, 451, "{text}");
     assert_eq!(fake.messages().len(), 0, "nothing relayed without its archive copy");
+    assert!(metric(DIR_ERROR) > errors_before, "the failed copy is counted");
     if mounted {
         let left: Vec<_> = std::fs::read_dir(root.join("tmp")).unwrap().collect();
         assert!(left.is_empty(), "the partial copy was removed");
@@ -153,4 +168,40 @@ async fn a_full_archive_disk_answers_451_and_loses_nothing() {
     if mounted {
         let _ = std::process::Command::new("umount").arg(&root).status();
     }
+}
+
+/// `bcc`: the archive address is an extra upstream recipient; when the upstream refuses it, a required
+/// archive answers `451` and nothing is queued, an optional one relays without the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bcc_recipient_refused_by_the_upstream() {
+    let fake = FakeUpstream::start(Script::default()).await;
+    let config = |required: bool| {
+        format!("archive.mode = \"bcc\"\narchive.address = \"journal@archive.test\"\narchive.required = {required}")
+    };
+    let running = start(&test_config(fake.addr, &config(true))).await;
+    let (mut client, _) = Client::connect(running.addr("smtp").unwrap()).await;
+    client.expect("EHLO client.example", 250).await;
+    let (code, text) = send(&mut client, "bob@example.test", b"copied\r\n").await;
+    assert_eq!(code, 250, "{text}");
+    assert!(!text.contains("journal"), "{text}");
+    let got = fake.wait_for(1).await;
+    assert_eq!(got[0].rcpts, ["RCPT TO:<bob@example.test>", "RCPT TO:<journal@archive.test>"]);
+    assert!(!String::from_utf8_lossy(&got[0].data).contains("journal"), "no header names the archive");
+
+    fake.set_script(Script { rcpt: Some(("journal".into(), "550 5.1.1 no such user".into())), ..Script::default() });
+    let (code, text) = send(&mut client, "bob@example.test", b"refused copy\r\n").await;
+    assert_eq!(code, 451, "{text}");
+    assert_eq!(fake.messages().len(), 1, "nothing queued without its copy");
+    drop(client);
+    running.stop().await;
+
+    let running = start(&test_config(fake.addr, &config(false))).await;
+    let (mut client, _) = Client::connect(running.addr("smtp").unwrap()).await;
+    client.expect("EHLO client.example", 250).await;
+    let (code, text) = send(&mut client, "bob@example.test", b"optional copy\r\n").await;
+    assert_eq!(code, 250, "{text}");
+    let got = fake.wait_for(2).await;
+    assert_eq!(got[1].rcpts, ["RCPT TO:<bob@example.test>"]);
+    drop(client);
+    running.stop().await;
 }
