@@ -179,8 +179,10 @@ async fn budget_expiry_and_purge() {
     let subjects = |dir: &Path| -> Vec<String> {
         let mut v: Vec<String> = items(dir)
             .iter()
-            .map(|p| {
-                let m: serde_json::Value = serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap();
+            // The sweeper may remove an item between the listing and the read.
+            .filter_map(|p| std::fs::read(p).ok())
+            .map(|b| {
+                let m: serde_json::Value = serde_json::from_slice(&b).unwrap();
                 m["subject"].as_str().unwrap().to_string()
             })
             .collect();

@@ -260,6 +260,8 @@ pub struct RuleSet {
     pub tag_subject_prefix: Option<String>,
     /// Increases with every set built in this process, so tests and logs can tell versions apart.
     pub version: u64,
+    /// The list files the rule files named (relative to the rules directory), for the watcher.
+    pub list_files: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for RuleSet {
@@ -321,10 +323,17 @@ impl RuleSet {
                 Err(e) => errors.push(RuleError::file(&p, format!("cannot read: {e}"))),
             }
         }
-        let mut read_list = |f: &Path| std::fs::read_to_string(dir.join(f)).map_err(|e| e.to_string());
+        let mut list_files = Vec::new();
+        let mut read_list = |f: &Path| {
+            list_files.push(f.to_path_buf());
+            std::fs::read_to_string(dir.join(f)).map_err(|e| e.to_string())
+        };
         let set = compile::compile(&files, &mut read_list, local_domains);
         match (set, errors.is_empty()) {
-            (Ok(s), true) => Ok(s),
+            (Ok(mut s), true) => {
+                s.list_files = list_files;
+                Ok(s)
+            }
             (Ok(_), false) => Err(errors),
             (Err(mut e), _) => {
                 errors.append(&mut e);
@@ -365,10 +374,10 @@ impl Rules {
     pub fn load(dir: &Path, local_domains: &[String]) -> Result<Rules, Vec<RuleError>> {
         let set = RuleSet::load_dir(dir, local_domains)?;
         Ok(Rules {
+            stamp: Arc::new(Mutex::new(Some(fingerprint(dir, &set.list_files)))),
             current: ArcSwap::from_pointee(set),
             dir: dir.to_owned(),
             local_domains: local_domains.to_vec(),
-            stamp: Arc::new(Mutex::new(Some(fingerprint(dir)))),
         })
     }
 
@@ -383,7 +392,7 @@ impl Rules {
         let built = tokio::task::spawn_blocking(move || {
             // Stamped before reading, so the watcher does not reload these files again (a change made while
             // they are read shows up as a newer stamp).
-            *me.stamp.lock().unwrap_or_else(|p| p.into_inner()) = Some(fingerprint(&me.dir));
+            *me.stamp.lock().unwrap_or_else(|p| p.into_inner()) = Some(fingerprint(&me.dir, &me.snapshot().list_files));
             RuleSet::load_dir(&me.dir, &me.local_domains)
         })
         .await;
@@ -420,12 +429,12 @@ impl Rules {
             return;
         }
         let dir = self.dir.clone();
-        let me = Arc::clone(self);
+        let (me, me_files) = (Arc::clone(self), Arc::clone(self));
         crate::watch::spawn(
             interval,
             shutdown,
             Arc::clone(&self.stamp),
-            move || fingerprint(&dir),
+            move || fingerprint(&dir, &me_files.snapshot().list_files),
             move || {
                 let me = Arc::clone(&me);
                 async move {
@@ -438,7 +447,8 @@ impl Rules {
 }
 
 /// What the watcher compares to see whether the rules changed: the [`crate::watch::Stamp`] of every rule
-/// file (`*.toml` directly in the directory) and every file in `lists/`, by name (blocking).
+/// file (`*.toml` directly in the directory), every file in `lists/` and every list file the loaded rules
+/// name, by name (blocking).
 ///
 /// Only those files count. Directories do not, nor does the rules directory's own modification time: a
 /// quarantine store, an editor's lock file directory or anything else written below the rules directory
@@ -446,8 +456,8 @@ impl Rules {
 /// ever holding still long enough to apply). A deleted or renamed file changes the list of names.
 pub type Fingerprint = Vec<(std::ffi::OsString, crate::watch::Stamp)>;
 
-/// The [`Fingerprint`] of `dir` now (blocking).
-pub fn fingerprint(dir: &Path) -> Fingerprint {
+/// The [`Fingerprint`] of `dir` now, with `list_files` (relative to `dir`) besides `lists/` (blocking).
+pub fn fingerprint(dir: &Path, list_files: &[PathBuf]) -> Fingerprint {
     let mut out = Vec::new();
     for (sub, only_toml) in [("", true), ("lists", false)] {
         let Ok(entries) = std::fs::read_dir(dir.join(sub)) else { continue };
@@ -460,7 +470,11 @@ pub fn fingerprint(dir: &Path) -> Fingerprint {
             }
         }
     }
+    for f in list_files {
+        out.push((f.as_os_str().to_owned(), crate::watch::stamp(&dir.join(f))));
+    }
     out.sort();
+    out.dedup_by(|a, b| Path::new(&a.0) == Path::new(&b.0));
     out
 }
 

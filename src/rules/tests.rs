@@ -425,7 +425,7 @@ fn fingerprint_covers_rule_and_list_files_only() {
     std::fs::write(d.join("10-a.toml"), "").unwrap();
     std::fs::create_dir(d.join("lists")).unwrap();
     std::fs::write(d.join("lists/bad.txt"), "x\n").unwrap();
-    let before = super::fingerprint(d);
+    let before = super::fingerprint(d, &[]);
     assert_eq!(before.len(), 2, "{before:?}");
     let q = d.join("quarantine");
     for i in 0..5 {
@@ -434,12 +434,19 @@ fn fingerprint_covers_rule_and_list_files_only() {
         std::fs::write(d.join("README"), "").unwrap_or(());
         std::fs::remove_file(d.join("README")).unwrap();
     }
-    assert_eq!(super::fingerprint(d), before, "quarantined messages are not rule edits");
+    assert_eq!(super::fingerprint(d, &[]), before, "quarantined messages are not rule edits");
     std::fs::write(d.join("lists/bad.txt"), "x\ny\n").unwrap();
-    let list_edit = super::fingerprint(d);
+    let list_edit = super::fingerprint(d, &[]);
     assert_ne!(list_edit, before, "a list edit counts");
     std::fs::rename(d.join("10-a.toml"), d.join("20-a.toml")).unwrap();
-    assert_ne!(super::fingerprint(d), list_edit, "a rename counts");
+    assert_ne!(super::fingerprint(d, &[]), list_edit, "a rename counts");
     std::fs::remove_file(d.join("20-a.toml")).unwrap();
-    assert_eq!(super::fingerprint(d).len(), 1, "a deletion counts");
+    assert_eq!(super::fingerprint(d, &[]).len(), 1, "a deletion counts");
+    // A list file the rules name outside lists/ counts too (named once, even if also under lists/).
+    std::fs::write(d.join("extra.txt"), "a\n").unwrap();
+    let named = [std::path::PathBuf::from("extra.txt"), std::path::PathBuf::from("lists/bad.txt")];
+    let before = super::fingerprint(d, &named);
+    assert_eq!(before.len(), 2, "{before:?}");
+    std::fs::write(d.join("extra.txt"), "a\nb\n").unwrap();
+    assert_ne!(super::fingerprint(d, &named), before);
 }
