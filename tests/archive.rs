@@ -119,6 +119,8 @@ async fn a_full_archive_disk_answers_451_and_loses_nothing() {
         .arg(&root)
         .status()
         .is_ok_and(|s| s.success());
+    // Unmounted however the test ends (a panic included), before the temporary directory goes.
+    let _unmount = mounted.then(|| Unmount(root.clone()));
     let dir = if mounted {
         eprintln!("archive on a 256 KiB tmpfs");
         root.clone()
@@ -165,9 +167,6 @@ async fn a_full_archive_disk_answers_451_and_loses_nothing() {
     assert_eq!(fake.wait_for(before + 1).await.len(), before + 1);
     drop(client);
     running.stop().await;
-    if mounted {
-        let _ = std::process::Command::new("umount").arg(&root).status();
-    }
 }
 
 /// `bcc`: the archive address is an extra upstream recipient; when the upstream refuses it, a required
@@ -204,4 +203,13 @@ async fn bcc_recipient_refused_by_the_upstream() {
     assert_eq!(got[1].rcpts, ["RCPT TO:<bob@example.test>"]);
     drop(client);
     running.stop().await;
+}
+
+/// Unmounts a test's tmpfs when dropped.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
 }

@@ -164,7 +164,8 @@ async fn budget_expiry_and_purge() {
     let store = tempfile::tempdir().unwrap();
     let fake = FakeUpstream::start(Script::default()).await;
     let extra = format!(
-        "rules.directory = {:?}\nquarantine.directory = {:?}\nquarantine.max_size = \"250KiB\"\nquarantine.sweep_interval = \"1s\"",
+        "rules.directory = {:?}\nquarantine.directory = {:?}\nquarantine.max_size = \"250KiB\"\nquarantine.sweep_interval = \"1s\"\n\
+         quarantine.retention = \"0s\"",
         rules.path().display().to_string(),
         store.path().display().to_string()
     );
@@ -200,7 +201,8 @@ async fn budget_expiry_and_purge() {
     assert_eq!(left, ["hold me 3", "hold me 4"], "the oldest expire first, down to the budget");
     assert!(metric("moat_quarantine_expired_total{reason=\"budget\"}") >= expired + 3.0, "expiries are counted");
 
-    // Back-date one item by 31 days; purge --older-than 30d removes exactly it.
+    // Back-date one item by 31 days; purge --older-than 30d removes exactly it. (The running sweeper has no
+    // age limit here, `retention = "0s"`, so it does not race the command for that item.)
     let old =
         items(store.path()).into_iter().find(|p| std::fs::read_to_string(p).unwrap().contains("hold me 3")).unwrap();
     let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&old).unwrap()).unwrap();
@@ -244,6 +246,8 @@ async fn a_full_store_disk_answers_451_and_leaves_nothing() {
         .arg(&store)
         .status()
         .is_ok_and(|s| s.success());
+    // Unmounted however the test ends (a panic included), before the temporary directory goes.
+    let _unmount = mounted.then(|| Unmount(store.clone()));
     if !mounted {
         assert!(std::env::var("CI").map_or(true, |v| v != "true"), "CI=true: mount -t tmpfs must work (run as root)");
         eprintln!("skipping: mount -t tmpfs not allowed");
@@ -271,5 +275,13 @@ async fn a_full_store_disk_answers_451_and_leaves_nothing() {
     assert_eq!(fake.messages().len(), 0);
     drop(client);
     running.stop().await;
-    let _ = std::process::Command::new("umount").arg(&store).status();
+}
+
+/// Unmounts a test's tmpfs when dropped.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
 }
