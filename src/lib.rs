@@ -11,11 +11,13 @@
 //! 5. [`spool`] holds message data with bounded memory until the verdict.
 //! 6. [`upstream`] relays accepted mail to the MTA, passing the client's identity (XCLIENT or PROXY v2), and
 //!    its replies come back to the client.
-//! 7. [`metrics`] and [`audit`] record what happened.
+//! 7. [`metrics`] and [`audit`] record what happened; [`quarantine`] keeps the messages rules held,
+//!    [`archive`] copies of accepted mail.
 //!
 //! [`config`] holds the typed configuration all of these read.
 #![forbid(unsafe_code)]
 
+pub mod archive;
 pub mod audit;
 pub mod auth;
 pub mod client_key;
@@ -25,6 +27,7 @@ pub mod headers;
 pub mod health;
 pub mod metrics;
 pub mod pipeline;
+pub mod quarantine;
 pub mod rules;
 pub mod server;
 pub mod shutdown;

@@ -9,6 +9,7 @@ use moat::config::{Config, LogFormat};
 use tracing::{error, info, warn};
 
 const USAGE: &str = "usage: moat <serve|check> [--config FILE] | moat user ... (see moat user --help)\n\
+  | moat quarantine ... (list, show, release, delete, purge; see docs/quarantine.md)\n\
   serve   run the proxy (default config: config/moat.toml)\n\
   check   validate the configuration and everything it points at; print every problem\n\
   --version";
@@ -29,6 +30,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         };
+    }
+    if args.first().map(String::as_str) == Some("quarantine") {
+        return moat::quarantine::cli::main(&args[1..]);
     }
     let (cmd, config) = match parse_args(&args) {
         Ok(x) => x,

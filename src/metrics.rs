@@ -22,8 +22,8 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 
 pub use self::http::{serve, HttpAuth};
 pub use self::labels::{
-    AuthMechanism, AuthResult, ConnResult, Limit, MessageVerdict, RcptResult, ReloadResult, TlsResult, TlsVersion,
-    UpstreamErrorKind, UpstreamPhase, Verb,
+    ArchiveMode, AuthMechanism, AuthResult, ConnResult, CopyResult, ExpiryReason, Limit, MessageVerdict, RcptResult,
+    ReloadResult, TlsResult, TlsVersion, UpstreamErrorKind, UpstreamPhase, Verb,
 };
 use crate::smtp::session::CloseReason;
 
@@ -91,6 +91,20 @@ pub const SPOOL_SPILLED_TOTAL: &str = "moat_spool_spilled_total";
 pub const AUDIT_RECORDS_DROPPED_TOTAL: &str = "moat_audit_records_dropped_total";
 /// Client connections that went on without a reverse DNS name because the lookup was skipped, by reason.
 pub const REVERSE_DNS_SKIPPED_TOTAL: &str = "moat_reverse_dns_skipped_total";
+/// Items in the quarantine store (as of its last sweep).
+pub const QUARANTINE_ITEMS: &str = "moat_quarantine_items";
+/// Bytes the quarantine store holds (messages and sidecars).
+pub const QUARANTINE_BYTES: &str = "moat_quarantine_bytes";
+/// Quarantine writes, by result.
+pub const QUARANTINE_WRITES_TOTAL: &str = "moat_quarantine_writes_total";
+/// Quarantined items expired, by reason.
+pub const QUARANTINE_EXPIRED_TOTAL: &str = "moat_quarantine_expired_total";
+/// Archive copies, by mode and result.
+pub const ARCHIVE_COPIES_TOTAL: &str = "moat_archive_copies_total";
+/// Bytes the archive directory holds.
+pub const ARCHIVE_BYTES: &str = "moat_archive_bytes";
+/// Archive files expired, by reason.
+pub const ARCHIVE_EXPIRED_TOTAL: &str = "moat_archive_expired_total";
 /// Always 1; the `version` label carries the build's version.
 pub const BUILD_INFO: &str = "moat_build_info";
 
@@ -200,6 +214,16 @@ fn initialise_series() {
     for &reason in ReverseDnsSkip::ALL {
         counter!(REVERSE_DNS_SKIPPED_TOTAL, "reason" => reason.as_str()).absolute(0);
     }
+    for &result in CopyResult::ALL {
+        counter!(QUARANTINE_WRITES_TOTAL, "result" => result.as_str()).absolute(0);
+        for &mode in ArchiveMode::ALL {
+            counter!(ARCHIVE_COPIES_TOTAL, "mode" => mode.as_str(), "result" => result.as_str()).absolute(0);
+        }
+    }
+    for &reason in ExpiryReason::ALL {
+        counter!(QUARANTINE_EXPIRED_TOTAL, "reason" => reason.as_str()).absolute(0);
+        counter!(ARCHIVE_EXPIRED_TOTAL, "reason" => reason.as_str()).absolute(0);
+    }
 }
 
 /// Starts the per-listener counters at 0 (every admission result and verdict), for the same reason as
@@ -272,6 +296,13 @@ const FAMILIES: &[(&str, Kind, Unit, &str)] = &[
     (SPOOL_SPILLED_TOTAL, Kind::Counter, Unit::Count, "Messages the spool moved to a temporary file."),
     (AUDIT_RECORDS_DROPPED_TOTAL, Kind::Counter, Unit::Count, "Audit records dropped (queue full or write failed)."),
     (REVERSE_DNS_SKIPPED_TOTAL, Kind::Counter, Unit::Count, "Connections left without a reverse DNS name, by reason."),
+    (QUARANTINE_ITEMS, Kind::Gauge, Unit::Count, "Items in the quarantine store."),
+    (QUARANTINE_BYTES, Kind::Gauge, Unit::Bytes, "Bytes the quarantine store holds."),
+    (QUARANTINE_WRITES_TOTAL, Kind::Counter, Unit::Count, "Quarantine writes, by result."),
+    (QUARANTINE_EXPIRED_TOTAL, Kind::Counter, Unit::Count, "Quarantined items expired, by reason."),
+    (ARCHIVE_COPIES_TOTAL, Kind::Counter, Unit::Count, "Archive copies, by mode and result."),
+    (ARCHIVE_BYTES, Kind::Gauge, Unit::Bytes, "Bytes the archive directory holds."),
+    (ARCHIVE_EXPIRED_TOTAL, Kind::Counter, Unit::Count, "Archive files expired, by reason."),
     (BUILD_INFO, Kind::Gauge, Unit::Count, "Always 1; the version label carries the build version."),
 ];
 
@@ -481,6 +512,37 @@ pub fn spool_disk(bytes: u64) {
 /// Counts a message moved to a spill file.
 pub fn spool_spilled() {
     counter!(SPOOL_SPILLED_TOTAL).increment(1);
+}
+
+/// Counts a quarantine write.
+pub fn quarantine_write(result: CopyResult) {
+    counter!(QUARANTINE_WRITES_TOTAL, "result" => result.as_str()).increment(1);
+}
+
+/// Sets the quarantine store's size.
+pub fn quarantine_size(items: usize, bytes: u64) {
+    gauge!(QUARANTINE_ITEMS).set(items as f64);
+    gauge!(QUARANTINE_BYTES).set(bytes as f64);
+}
+
+/// Counts quarantined items that expired.
+pub fn quarantine_expired(reason: ExpiryReason, n: u64) {
+    counter!(QUARANTINE_EXPIRED_TOTAL, "reason" => reason.as_str()).increment(n);
+}
+
+/// Counts an archive copy.
+pub fn archive_copy(mode: ArchiveMode, result: CopyResult) {
+    counter!(ARCHIVE_COPIES_TOTAL, "mode" => mode.as_str(), "result" => result.as_str()).increment(1);
+}
+
+/// Sets the archive directory's size.
+pub fn archive_size(bytes: u64) {
+    gauge!(ARCHIVE_BYTES).set(bytes as f64);
+}
+
+/// Counts archive files that expired.
+pub fn archive_expired(reason: ExpiryReason, n: u64) {
+    counter!(ARCHIVE_EXPIRED_TOTAL, "reason" => reason.as_str()).increment(n);
 }
 
 /// Counts an audit record that was dropped.

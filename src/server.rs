@@ -89,7 +89,6 @@ impl Running {
 
 /// How a stop went.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[must_use]
 pub struct Stopped {
     /// Sessions still running when the grace period ended, dropped mid-transaction.
     pub cut_off: usize,
@@ -172,6 +171,8 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     }
     let store = crate::state::open(&config.state);
     let (rules, pipeline) = build_pipeline(config, &shutdown, &store)?;
+    let quarantine = rules.as_ref().map(|_| crate::quarantine::start(config, &hostname, shutdown.soft.clone()));
+    let archive = crate::archive::Archive::start(&config.archive, &hostname, shutdown.soft.clone());
     let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
     let pool = Pool::new(settings);
     pool.report_health(ready.clone());
@@ -207,7 +208,7 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
             source,
         })?;
         let addr = listener.local_addr().unwrap_or(l.address);
-        let ctx = Arc::new(listener_context(
+        let mut ctx = listener_context(
             config,
             l,
             &hostname,
@@ -219,7 +220,10 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
             auth.clone(),
             pipeline.clone(),
             reverse_dns.clone(),
-        ));
+        );
+        ctx.quarantine.clone_from(&quarantine);
+        ctx.archive.clone_from(&archive);
+        let ctx = Arc::new(ctx);
         info!(listener = %l.name, address = %addr, mode = ?l.mode, role = ?l.role, "listening");
         crate::metrics::listener_started(&l.name);
         bound.push((l.name.clone(), addr));
@@ -372,6 +376,8 @@ fn listener_context(
         audit,
         shutdown: shutdown.soft.clone(),
         auth,
+        quarantine: None,
+        archive: None,
     }
 }
 

@@ -4,10 +4,12 @@
 //! must not silently fall back to a default). [`Config::validate`] reports every problem at once, each
 //! with the file and line it came from when known, as `moat check` prints them.
 
+pub mod archive;
 pub mod auth;
 pub mod limits;
 pub mod listener;
 pub mod observability;
+pub mod quarantine;
 pub mod rules;
 pub mod server;
 pub mod spool;
@@ -55,6 +57,8 @@ pub struct Config {
     pub relay: RelayConfig,
     pub rules: RulesConfig,
     pub state: StateConfig,
+    pub quarantine: quarantine::QuarantineConfig,
+    pub archive: archive::ArchiveConfig,
 }
 
 /// `[relay]`: where unauthenticated mail may go.
@@ -119,6 +123,8 @@ impl Default for Config {
             relay: RelayConfig::default(),
             rules: RulesConfig::default(),
             state: StateConfig::default(),
+            quarantine: Default::default(),
+            archive: Default::default(),
         }
     }
 }
@@ -220,6 +226,8 @@ impl Config {
             ("auth", self.auth.problems()),
             ("relay", self.relay.problems()),
             ("state", self.state.problems()),
+            ("quarantine", self.quarantine.problems()),
+            ("archive", self.archive.problems()),
         ];
         // Across sections.
         if self.listeners.iter().any(|l| l.address == self.upstream.address) {

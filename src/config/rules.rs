@@ -17,7 +17,7 @@ pub struct RulesConfig {
     pub scan_window: ByteSize,
     /// What happens to a message larger than `scan_window`.
     pub oversize_policy: OversizePolicy,
-    /// Where `quarantine` rules write messages; empty: the `quarantine` subdirectory of `directory`.
+    /// Deprecated: `quarantine.directory`. When set, it is used as the quarantine store's directory.
     pub quarantine_dir: PathBuf,
     /// How often the rules directory is polled for changes; 0 disables the watcher (SIGHUP still works).
     pub watch_interval: Span,

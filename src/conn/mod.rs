@@ -7,6 +7,7 @@
 //! (RFC 2920 3.1), so a pipelining client gets its replies in one write.
 
 mod auth;
+mod copies;
 mod message;
 mod reverse_dns;
 
@@ -62,6 +63,10 @@ pub struct ListenerContext {
     pub shutdown: CancellationToken,
     /// The credential checker; `None` when AUTH is off.
     pub auth: Option<Arc<crate::auth::Authenticator>>,
+    /// Where `quarantine` rules keep messages; `None` when rules are off.
+    pub quarantine: Option<Arc<crate::quarantine::Store>>,
+    /// Copies of accepted mail; `None` when `archive.mode = "off"`.
+    pub archive: Option<Arc<crate::archive::Archive>>,
 }
 
 /// One open transaction's data-side state.

@@ -547,3 +547,38 @@ Content-Type: text/html\r\n\r\n<p>hi</p>\r\n--i--\r\n--o\r\nContent-Type: text/p
         with_attachments(&[("application/zip", "a.zip", &zip_of(&["a.txt"])), ("application/pdf", "b.pdf", b"%PDF")]);
     assert!(!Content::parse(&msg).mime_malformed);
 }
+
+/// Issue #16 defect 1: files written below the rules directory (a quarantine store) are not rule edits;
+/// rule files, list files, deletions and renames are.
+#[test]
+fn fingerprint_covers_rule_and_list_files_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("10-a.toml"), "").unwrap();
+    std::fs::create_dir(d.join("lists")).unwrap();
+    std::fs::write(d.join("lists/bad.txt"), "x\n").unwrap();
+    let before = super::fingerprint(d, &[]);
+    assert_eq!(before.len(), 2, "{before:?}");
+    let q = d.join("quarantine");
+    for i in 0..5 {
+        std::fs::create_dir_all(q.join("tmp")).unwrap();
+        std::fs::write(q.join(format!("{i}.eml")), "message").unwrap();
+        std::fs::write(d.join("README"), "").unwrap_or(());
+        std::fs::remove_file(d.join("README")).unwrap();
+    }
+    assert_eq!(super::fingerprint(d, &[]), before, "quarantined messages are not rule edits");
+    std::fs::write(d.join("lists/bad.txt"), "x\ny\n").unwrap();
+    let list_edit = super::fingerprint(d, &[]);
+    assert_ne!(list_edit, before, "a list edit counts");
+    std::fs::rename(d.join("10-a.toml"), d.join("20-a.toml")).unwrap();
+    assert_ne!(super::fingerprint(d, &[]), list_edit, "a rename counts");
+    std::fs::remove_file(d.join("20-a.toml")).unwrap();
+    assert_eq!(super::fingerprint(d, &[]).len(), 1, "a deletion counts");
+    // A list file the rules name outside lists/ counts too (named once, even if also under lists/).
+    std::fs::write(d.join("extra.txt"), "a\n").unwrap();
+    let named = [std::path::PathBuf::from("extra.txt"), std::path::PathBuf::from("lists/bad.txt")];
+    let before = super::fingerprint(d, &named);
+    assert_eq!(before.len(), 2, "{before:?}");
+    std::fs::write(d.join("extra.txt"), "a\nb\n").unwrap();
+    assert_ne!(super::fingerprint(d, &named), before);
+}
