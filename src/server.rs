@@ -133,6 +133,11 @@ const MAX_PENDING_REFUSALS: usize = 64;
 
 /// Binds everything and starts serving. Blocking file reads (certificates) happen here, at start-up.
 pub async fn start(config: &Config) -> Result<Running, ServerError> {
+    start_with_store(config, crate::state::open(&config.state)).await
+}
+
+/// [`start`] with a given state store (tests pass one with a [`crate::state::ManualClock`]).
+pub async fn start_with_store(config: &Config, store: crate::state::SharedStore) -> Result<Running, ServerError> {
     let hostname = config.hostname();
     let shutdown = Shutdown::new();
     let metrics_handle = crate::metrics::install().ok();
@@ -150,7 +155,6 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     if let Some(a) = &auth {
         a.spawn_watcher(Duration::from_secs(5), shutdown.soft.clone());
     }
-    let store = crate::state::open(&config.state);
     let (rules, pipeline) = build_pipeline(config, &shutdown, &store)?;
     let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
     let pool = Pool::new(settings);
