@@ -155,7 +155,11 @@ pub async fn start_with_store(config: &Config, store: crate::state::SharedStore)
     if let Some(a) = &auth {
         a.spawn_watcher(Duration::from_secs(5), shutdown.soft.clone());
     }
-    let (rules, pipeline) = build_pipeline(config, &shutdown, &store)?;
+    let accounts = config
+        .accounts
+        .enabled
+        .then(|| Arc::new(crate::pipeline::accounts::Accounts::new(store.clone(), &config.accounts)));
+    let (rules, pipeline) = build_pipeline(config, &shutdown, &store, accounts.clone())?;
     let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
     let pool = Pool::new(settings);
     pool.report_health(ready.clone());
@@ -220,7 +224,10 @@ pub async fn start_with_store(config: &Config, store: crate::state::SharedStore)
             };
             let every = config.metrics.upstream_check_interval.get();
             crate::health::spawn(check, every, ready.clone(), shutdown.soft.clone());
-            tokio::spawn(crate::metrics::serve(l, handle.clone(), ready, metrics_auth, shutdown.soft.clone()));
+            let admin = accounts.map(|a| a as crate::pipeline::accounts::SharedAdmin);
+            let serve =
+                crate::metrics::serve_with_admin(l, handle.clone(), ready, metrics_auth, admin, shutdown.soft.clone());
+            tokio::spawn(serve);
             info!(address = %local, "metrics listening");
             Some(local)
         }
@@ -260,12 +267,19 @@ fn build_pipeline(
     config: &Config,
     shutdown: &Shutdown,
     store: &crate::state::SharedStore,
+    accounts: Option<Arc<crate::pipeline::accounts::Accounts>>,
 ) -> Result<(Option<Arc<crate::rules::Rules>>, Pipeline), ServerError> {
     let mut stages: Vec<Arc<dyn crate::pipeline::Stage>> = Vec::new();
     let mut rules = None;
     crate::pipeline::limits::spawn_size_gauge(store.clone(), shutdown.soft.clone());
-    if let Some((handle, stage)) = rules_stage(config, shutdown)? {
+    let loaded = rules_stage(config, shutdown)?;
+    if let Some((handle, _)) = &loaded {
         stages.push(Arc::new(crate::pipeline::limits::LimitsStage::new(handle.clone(), store.clone())));
+    }
+    if let Some(a) = accounts {
+        stages.push(a);
+    }
+    if let Some((handle, stage)) = loaded {
         stages.push(stage);
         stages.push(Arc::new(crate::pipeline::greylist::GreylistStage::new(handle.clone(), store.clone())));
         rules = Some(handle);

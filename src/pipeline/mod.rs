@@ -18,6 +18,7 @@ use std::time::Instant;
 use crate::smtp::command::{MailFrom, RcptTo};
 use crate::smtp::Reply;
 
+pub mod accounts;
 mod context;
 pub mod ext;
 pub mod greylist;
