@@ -24,8 +24,8 @@ fn rules(text: &str) -> (tempfile::TempDir, Arc<Rules>) {
 }
 
 fn example_never_exceeded() -> String {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/examples/rate-limits.toml"))
-        .unwrap();
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("rules/examples/rate-limits.toml")).unwrap();
     text.replace("rate = \"10/1m\"", "rate = \"4000000000/1m\"")
 }
 
@@ -76,7 +76,9 @@ fn bench(c: &mut Criterion) {
     let mut txn = TxnContext { mail_from: "sender@remote.example".into(), ..TxnContext::default() };
     rt.block_on(grey.on_rcpt(&one, &mut txn, &rcpt));
     clock.advance(std::time::Duration::from_secs(2));
-    g.bench_function("greylist_passed_triplet", |b| b.iter(|| black_box(rt.block_on(grey.on_rcpt(&one, &mut txn, &rcpt)))));
+    g.bench_function("greylist_passed_triplet", |b| {
+        b.iter(|| black_box(rt.block_on(grey.on_rcpt(&one, &mut txn, &rcpt))))
+    });
     let accounts = moat::pipeline::accounts::Accounts::new(store(), &AccountsConfig::default());
     let view = MessageView { head: b"", data: None, size: 1000 };
     g.bench_function("account_baseline_update", |b| {

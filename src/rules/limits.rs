@@ -149,7 +149,8 @@ pub enum Counted {
     Recipients,
     /// Message bytes (at the end of data).
     Bytes,
-    /// Recipients refused by moat or the upstream (after RCPT); once over, further RCPTs are refused.
+    /// Recipients refused permanently (5xx) by moat or the upstream (after RCPT); once over, further RCPTs
+    /// are refused.
     RefusedRecipients,
     /// Connections open at once (a lease per connection).
     ConcurrentConnections,

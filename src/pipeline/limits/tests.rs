@@ -171,6 +171,11 @@ rate = "2/10m"
     let c = conn("203.0.113.9", Role::Mx);
     let (_, mut txn) = send(&f.stage, &c, None).await;
     let no = Reply::new(550, "5.1.1 no such user");
+    let later = Reply::new(451, "4.7.1 greylisted");
+    for i in 0..5 {
+        let r = rcpt(&format!("g{i}@example.test"));
+        f.stage.on_rcpt_done(&c, &mut txn, RcptOutcome { rcpt: &r, reply: &later }).await;
+    }
     for i in 0..3 {
         let r = rcpt(&format!("u{i}@example.test"));
         assert_eq!(code(&f.stage.on_rcpt(&c, &mut txn, &r).await), 250);
