@@ -103,3 +103,73 @@ async fn an_account_out_of_its_baseline_is_suspended_until_resumed() {
     let rendered = moat::metrics::install().unwrap().render();
     assert!(rendered.contains("moat_account_suspensions_total 1"), "{rendered}");
 }
+
+/// AUTH failures and concurrent transactions per user, over TCP (limits that need AUTH).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_failure_and_per_user_transaction_limits() {
+    if !require_peer("postfix") {
+        return;
+    }
+    let pf = Postfix::start();
+    let dir = tempfile::tempdir().unwrap();
+    let users = dir.path().join("users.toml");
+    let hash = hash_password("pw").unwrap();
+    std::fs::write(&users, format!("[users.\"{ALICE}\"]\npassword = \"{hash}\"\nsenders = [\"{ALICE}\"]\n")).unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    std::fs::write(
+        rules.join("limits.toml"),
+        "[[limit]]\nid = \"guessing\"\nkey = [\"ip\"]\ncount = \"auth_failures\"\nrate = \"2/1h\"\n\
+         [[limit]]\nid = \"one-txn-per-user\"\nkey = [\"user\"]\ncount = \"concurrent_transactions\"\nmax = 1\n",
+    )
+    .unwrap();
+    let extra = format!(
+        "auth.users_file = {:?}\nauth.failure_delay = \"1ms\"\nrules.directory = {:?}",
+        users.display().to_string(),
+        rules.display().to_string()
+    );
+    let listeners =
+        "[[listener]]\nname = \"sub\"\naddress = \"127.0.0.1:0\"\nmode = \"plain\"\nrole = \"submission\"\nauth_without_tls = true\n";
+    let running = start(&config_from(pf.addr(), &extra, listeners)).await;
+    let addr = running.addr("sub").unwrap();
+    let login = |pw: &str| format!("AUTH PLAIN {}", STANDARD.encode(format!("\0{ALICE}\0{pw}")));
+
+    // Two transactions of one user at once: the second MAIL waits for the first to end.
+    let (mut a, _) = Client::connect(addr).await;
+    a.expect("EHLO a.example", 250).await;
+    a.expect(&login("pw"), 235).await;
+    let (mut b, _) = Client::connect(addr).await;
+    b.expect("EHLO b.example", 250).await;
+    b.expect(&login("pw"), 235).await;
+    a.expect(&format!("MAIL FROM:<{ALICE}>"), 250).await;
+    let text = b.expect(&format!("MAIL FROM:<{ALICE}>"), 451).await;
+    assert!(text.contains("limit one-txn-per-user exceeded"), "{text}");
+    a.expect("RSET", 250).await;
+    let mut freed = false;
+    for _ in 0..50 {
+        if b.cmd(&format!("MAIL FROM:<{ALICE}>")).await.0 == 250 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(freed, "the transaction lease was given back");
+    b.expect("RSET", 250).await;
+
+    // AUTH failures from one address: past two, even the right password is refused, and so are new
+    // connections from that address.
+    let (mut c, _) = Client::connect(addr).await;
+    c.expect("EHLO c.example", 250).await;
+    for _ in 0..3 {
+        c.expect(&login("wrong"), 535).await;
+    }
+    let (code, text) = c.cmd(&login("pw")).await;
+    assert_eq!(code, 454, "{text}");
+    assert!(text.contains("limit guessing exceeded"), "{text}");
+    let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut d = Client::new(s);
+    let (code, text) = d.reply().await;
+    assert_eq!(code, 421, "{text}");
+    assert!(text.contains("limit guessing exceeded"), "{text}");
+    running.stop().await;
+}
