@@ -83,7 +83,9 @@ fn check(path: &std::path::Path) -> ExitCode {
             Ok(_) if !config.rules.directory.as_os_str().is_empty() => {
                 match moat::rules::RuleSet::load_dir(&config.rules.directory, &config.relay.local_domains) {
                     Ok(set) => {
-                        println!("{}: configuration ok, {} rules", path.display(), set.rules.len());
+                        let grey = if set.greylist.is_some() { ", greylisting" } else { "" };
+                        let n = (set.rules.len(), set.limits.len());
+                        println!("{}: configuration ok, {} rules, {} limits{grey}", path.display(), n.0, n.1);
                         ExitCode::SUCCESS
                     }
                     Err(errors) => {
