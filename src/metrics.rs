@@ -20,10 +20,10 @@ use std::time::Duration;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Gauge, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
-pub use self::http::{serve, HttpAuth};
+pub use self::http::{serve, serve_with_admin, HttpAuth};
 pub use self::labels::{
-    ArchiveMode, AuthMechanism, AuthResult, ConnResult, CopyResult, ExpiryReason, Limit, MessageVerdict, RcptResult,
-    ReloadResult, TlsResult, TlsVersion, UpstreamErrorKind, UpstreamPhase, Verb,
+    ArchiveMode, AuthMechanism, AuthResult, ConnResult, CopyResult, ExpiryReason, GreylistResult, Limit,
+    MessageVerdict, RcptResult, ReloadResult, TlsResult, TlsVersion, UpstreamErrorKind, UpstreamPhase, Verb,
 };
 use crate::smtp::session::CloseReason;
 
@@ -49,6 +49,14 @@ pub const RECEIVED_BYTES_TOTAL: &str = "moat_received_bytes_total";
 pub const RECIPIENTS_TOTAL: &str = "moat_recipients_total";
 /// Times a configured limit was reached.
 pub const LIMIT_HITS_TOTAL: &str = "moat_limit_hits_total";
+/// Times a rule-file `[[limit]]` was exceeded, by limit id (ids come from the loaded rules).
+pub const LIMIT_EXCEEDED_TOTAL: &str = "moat_limit_exceeded_total";
+/// Keys held by the in-memory state store (rate counters, leases, greylist triplets, account baselines).
+pub const STATE_ENTRIES: &str = "moat_state_entries";
+/// Greylisting decisions, by result.
+pub const GREYLIST_TOTAL: &str = "moat_greylist_total";
+/// Accounts whose sending was suspended (compromised-account detection).
+pub const ACCOUNT_SUSPENSIONS_TOTAL: &str = "moat_account_suspensions_total";
 /// Time to open a connection to the upstream, up to its greeting and EHLO.
 pub const UPSTREAM_CONNECT_SECONDS: &str = "moat_upstream_connect_seconds";
 /// Time from upstream DATA to its final reply for one message.
@@ -195,6 +203,10 @@ fn initialise_series() {
     counter!(AUDIT_RECORDS_DROPPED_TOTAL).absolute(0);
     counter!(AUTH_LOCKOUTS_TOTAL).absolute(0);
     counter!(UPSTREAM_CONNECTION_WAIT_TIMEOUTS_TOTAL).absolute(0);
+    counter!(ACCOUNT_SUSPENSIONS_TOTAL).absolute(0);
+    for &result in GreylistResult::ALL {
+        counter!(GREYLIST_TOTAL, "result" => result.as_str()).absolute(0);
+    }
     for &mechanism in AuthMechanism::ALL {
         for &result in AuthResult::ALL {
             counter!(AUTH_ATTEMPTS_TOTAL, "mechanism" => mechanism.as_str(), "result" => result.as_str()).absolute(0);
@@ -270,6 +282,20 @@ const FAMILIES: &[(&str, Kind, Unit, &str)] = &[
     (RECEIVED_BYTES_TOTAL, Kind::Counter, Unit::Bytes, "Message bytes received from clients."),
     (RECIPIENTS_TOTAL, Kind::Counter, Unit::Count, "RCPT TO commands, by whether the recipient was accepted."),
     (LIMIT_HITS_TOTAL, Kind::Counter, Unit::Count, "Times a configured limit was reached."),
+    (
+        LIMIT_EXCEEDED_TOTAL,
+        Kind::Counter,
+        Unit::Count,
+        "Times a [[limit]] of the rule files was exceeded, by limit id.",
+    ),
+    (STATE_ENTRIES, Kind::Gauge, Unit::Count, "Keys held by the in-memory state store."),
+    (GREYLIST_TOTAL, Kind::Counter, Unit::Count, "Greylisting decisions on recipients, by result."),
+    (
+        ACCOUNT_SUSPENSIONS_TOTAL,
+        Kind::Counter,
+        Unit::Count,
+        "Accounts suspended for sending far out of their baseline.",
+    ),
     (UPSTREAM_CONNECT_SECONDS, Kind::Histogram, Unit::Seconds, "Time to connect to the upstream and greet it."),
     (UPSTREAM_TRANSACTION_SECONDS, Kind::Histogram, Unit::Seconds, "Time from upstream DATA to its final reply."),
     (UPSTREAM_ERRORS_TOTAL, Kind::Counter, Unit::Count, "Upstream failures, by kind."),
@@ -408,6 +434,26 @@ pub fn recipient(listener: &str, result: RcptResult) {
 /// Counts a limit being reached.
 pub fn limit_hit(limit: Limit) {
     counter!(LIMIT_HITS_TOTAL, "limit" => limit.as_str()).increment(1);
+}
+
+/// Counts a rule-file limit being exceeded (ids come from the loaded rules, never from mail).
+pub fn limit_exceeded(id: &str) {
+    counter!(LIMIT_EXCEEDED_TOTAL, "limit" => id.to_string()).increment(1);
+}
+
+/// Sets the state store's key count.
+pub fn state_entries(n: usize) {
+    gauge!(STATE_ENTRIES).set(n as f64);
+}
+
+/// Counts a greylisting decision.
+pub fn greylist(result: GreylistResult) {
+    counter!(GREYLIST_TOTAL, "result" => result.as_str()).increment(1);
+}
+
+/// Counts an account suspension.
+pub fn account_suspended() {
+    counter!(ACCOUNT_SUSPENSIONS_TOTAL).increment(1);
 }
 
 /// Records how long opening an upstream connection took.

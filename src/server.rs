@@ -152,6 +152,11 @@ const MAX_PENDING_REFUSALS: usize = 64;
 
 /// Binds everything and starts serving. Blocking file reads (certificates) happen here, at start-up.
 pub async fn start(config: &Config) -> Result<Running, ServerError> {
+    start_with_store(config, crate::state::open(&config.state)).await
+}
+
+/// [`start`] with a given state store (tests pass one with a [`crate::state::ManualClock`]).
+pub async fn start_with_store(config: &Config, store: crate::state::SharedStore) -> Result<Running, ServerError> {
     let hostname = config.hostname();
     let shutdown = Shutdown::new();
     let metrics_handle = crate::metrics::install().ok();
@@ -169,8 +174,11 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     if let Some(a) = &auth {
         a.spawn_watcher(Duration::from_secs(5), shutdown.soft.clone());
     }
-    let store = crate::state::open(&config.state);
-    let (rules, pipeline) = build_pipeline(config, &shutdown, &store)?;
+    let accounts = config
+        .accounts
+        .enabled
+        .then(|| Arc::new(crate::pipeline::accounts::Accounts::new(store.clone(), &config.accounts)));
+    let (rules, pipeline) = build_pipeline(config, &shutdown, &store, accounts.clone())?;
     let quarantine = rules.as_ref().map(|_| crate::quarantine::start(config, &hostname, shutdown.soft.clone()));
     let archive = crate::archive::Archive::start(&config.archive, &hostname, shutdown.soft.clone());
     let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
@@ -241,7 +249,10 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
             };
             let every = config.metrics.upstream_check_interval.get();
             crate::health::spawn(check, every, ready.clone(), shutdown.soft.clone());
-            tokio::spawn(crate::metrics::serve(l, handle.clone(), ready, metrics_auth, shutdown.soft.clone()));
+            let admin = accounts.map(|a| a as crate::pipeline::accounts::SharedAdmin);
+            let serve =
+                crate::metrics::serve_with_admin(l, handle.clone(), ready, metrics_auth, admin, shutdown.soft.clone());
+            tokio::spawn(serve);
             info!(address = %local, "metrics listening");
             Some(local)
         }
@@ -280,12 +291,22 @@ async fn probe_upstream(pool: &Pool, limit: Duration) {
 fn build_pipeline(
     config: &Config,
     shutdown: &Shutdown,
-    _store: &crate::state::SharedStore,
+    store: &crate::state::SharedStore,
+    accounts: Option<Arc<crate::pipeline::accounts::Accounts>>,
 ) -> Result<(Option<Arc<crate::rules::Rules>>, Pipeline), ServerError> {
     let mut stages: Vec<Arc<dyn crate::pipeline::Stage>> = Vec::new();
     let mut rules = None;
-    if let Some((handle, stage)) = rules_stage(config, shutdown)? {
+    crate::pipeline::limits::spawn_size_gauge(store.clone(), shutdown.soft.clone());
+    let loaded = rules_stage(config, shutdown)?;
+    if let Some((handle, _)) = &loaded {
+        stages.push(Arc::new(crate::pipeline::limits::LimitsStage::new(handle.clone(), store.clone())));
+    }
+    if let Some(a) = accounts {
+        stages.push(a);
+    }
+    if let Some((handle, stage)) = loaded {
         stages.push(stage);
+        stages.push(Arc::new(crate::pipeline::greylist::GreylistStage::new(handle.clone(), store.clone())));
         rules = Some(handle);
     }
     Ok((rules, Pipeline::new(stages)))

@@ -4,6 +4,7 @@
 //! must not silently fall back to a default). [`Config::validate`] reports every problem at once, each
 //! with the file and line it came from when known, as `moat check` prints them.
 
+pub mod accounts;
 pub mod archive;
 pub mod auth;
 pub mod limits;
@@ -25,6 +26,7 @@ use serde::Deserialize;
 
 use units::secs;
 
+pub use accounts::AccountsConfig;
 pub use auth::AuthConfig;
 pub use limits::{BareLineEndings, Limits, MAX_COMMAND_LINE_CAP};
 pub use listener::{ListenerConfig, ListenerMode, Role};
@@ -59,6 +61,7 @@ pub struct Config {
     pub state: StateConfig,
     pub quarantine: quarantine::QuarantineConfig,
     pub archive: archive::ArchiveConfig,
+    pub accounts: AccountsConfig,
 }
 
 /// `[relay]`: where unauthenticated mail may go.
@@ -125,6 +128,7 @@ impl Default for Config {
             state: StateConfig::default(),
             quarantine: Default::default(),
             archive: Default::default(),
+            accounts: AccountsConfig::default(),
         }
     }
 }
@@ -228,6 +232,7 @@ impl Config {
             ("state", self.state.problems()),
             ("quarantine", self.quarantine.problems()),
             ("archive", self.archive.problems()),
+            ("accounts", self.accounts.problems()),
         ];
         // Across sections.
         if self.listeners.iter().any(|l| l.address == self.upstream.address) {

@@ -157,6 +157,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Removes `key`.
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()>;
+
+    /// How many keys the store holds, when it can tell cheaply (the `moat_state_entries` gauge); `None`
+    /// for a store whose size is watched elsewhere (Redis' own `INFO keyspace`).
+    fn entries(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A shared handle to the configured store.
