@@ -40,6 +40,8 @@ pub enum ServerError {
     Metrics(#[source] std::io::Error),
     #[error("cannot set up the metrics listener's credentials")]
     MetricsAuth(#[source] crate::metrics::MetricsError),
+    #[error("cannot set up DNS lists, sender authentication or DKIM signing: {0}")]
+    DnsStages(String),
     #[error("cannot load the users file")]
     Auth(#[source] crate::auth::store::StoreError),
     #[error("cannot load the rules:\n{}", crate::rules::format_errors(.0))]
@@ -259,6 +261,7 @@ fn build_pipeline(
 ) -> Result<(Option<Arc<crate::rules::Rules>>, Pipeline), ServerError> {
     let mut stages: Vec<Arc<dyn crate::pipeline::Stage>> = Vec::new();
     let mut rules = None;
+    stages.extend(crate::pipeline::dns_stages::stages(config, shutdown).map_err(ServerError::DnsStages)?);
     if let Some((handle, stage)) = rules_stage(config, shutdown)? {
         stages.push(stage);
         rules = Some(handle);

@@ -4,6 +4,9 @@
 //! must not silently fall back to a default). [`Config::validate`] reports every problem at once, each
 //! with the file and line it came from when known, as `moat check` prints them.
 
+pub mod dkim;
+pub mod dns;
+pub mod sender_auth;
 pub mod state;
 pub mod units;
 
@@ -13,6 +16,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use dkim::{DkimConfig, DkimSignConfig};
+pub use dns::{DnsConfig, OnDnsError, RhsTarget, ZoneConfig, ZoneKind};
+pub use sender_auth::SenderAuthConfig;
 pub use state::{StateBackend, StateConfig};
 pub use units::{ByteSize, Span};
 
@@ -39,6 +45,9 @@ pub struct Config {
     pub relay: RelayConfig,
     pub rules: RulesConfig,
     pub state: StateConfig,
+    pub dns: DnsConfig,
+    pub sender_auth: SenderAuthConfig,
+    pub dkim: DkimConfig,
 }
 
 /// `[rules]`: the rule files and content scanning (docs/rules.md).
@@ -406,6 +415,9 @@ impl Default for Config {
             relay: RelayConfig::default(),
             rules: RulesConfig::default(),
             state: StateConfig::default(),
+            dns: DnsConfig::default(),
+            sender_auth: SenderAuthConfig::default(),
+            dkim: DkimConfig::default(),
         }
     }
 }
@@ -635,6 +647,10 @@ impl Config {
             bad("listener", "at least one [[listener]] is required".into());
         }
         for (key, message) in self.state.problems() {
+            bad(key, message);
+        }
+        let auth_problems = self.sender_auth.problems().into_iter().chain(self.dkim.problems());
+        for (key, message) in self.dns.problems().into_iter().chain(auth_problems) {
             bad(key, message);
         }
         for (i, l) in self.listeners.iter().enumerate() {

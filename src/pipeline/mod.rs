@@ -19,6 +19,8 @@ use crate::smtp::command::{MailFrom, RcptTo};
 use crate::smtp::Reply;
 
 mod context;
+pub mod dns_stages;
+pub mod dnsbl;
 pub mod ext;
 pub mod lookup;
 pub mod rules;

@@ -420,6 +420,7 @@ fn facts<'a>(
         rcpts,
         size,
         content,
+        auth: None,
     }
 }
 
@@ -433,6 +434,7 @@ struct OwnedFacts {
     mail_from: String,
     rcpts: Vec<String>,
     size: u64,
+    auth: Option<crate::rules::auth_facts::AuthFacts>,
 }
 
 impl OwnedFacts {
@@ -446,6 +448,7 @@ impl OwnedFacts {
             mail_from: state.mail_from.clone(),
             rcpts: state.rcpts.clone(),
             size,
+            auth: txn.ext.get::<crate::rules::auth_facts::AuthFacts>().cloned(),
         }
     }
 
@@ -460,6 +463,7 @@ impl OwnedFacts {
             rcpts: &self.rcpts,
             size: self.size,
             content: Some(content),
+            auth: self.auth.as_ref(),
         };
         set.hits(phase, &f)
     }

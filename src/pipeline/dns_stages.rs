@@ -1,0 +1,24 @@
+//! Builds the stages that need DNS (blocklists, sender authentication) and DKIM signing, sharing one
+//! resolver, for [`crate::server`]'s pipeline. They run before the rules stage, which reads their facts.
+
+use std::sync::Arc;
+
+use super::Stage;
+use crate::config::Config;
+use crate::dns::Dns;
+use crate::shutdown::Shutdown;
+
+/// The stages for `[dns]`, `[sender_auth]` and `[dkim]`, in pipeline order; empty when none is configured.
+pub fn stages(config: &Config, shutdown: &Shutdown) -> Result<Vec<Arc<dyn Stage>>, String> {
+    let _ = shutdown;
+    let mut out: Vec<Arc<dyn Stage>> = Vec::new();
+    let needs_dns = !config.dns.zones.is_empty() || config.sender_auth.enabled;
+    if !needs_dns {
+        return Ok(out);
+    }
+    let dns = Arc::new(Dns::new(&config.dns).map_err(|e| e.to_string())?);
+    if let Some(s) = super::dnsbl::DnsblStage::new(dns.clone(), &config.dns) {
+        out.push(Arc::new(s));
+    }
+    Ok(out)
+}
