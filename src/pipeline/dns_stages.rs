@@ -20,5 +20,13 @@ pub fn stages(config: &Config, shutdown: &Shutdown) -> Result<Vec<Arc<dyn Stage>
     if let Some(s) = super::dnsbl::DnsblStage::new(dns.clone(), &config.dns) {
         out.push(Arc::new(s));
     }
+    if config.sender_auth.enabled {
+        let id = match config.sender_auth.authserv_id.as_str() {
+            "" => config.hostname(),
+            id => id.to_string(),
+        };
+        let deadline = config.dns.deadline.get();
+        out.push(Arc::new(super::sender_auth::SenderAuthStage::new(dns.clone(), &config.sender_auth, id, deadline)));
+    }
     Ok(out)
 }

@@ -22,8 +22,10 @@ mod context;
 pub mod dns_stages;
 pub mod dnsbl;
 pub mod ext;
+pub mod header_edit;
 pub mod lookup;
 pub mod rules;
+pub mod sender_auth;
 pub mod stage;
 pub mod subject;
 

@@ -253,6 +253,8 @@ impl Driver {
             }
             SubjectEdit::Keep => None,
         };
+        let removals = txn.ctx.ext.get::<crate::pipeline::header_edit::RemoveFields>().map(|r| r.0.as_slice());
+        let splice = crate::pipeline::header_edit::merge(header_section(&txn.head), splice, removals.unwrap_or(&[]));
         let reply = match self.relay(prefix.as_bytes(), splice.as_ref(), txn).await {
             Ok(r) => r,
             Err(ours) => return (ours, MessageVerdict::Tempfailed, None),
