@@ -19,6 +19,7 @@
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod dkim;
 pub mod dns;
 pub mod health;
 pub mod metrics;

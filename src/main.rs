@@ -15,6 +15,9 @@ const USAGE: &str = "usage: moat <serve|check> [--config FILE] | moat user ... (
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("dkim") {
+        return ExitCode::from(moat::dkim::keygen::run(&args[1..]) as u8);
+    }
     if args.first().map(String::as_str) == Some("user") {
         return match moat::auth::cli::run(&args[1..]) {
             Ok(out) => {

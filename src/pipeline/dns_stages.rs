@@ -10,8 +10,12 @@ use crate::shutdown::Shutdown;
 
 /// The stages for `[dns]`, `[sender_auth]` and `[dkim]`, in pipeline order; empty when none is configured.
 pub fn stages(config: &Config, shutdown: &Shutdown) -> Result<Vec<Arc<dyn Stage>>, String> {
-    let _ = shutdown;
     let mut out: Vec<Arc<dyn Stage>> = Vec::new();
+    if !config.dkim.sign.is_empty() {
+        let keys = crate::dkim::Keys::load(&config.dkim).map_err(|e| e.to_string())?;
+        keys.spawn_watcher(shutdown.soft.clone());
+        out.push(Arc::new(crate::dkim::SignStage::new(keys)));
+    }
     let needs_dns = !config.dns.zones.is_empty() || config.sender_auth.enabled;
     if !needs_dns {
         return Ok(out);

@@ -245,6 +245,9 @@ impl Driver {
             return (reply, label, None);
         }
         let mut prefix = self.prefix(txn);
+        if let Some(req) = txn.ctx.ext.remove::<crate::dkim::SignRequest>() {
+            prefix.push_str(&crate::dkim::sign_spool(&req, &mut txn.spool).await.unwrap_or_default());
+        }
         let splice = match Self::subject_edit(txn) {
             SubjectEdit::Replace(s) => Some(s),
             SubjectEdit::Add(line) => {
