@@ -129,6 +129,11 @@ impl Dns {
         &self.auth
     }
 
+    /// moat's caches of SPF/DKIM/DMARC answers (benchmarks and tests pre-fill them).
+    pub fn caches(&self) -> &AuthCaches {
+        &self.caches
+    }
+
     /// `params` with moat's caches, for the verifiers of [`Dns::authenticator`].
     pub fn params<P>(&self, params: P) -> CachedParams<'_, P> {
         Parameters::new(params)

@@ -78,3 +78,56 @@ impl AuthFacts {
         self.values(key).iter().any(|v| wanted.iter().any(|w| w.eq_ignore_ascii_case(v)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::rules::eval::Facts;
+    use crate::rules::{Phase, RuleSet};
+
+    fn compile(text: &str) -> Result<RuleSet, Vec<String>> {
+        RuleSet::from_texts(&[(PathBuf::from("t.toml"), text.to_string())], Path::new("."), &[])
+            .map_err(|e| e.iter().map(ToString::to_string).collect())
+    }
+
+    #[test]
+    fn conditions_read_the_facts_at_end_of_data() {
+        let set = compile(
+            "[[rule]]\nid = \"d\"\nwhen = { all = [{ dmarc = \"fail\" }, { dmarc_policy = \"reject\" }] }\naction = \"reject\"\n\
+             [[rule]]\nid = \"z\"\nwhen = { dnsbl = [\"zen\", \"other\"] }\nscore = 1.0\n\
+             [[rule]]\nid = \"k\"\nwhen = { dkim = \"PASS\" }\nscore = -1.0\n",
+        )
+        .unwrap();
+        let mut auth = AuthFacts { dmarc: Some("fail"), dmarc_policy: Some("reject"), ..Default::default() };
+        let facts = |a: &AuthFacts| {
+            let f = Facts {
+                ip: "192.0.2.1".parse().unwrap(),
+                client_name: None,
+                listener: "mx",
+                helo: None,
+                auth_user: None,
+                mail_from: None,
+                rcpts: &[],
+                size: 1,
+                content: None,
+                auth: None,
+            };
+            set.hits(Phase::Data, &Facts { auth: Some(a), ..f })
+        };
+        assert_eq!(facts(&auth), [0]);
+        auth.dmarc_policy = Some("quarantine");
+        auth.dnsbl = vec!["zen".into()];
+        auth.dkim = vec!["fail", "pass"];
+        assert_eq!(facts(&auth), [1, 2]);
+    }
+
+    #[test]
+    fn unknown_results_are_refused_with_their_line() {
+        let e = compile("[[rule]]\nid = \"s\"\nwhen = { spf = \"failed\" }\nscore = 1.0\n").unwrap_err();
+        assert!(e[0].contains("t.toml:3") && e[0].contains("unknown result \"failed\""), "{e:?}");
+        let e = compile("[[rule]]\nid = \"p\"\nwhen = { dmarc_policy = \"pass\" }\nscore = 1.0\n").unwrap_err();
+        assert!(e[0].contains("quarantine"), "{e:?}");
+    }
+}
