@@ -59,11 +59,10 @@ impl<K: Hash + Eq, V: Clone> TtlCache<K, V> {
             // Still full: drop about a sixteenth, whichever entries the map yields first.
             if map.len() >= self.capacity {
                 let drop_n = (self.capacity / 16).max(1);
-                let doomed: Vec<usize> = (0..drop_n).collect();
                 let mut i = 0;
                 map.retain(|_, _| {
                     i += 1;
-                    i > doomed.len()
+                    i > drop_n
                 });
             }
         }
