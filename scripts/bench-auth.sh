@@ -14,6 +14,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=scripts/bench-lib.sh
 . "$ROOT/scripts/bench-lib.sh"
+PY=$(command -v python3) || { echo "bench-auth: python3 is required" >&2; exit 1; }
 DNSMASQ=${DNSMASQ:-/usr/sbin/dnsmasq}
 [ -x "$DNSMASQ" ] || { echo "bench-auth: $DNSMASQ not found (apt-get install dnsmasq-base)" >&2; exit 1; }
 WORK=$(mktemp -d /tmp/moat-bench-auth.XXXXXX)
