@@ -98,6 +98,7 @@ fn evaluate(c: &mut Criterion) {
                     rcpts: &rcpts,
                     size: msg.len() as u64,
                     content: Some(&content),
+                    auth: None,
                 };
                 black_box(set.hits(Phase::Data, &facts))
             })

@@ -23,6 +23,8 @@ pub mod auth;
 pub mod client_key;
 pub mod config;
 pub mod conn;
+pub mod dkim;
+pub mod dns;
 pub mod headers;
 pub mod health;
 pub mod metrics;

@@ -31,6 +31,9 @@ fn main() -> ExitCode {
             }
         };
     }
+    if args.first().map(String::as_str) == Some("dkim") {
+        return ExitCode::from(moat::dkim::keygen::run(&args[1..]) as u8);
+    }
     if args.first().map(String::as_str) == Some("user") {
         return match moat::auth::cli::run(&args[1..]) {
             Ok(out) => {

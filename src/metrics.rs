@@ -10,6 +10,7 @@
 //! The recorder is process-wide ([`install`] keeps it in a `OnceLock`); the helpers are no-ops until it is
 //! installed, which keeps unit tests of other modules free of metrics set-up.
 
+mod dns;
 mod http;
 mod labels;
 
@@ -20,6 +21,10 @@ use std::time::Duration;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Gauge, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
+pub use self::dns::{
+    dkim_signed, dns_cache, dns_query, sender_auth, AuthMethod, AuthOutcome, DnsCacheKind, DnsResult, SignResult,
+    DKIM_SIGNED_TOTAL, DNS_CACHE_TOTAL, DNS_QUERIES_TOTAL, SENDER_AUTH_TOTAL,
+};
 pub use self::http::{serve, serve_with_admin, HttpAuth};
 pub use self::labels::{
     ArchiveMode, AuthMechanism, AuthResult, ConnResult, CopyResult, ExpiryReason, GreylistResult, Limit,
@@ -199,6 +204,7 @@ pub fn install() -> Result<PrometheusHandle, MetricsError> {
 /// `increase` sees the first event (a series born at 1 has no increase) and the names are in `/metrics`
 /// before anything happened. Per-listener families start in [`listener_started`].
 fn initialise_series() {
+    dns::initialise();
     counter!(SPOOL_SPILLED_TOTAL).absolute(0);
     counter!(AUDIT_RECORDS_DROPPED_TOTAL).absolute(0);
     counter!(AUTH_LOCKOUTS_TOTAL).absolute(0);
@@ -330,6 +336,10 @@ const FAMILIES: &[(&str, Kind, Unit, &str)] = &[
     (ARCHIVE_BYTES, Kind::Gauge, Unit::Bytes, "Bytes the archive directory holds."),
     (ARCHIVE_EXPIRED_TOTAL, Kind::Counter, Unit::Count, "Archive files expired, by reason."),
     (BUILD_INFO, Kind::Gauge, Unit::Count, "Always 1; the version label carries the build version."),
+    (DNS_QUERIES_TOTAL, Kind::Counter, Unit::Count, "DNS list queries, by zone and result."),
+    (DNS_CACHE_TOTAL, Kind::Counter, Unit::Count, "DNS cache lookups, by cache and hit or miss."),
+    (SENDER_AUTH_TOTAL, Kind::Counter, Unit::Count, "SPF, DKIM, DMARC and ARC results, by method and result."),
+    (DKIM_SIGNED_TOTAL, Kind::Counter, Unit::Count, "Submissions DKIM-signed, by result."),
 ];
 
 fn describe() {

@@ -41,6 +41,8 @@ pub enum ServerError {
     Metrics(#[source] std::io::Error),
     #[error("cannot set up the metrics listener's credentials")]
     MetricsAuth(#[source] crate::metrics::MetricsError),
+    #[error("cannot set up DNS lists, sender authentication or DKIM signing: {0}")]
+    DnsStages(String),
     #[error("cannot load the users file")]
     Auth(#[source] crate::auth::store::StoreError),
     #[error("cannot load the rules:\n{}", crate::rules::format_errors(.0))]
@@ -301,6 +303,7 @@ fn build_pipeline(
     if let Some((handle, _)) = &loaded {
         stages.push(Arc::new(crate::pipeline::limits::LimitsStage::new(handle.clone(), store.clone())));
     }
+    stages.extend(crate::pipeline::dns_stages::stages(config, shutdown).map_err(ServerError::DnsStages)?);
     if let Some(a) = accounts {
         stages.push(a);
     }

@@ -162,7 +162,10 @@ fn fifty_mib_message_with_flat_memory() {
     let expect_min = sent - sent / line.len();
     assert!(msgs[0].len() >= expect_min, "delivered {} bytes, sent {sent}", msgs[0].len());
     eprintln!("moat peak RSS: before {before} KiB, after a 50 MiB message {peak} KiB");
-    assert!(peak < 24 * 1024, "peak RSS {peak} KiB is not far below the 50 MiB message");
+    // What must hold is that memory does not follow the message: the peak grows by little over the
+    // baseline (which now includes the resolver, rules and state of an idle moat).
+    assert!(peak.saturating_sub(before) < 8 * 1024, "RSS grew from {before} to {peak} KiB for a 50 MiB message");
+    assert!(peak < 40 * 1024, "peak RSS {peak} KiB is not far below the 50 MiB message");
 }
 
 /// With `upstream.identity = "proxy-v2"` and Postfix's `smtpd_upstream_proxy_protocol = haproxy`, Postfix

@@ -7,11 +7,14 @@
 pub mod accounts;
 pub mod archive;
 pub mod auth;
+pub mod dkim;
+pub mod dns;
 pub mod limits;
 pub mod listener;
 pub mod observability;
 pub mod quarantine;
 pub mod rules;
+pub mod sender_auth;
 pub mod server;
 pub mod spool;
 pub mod state;
@@ -28,10 +31,13 @@ use units::secs;
 
 pub use accounts::AccountsConfig;
 pub use auth::AuthConfig;
+pub use dkim::{DkimConfig, DkimSignConfig};
+pub use dns::{DnsConfig, OnDnsError, RhsTarget, ZoneConfig, ZoneKind};
 pub use limits::{BareLineEndings, Limits, MAX_COMMAND_LINE_CAP};
 pub use listener::{ListenerConfig, ListenerMode, Role};
 pub use observability::{AuditConfig, LogConfig, LogFormat, MetricsConfig};
 pub use rules::{OversizePolicy, RulesConfig};
+pub use sender_auth::SenderAuthConfig;
 pub use server::{ServerConfig, MAX_REVERSE_DNS_LOOKUPS_CAP};
 pub use spool::SpoolConfig;
 pub use state::{StateBackend, StateConfig};
@@ -62,6 +68,9 @@ pub struct Config {
     pub quarantine: quarantine::QuarantineConfig,
     pub archive: archive::ArchiveConfig,
     pub accounts: AccountsConfig,
+    pub dns: DnsConfig,
+    pub sender_auth: SenderAuthConfig,
+    pub dkim: DkimConfig,
 }
 
 /// `[relay]`: where unauthenticated mail may go.
@@ -129,6 +138,9 @@ impl Default for Config {
             quarantine: Default::default(),
             archive: Default::default(),
             accounts: AccountsConfig::default(),
+            dns: DnsConfig::default(),
+            sender_auth: SenderAuthConfig::default(),
+            dkim: DkimConfig::default(),
         }
     }
 }
@@ -233,6 +245,9 @@ impl Config {
             ("quarantine", self.quarantine.problems()),
             ("archive", self.archive.problems()),
             ("accounts", self.accounts.problems()),
+            ("dns", self.dns.problems()),
+            ("sender_auth", self.sender_auth.problems()),
+            ("dkim", self.dkim.problems()),
         ];
         // Across sections.
         if self.listeners.iter().any(|l| l.address == self.upstream.address) {

@@ -255,6 +255,9 @@ impl Driver {
             return (reply, label, None);
         }
         let mut prefix = self.prefix(txn);
+        if let Some(req) = txn.ctx.ext.remove::<crate::dkim::SignRequest>() {
+            prefix.push_str(&crate::dkim::sign_spool(&req, &mut txn.spool).await.unwrap_or_default());
+        }
         let splice = match Self::subject_edit(txn) {
             SubjectEdit::Replace(s) => Some(s),
             SubjectEdit::Add(line) => {
@@ -263,6 +266,8 @@ impl Driver {
             }
             SubjectEdit::Keep => None,
         };
+        let removals = txn.ctx.ext.get::<crate::pipeline::header_edit::RemoveFields>().map(|r| r.0.as_slice());
+        let splice = crate::pipeline::header_edit::merge(header_section(&txn.head), splice, removals.unwrap_or(&[]));
         let archived = match self.archive_copy(txn).await {
             Ok(a) => a,
             Err(r) => return (r, MessageVerdict::Tempfailed, None),

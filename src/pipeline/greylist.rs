@@ -66,6 +66,7 @@ fn applies(set: &RuleSet, g: &Greylist, conn: &ConnInfo, txn: &TxnContext, rcpt:
         rcpts: &one,
         size: 0,
         content: None,
+        auth: None,
     };
     g.when.as_ref().is_none_or(|c| set.holds(c, &facts)) && !g.unless.as_ref().is_some_and(|c| set.holds(c, &facts))
 }

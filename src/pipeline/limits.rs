@@ -161,6 +161,7 @@ fn facts<'a>(conn: &'a ConnInfo, v: KeyValues<'a>, rcpts: &'a [String], size: u6
         rcpts,
         size,
         content: None,
+        auth: None,
     }
 }
 

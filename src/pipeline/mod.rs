@@ -22,11 +22,15 @@ use crate::smtp::Reply;
 
 pub mod accounts;
 mod context;
+pub mod dns_stages;
+pub mod dnsbl;
 pub mod ext;
 pub mod greylist;
+pub mod header_edit;
 pub mod limits;
 pub mod lookup;
 pub mod rules;
+pub mod sender_auth;
 pub mod stage;
 pub mod subject;
 

@@ -401,6 +401,7 @@ fn facts<'a>(
         rcpts,
         size,
         content,
+        auth: None,
     }
 }
 
@@ -414,6 +415,7 @@ struct OwnedFacts {
     mail_from: String,
     rcpts: Vec<String>,
     size: u64,
+    auth: Option<crate::rules::auth_facts::AuthFacts>,
 }
 
 impl OwnedFacts {
@@ -427,6 +429,7 @@ impl OwnedFacts {
             mail_from: state.mail_from.clone(),
             rcpts: state.rcpts.clone(),
             size,
+            auth: txn.ext.get::<crate::rules::auth_facts::AuthFacts>().cloned(),
         }
     }
 
@@ -441,6 +444,7 @@ impl OwnedFacts {
             rcpts: &self.rcpts,
             size: self.size,
             content: Some(content),
+            auth: self.auth.as_ref(),
         };
         set.hits(phase, &f)
     }

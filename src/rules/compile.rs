@@ -364,6 +364,7 @@ pub(super) fn cond(
     if let Some(l) = &c.in_list {
         out.push(in_list(l, lists).map_err(|m| err(src, spec, m))?);
     }
+    auth_leaves(c, &mut out).map_err(|m| err(src, spec, m))?;
     match out.len() {
         1 => Ok(out.remove(0)),
         0 => Err(err(src, spec, "empty condition: set one of all, any, not or a condition key")),
@@ -482,4 +483,29 @@ fn field_regex(patterns: Vec<&str>) -> Result<regex_automata::meta::Regex, Box<r
         .nfa_size_limit(Some(1 << 30))
         .hybrid_cache_capacity(64 << 20);
     regex_automata::meta::Regex::builder().configure(config).build_many(&patterns).map_err(Box::new)
+}
+
+/// The DNS list and sender-authentication conditions (`dnsbl`, `spf`, `dmarc_policy`, ...).
+fn auth_leaves(c: &CondSpec, out: &mut Vec<Cond>) -> Result<(), String> {
+    use super::auth_facts::AuthKey;
+    let keys = [
+        (AuthKey::Dnsbl, &c.dnsbl),
+        (AuthKey::Uribl, &c.uribl),
+        (AuthKey::Spf, &c.spf),
+        (AuthKey::SpfHelo, &c.spf_helo),
+        (AuthKey::Dkim, &c.dkim),
+        (AuthKey::Dmarc, &c.dmarc),
+        (AuthKey::DmarcPolicy, &c.dmarc_policy),
+        (AuthKey::Arc, &c.arc),
+    ];
+    for (key, spec) in keys {
+        let values = match spec {
+            Some(StrOrList::One(v)) => vec![v.clone()],
+            Some(StrOrList::Many(v)) => v.clone(),
+            None => continue,
+        };
+        key.check(&values)?;
+        out.push(Cond::Leaf(Leaf::Auth { key, values }));
+    }
+    Ok(())
 }

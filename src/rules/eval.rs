@@ -25,6 +25,8 @@ pub struct Facts<'a> {
     pub rcpts: &'a [String],
     pub size: u64,
     pub content: Option<&'a Content>,
+    /// DNS list and sender-authentication results (end of data).
+    pub auth: Option<&'a super::auth_facts::AuthFacts>,
 }
 
 fn domain_of(addr: &str) -> &str {
@@ -150,6 +152,7 @@ impl Eval<'_, '_> {
             Leaf::ArchiveEncrypted => content.is_some_and(|c| c.archive_encrypted),
             Leaf::MissingHeader(h) => content.is_some_and(|c| c.header(h).all(|v| v.trim().is_empty())),
             Leaf::InList { list, field } => self.in_list(*list, *field),
+            Leaf::Auth { key, values } => facts.auth.is_some_and(|a| a.has(*key, values)),
         }
     }
 

@@ -6,6 +6,7 @@
 //! MAIL and is judged by it to the end, whatever reloads happen meanwhile (DESIGN.md invariant 6). The
 //! pipeline stage that applies it is `pipeline::rules`. The format is documented in `docs/rules.md`.
 
+pub mod auth_facts;
 pub mod compile;
 pub mod content;
 pub mod eval;
@@ -170,6 +171,11 @@ pub enum Leaf {
     InList {
         list: usize,
         field: ListField,
+    },
+    /// A DNS list or sender-authentication fact has one of the values (see [`auth_facts`]).
+    Auth {
+        key: auth_facts::AuthKey,
+        values: Vec<String>,
     },
 }
 

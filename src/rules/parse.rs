@@ -195,6 +195,20 @@ pub struct CondSpec {
     pub body_words: Option<Vec<String>>,
     pub missing_header: Option<String>,
     pub in_list: Option<InListSpec>,
+    /// Names of DNS list zones (`dnsbl`, `dnswl`, `rhsbl`) that listed the client or its names.
+    pub dnsbl: Option<StrOrList>,
+    /// Names of `uribl` zones that listed a URL domain of the body.
+    pub uribl: Option<StrOrList>,
+    /// SPF result(s) of the MAIL FROM identity.
+    pub spf: Option<StrOrList>,
+    /// SPF result(s) of the HELO identity.
+    pub spf_helo: Option<StrOrList>,
+    /// DKIM result(s): any signature with one of them.
+    pub dkim: Option<StrOrList>,
+    pub dmarc: Option<StrOrList>,
+    /// The From domain's DMARC policy: `none`, `quarantine`, `reject`.
+    pub dmarc_policy: Option<StrOrList>,
+    pub arc: Option<StrOrList>,
 }
 
 /// `[[list]]`.

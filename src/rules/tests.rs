@@ -30,6 +30,7 @@ fn facts<'a>(content: Option<&'a Content>, rcpts: &'a [String]) -> Facts<'a> {
         rcpts,
         size: 100,
         content,
+        auth: None,
     }
 }
 

@@ -5,6 +5,7 @@
 // runtime, so `std::thread::sleep` (disallowed in clippy.toml for async code) is deliberate here.
 #![allow(clippy::disallowed_methods)]
 
+pub mod dnsmasq;
 pub mod fake;
 pub mod moat;
 pub mod moat_process;

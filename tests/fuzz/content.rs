@@ -266,6 +266,7 @@ fn message_scan() {
             rcpts: &[],
             size: raw.len() as u64,
             content: Some(&c),
+            auth: None,
         };
         let _ = set.hits(Phase::Headers, &facts);
         let _ = set.hits(Phase::Data, &facts);

@@ -168,6 +168,7 @@ fn rule_files() {
                     rcpts: &rcpts,
                     size: msg.len() as u64,
                     content: Some(&content),
+                    auth: None,
                 };
                 for phase in [Phase::Connect, Phase::Mail, Phase::Rcpt, Phase::Headers, Phase::Data] {
                     let _ = set.hits(phase, &facts);
