@@ -4,6 +4,8 @@
 #   a) 5000 messages x 10 KiB, 20 sessions, a new connection per message
 #   b) the same, with connections reused (smtp-source -d: "don't disconnect after sending a message")
 #   c) 500 messages x 1 MiB, 4 sessions, a new connection per message
+#   p) 2000 messages x 10 KiB, 4 sessions, reused connections, the client pipelining MAIL+RCPT+DATA
+#      (scripts/bench-pipelining-client.py: smtp-source never pipelines, real MTAs do)
 # Each shape runs direct, through moat without rules and through moat with the shipped rules (two moat
 # processes, started side by side), unpinned and pinned (BENCH_PIN), all in one run. For each: msgs/s,
 # moat/direct throughput ratio, and the CPU per message (from /proc/PID/stat utime+stime) of moat and of
@@ -34,7 +36,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/scripts/bench-lib.sh"
 MOAT_BIN=${MOAT_BIN:-$ROOT/target/release/moat}
 CONFIG_SRC=${BENCH_CONFIG:-$ROOT/config/moat.toml}
-SHAPES=${BENCH_SHAPES:-a b c}
+SHAPES=${BENCH_SHAPES:-a b c p}
 PINS=${BENCH_PIN:-0 1}
 VARIANTS=${BENCH_RULES:-off on}
 REPEAT=${BENCH_REPEAT:-1}
@@ -200,9 +202,14 @@ run() {
     s0=$(cpu_ticks "$SINK_PID")
     [ -n "$mpid" ] && m0=$(cpu_ticks "$mpid")
     t0=$(now)
-    # shellcheck disable=SC2086
-    timeout 900 ${PEERS_CPU[@]+"${PEERS_CPU[@]}"} "$SMTP_SOURCE" -4 $flags -s "$sessions" -m "$count" -l "$size" \
-        -M bench.example -f sender@bench.example -t rcpt@sink.example "127.0.0.1:$port" >"$WORK/source.log" 2>&1 || rc=$?
+    if [ "$flags" = pipelining ]; then
+        timeout 900 ${PEERS_CPU[@]+"${PEERS_CPU[@]}"} "$PY" "$ROOT/scripts/bench-pipelining-client.py" 127.0.0.1 "$port" \
+            "$sessions" "$count" "$size" 1 >"$WORK/source.log" 2>&1 || rc=$?
+    else
+        # shellcheck disable=SC2086
+        timeout 900 ${PEERS_CPU[@]+"${PEERS_CPU[@]}"} "$SMTP_SOURCE" -4 $flags -s "$sessions" -m "$count" -l "$size" \
+            -M bench.example -f sender@bench.example -t rcpt@sink.example "127.0.0.1:$port" >"$WORK/source.log" 2>&1 || rc=$?
+    fi
     t1=$(now)
     s1=$(cpu_ticks "$SINK_PID")
     [ -n "$mpid" ] && m1=$(cpu_ticks "$mpid")
@@ -255,19 +262,22 @@ for _ in $(seq 1 "$REPEAT"); do
         wanted a && shape a 5000 10240 20 "" "$p"
         wanted b && shape b 5000 10240 20 "-d" "$p"
         wanted c && shape c 500 1048576 4 "" "$p"
+        wanted p && shape p 2000 10240 4 pipelining "$p"
     done
 done
 
 echo
 echo "shapes: a = 10 KiB, 20 sessions, new connection per message; b = the same over reused connections (-d);"
-echo "        c = 1 MiB, 4 sessions, new connection per message. pin 1 = source+sink on CPU 0, moat on CPU 1."
+echo "        c = 1 MiB, 4 sessions, new connection per message; p = 10 KiB, 4 reused sessions, pipelining client."
+echo "pin 1 = source+sink on CPU 0, moat on CPU 1."
 echo "thru = msgs/s through moat / msgs/s direct; moat/sink = moat's CPU per message / smtp-sink's (same run)."
 if [ -n "$REPEAT" ] && [ "$REPEAT" -gt 1 ]; then
     echo
     echo "medians of moat/sink over $REPEAT repetitions:"
-    awk '$3 != "direct" { k = $1 " pin" $2 " " $3; v[k] = v[k] " " $10 }
-        END { for (k in v) { n = split(v[k], a, " "); asort(a); printf "  %-22s %s  (all:%s)\n", k, a[int((n + 1) / 2)], v[k] } }' \
-        "$WORK/results.txt" | sort
+    awk '$3 != "direct" && $10 != "-" { print $1 " pin" $2 " " $3, $10 }' "$WORK/results.txt" | sort -k1,3 -k4n |
+        awk '{ k = $1 " " $2 " " $3; if (k != last && last != "") flush(); last = k; v[++n] = $4 }
+            function flush() { printf "  %-22s %s  (all: ", last, v[int((n + 1) / 2)]; for (i = 1; i <= n; i++) printf "%s%s", v[i], (i < n ? " " : ")\n"); n = 0 }
+            END { if (n) flush() }'
 fi
 echo
 for v in $VARIANTS; do
