@@ -35,8 +35,9 @@ use crate::upstream::{ClientIdentity, Connection, Pool, Stream, UpstreamError};
 
 /// Bytes read from the client at a time; the read buffer never holds more than this plus one command line.
 const READ_CHUNK: usize = 16 * 1024;
-/// Bytes read at a time while message data flows: four times fewer reads per MiB than [`READ_CHUNK`] when
-/// the client keeps the socket full. The buffer goes back to the small size when the message is done.
+/// Bytes read at a time while message data flows faster than it is read (the last read filled the
+/// buffer): four times fewer reads per MiB than [`READ_CHUNK`]. The buffer goes back to the small size when
+/// the message is done; small messages never grow it.
 const DATA_READ_CHUNK: usize = 64 * 1024;
 /// Most of a message's header section kept for the pipeline and audit (the rest is only spooled).
 const MAX_HEAD: usize = 64 * 1024;
@@ -134,6 +135,8 @@ struct Driver {
     ident_stale: bool,
     /// The HELO name the stages were last told about ([`Pipeline::helo`]).
     helo_seen: Option<String>,
+    /// The last read filled all the room in `rbuf`: more is waiting, a larger read is worth it.
+    rbuf_filled: bool,
 }
 
 /// Serves one accepted connection to its end. `io` is the raw TCP stream (TLS is layered here).
@@ -177,6 +180,7 @@ pub async fn serve(
         txn_seq: 0,
         ident_stale: false,
         helo_seen: None,
+        rbuf_filled: false,
         conn_id,
         ctx,
     };
@@ -566,10 +570,14 @@ impl Driver {
             (limit, CloseReason::Idle, limit_name)
         };
         let in_data = matches!(limit_name, crate::metrics::Limit::DataTimeout);
-        self.rbuf.reserve(if in_data { DATA_READ_CHUNK } else { READ_CHUNK });
+        self.rbuf.reserve(if in_data && self.rbuf_filled { DATA_READ_CHUNK } else { READ_CHUNK });
+        let room = self.rbuf.capacity() - self.rbuf.len();
         match tokio::time::timeout(wait, self.io.read_buf(&mut self.rbuf)).await {
             Ok(Ok(0)) => Err(Stop::Close(CloseReason::PeerClosed)),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(n)) => {
+                self.rbuf_filled = n == room;
+                Ok(())
+            }
             Ok(Err(e)) => {
                 debug!(error = %e, "read failed");
                 Err(Stop::Close(CloseReason::Io))
