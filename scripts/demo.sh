@@ -64,6 +64,8 @@ install_packages() {
     local missing=()
     command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || missing+=(postfix)
     command -v swaks >/dev/null 2>&1 || missing+=(swaks)
+    # swaks --tls needs Net::SSLeay, which is only a "recommends" of the swaks package.
+    dpkg -s libnet-ssleay-perl >/dev/null 2>&1 || missing+=(libnet-ssleay-perl)
     [ ${#missing[@]} -eq 0 ] && return 0
     [ "$(id -u)" = 0 ] || die "need root to install ${missing[*]} (or install them yourself)"
     say "installing ${missing[*]}"

@@ -9,9 +9,13 @@ use moat::config::{Config, LogFormat};
 use tracing::{error, info, warn};
 
 const USAGE: &str = "usage: moat <serve|check> [--config FILE] | moat user ... (see moat user --help)\n\
+  | moat quarantine ... (list, show, release, delete, purge; see docs/quarantine.md)\n\
   serve   run the proxy (default config: config/moat.toml)\n\
   check   validate the configuration and everything it points at; print every problem\n\
   --version";
+
+/// The exit code when the shutdown grace period cut sessions off (systemd logs it as a failed stop).
+const EXIT_CUT_OFF: u8 = 3;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -26,6 +30,9 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         };
+    }
+    if args.first().map(String::as_str) == Some("quarantine") {
+        return moat::quarantine::cli::main(&args[1..]);
     }
     let (cmd, config) = match parse_args(&args) {
         Ok(x) => x,
@@ -122,7 +129,11 @@ fn serve(path: &std::path::Path) -> ExitCode {
         };
         info!(config = %path.display(), version = env!("CARGO_PKG_VERSION"), "moat started");
         signals(&running).await;
-        running.stop().await;
+        let stopped = running.stop().await;
+        if stopped.cut_off > 0 {
+            // Distinct from a start-up failure (1): the service ran, but its drain was cut short.
+            return ExitCode::from(EXIT_CUT_OFF);
+        }
         ExitCode::SUCCESS
     })
 }

@@ -22,8 +22,8 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 
 pub use self::http::{serve, HttpAuth};
 pub use self::labels::{
-    AuthMechanism, AuthResult, ConnResult, Limit, MessageVerdict, RcptResult, ReloadResult, TlsResult, TlsVersion,
-    UpstreamErrorKind, UpstreamPhase, Verb,
+    ArchiveMode, AuthMechanism, AuthResult, ConnResult, CopyResult, ExpiryReason, Limit, MessageVerdict, RcptResult,
+    ReloadResult, TlsResult, TlsVersion, UpstreamErrorKind, UpstreamPhase, Verb,
 };
 use crate::smtp::session::CloseReason;
 
@@ -61,9 +61,13 @@ pub const UPSTREAM_REPLIES_TOTAL: &str = "moat_upstream_replies_total";
 pub const UPSTREAM_UP: &str = "moat_upstream_up";
 /// Idle upstream connections in the pool.
 pub const UPSTREAM_POOL_IDLE: &str = "moat_upstream_pool_idle";
+/// Open upstream connections (in use or idle in the pool), under `upstream.max_connections`.
+pub const UPSTREAM_CONNECTIONS: &str = "moat_upstream_connections";
+/// Clients that waited `upstream.connection_wait` for an upstream connection and got `451 4.3.2`.
+pub const UPSTREAM_CONNECTION_WAIT_TIMEOUTS_TOTAL: &str = "moat_upstream_connection_wait_timeouts_total";
 /// AUTH attempts, by mechanism and result.
 pub const AUTH_ATTEMPTS_TOTAL: &str = "moat_auth_attempts_total";
-/// Client IPs or login names locked out after too many AUTH failures.
+/// Clients locked out, or login names throttled for unknown clients, after too many AUTH failures.
 pub const AUTH_LOCKOUTS_TOTAL: &str = "moat_auth_lockouts_total";
 /// Time each pipeline stage took, per hook call.
 pub const STAGE_SECONDS: &str = "moat_stage_seconds";
@@ -77,6 +81,8 @@ pub const TLS_CERTIFICATE_EXPIRY: &str = "moat_tls_certificate_expiry_timestamp_
 pub const TLS_RELOAD_TOTAL: &str = "moat_tls_reload_total";
 /// Users-file reloads, by result.
 pub const USERS_RELOAD_TOTAL: &str = "moat_users_reload_total";
+/// Message bytes in the spool's spill files.
+pub const SPOOL_DISK_BYTES: &str = "moat_spool_disk_bytes";
 /// Message bytes the spool holds in memory.
 pub const SPOOL_MEMORY_BYTES: &str = "moat_spool_memory_bytes";
 /// Messages the spool moved to a temporary file.
@@ -85,6 +91,20 @@ pub const SPOOL_SPILLED_TOTAL: &str = "moat_spool_spilled_total";
 pub const AUDIT_RECORDS_DROPPED_TOTAL: &str = "moat_audit_records_dropped_total";
 /// Client connections that went on without a reverse DNS name because the lookup was skipped, by reason.
 pub const REVERSE_DNS_SKIPPED_TOTAL: &str = "moat_reverse_dns_skipped_total";
+/// Items in the quarantine store (as of its last sweep).
+pub const QUARANTINE_ITEMS: &str = "moat_quarantine_items";
+/// Bytes the quarantine store holds (messages and sidecars).
+pub const QUARANTINE_BYTES: &str = "moat_quarantine_bytes";
+/// Quarantine writes, by result.
+pub const QUARANTINE_WRITES_TOTAL: &str = "moat_quarantine_writes_total";
+/// Quarantined items expired, by reason.
+pub const QUARANTINE_EXPIRED_TOTAL: &str = "moat_quarantine_expired_total";
+/// Archive copies, by mode and result.
+pub const ARCHIVE_COPIES_TOTAL: &str = "moat_archive_copies_total";
+/// Bytes the archive directory holds.
+pub const ARCHIVE_BYTES: &str = "moat_archive_bytes";
+/// Archive files expired, by reason.
+pub const ARCHIVE_EXPIRED_TOTAL: &str = "moat_archive_expired_total";
 /// Always 1; the `version` label carries the build's version.
 pub const BUILD_INFO: &str = "moat_build_info";
 
@@ -174,6 +194,7 @@ fn initialise_series() {
     counter!(SPOOL_SPILLED_TOTAL).absolute(0);
     counter!(AUDIT_RECORDS_DROPPED_TOTAL).absolute(0);
     counter!(AUTH_LOCKOUTS_TOTAL).absolute(0);
+    counter!(UPSTREAM_CONNECTION_WAIT_TIMEOUTS_TOTAL).absolute(0);
     for &mechanism in AuthMechanism::ALL {
         for &result in AuthResult::ALL {
             counter!(AUTH_ATTEMPTS_TOTAL, "mechanism" => mechanism.as_str(), "result" => result.as_str()).absolute(0);
@@ -192,6 +213,16 @@ fn initialise_series() {
     }
     for &reason in ReverseDnsSkip::ALL {
         counter!(REVERSE_DNS_SKIPPED_TOTAL, "reason" => reason.as_str()).absolute(0);
+    }
+    for &result in CopyResult::ALL {
+        counter!(QUARANTINE_WRITES_TOTAL, "result" => result.as_str()).absolute(0);
+        for &mode in ArchiveMode::ALL {
+            counter!(ARCHIVE_COPIES_TOTAL, "mode" => mode.as_str(), "result" => result.as_str()).absolute(0);
+        }
+    }
+    for &reason in ExpiryReason::ALL {
+        counter!(QUARANTINE_EXPIRED_TOTAL, "reason" => reason.as_str()).absolute(0);
+        counter!(ARCHIVE_EXPIRED_TOTAL, "reason" => reason.as_str()).absolute(0);
     }
 }
 
@@ -245,6 +276,13 @@ const FAMILIES: &[(&str, Kind, Unit, &str)] = &[
     (UPSTREAM_REPLIES_TOTAL, Kind::Counter, Unit::Count, "Upstream replies, by phase and reply class."),
     (UPSTREAM_UP, Kind::Gauge, Unit::Count, "1 when the upstream answered its last check, else 0."),
     (UPSTREAM_POOL_IDLE, Kind::Gauge, Unit::Count, "Idle upstream connections in the pool."),
+    (UPSTREAM_CONNECTIONS, Kind::Gauge, Unit::Count, "Open upstream connections, in use or idle."),
+    (
+        UPSTREAM_CONNECTION_WAIT_TIMEOUTS_TOTAL,
+        Kind::Counter,
+        Unit::Count,
+        "Clients refused with 451 4.3.2 after waiting for an upstream connection.",
+    ),
     (AUTH_ATTEMPTS_TOTAL, Kind::Counter, Unit::Count, "AUTH attempts, by mechanism and result."),
     (AUTH_LOCKOUTS_TOTAL, Kind::Counter, Unit::Count, "Lockouts after too many AUTH failures."),
     (STAGE_SECONDS, Kind::Histogram, Unit::Seconds, "Time a pipeline stage took for one hook call."),
@@ -254,9 +292,17 @@ const FAMILIES: &[(&str, Kind, Unit, &str)] = &[
     (TLS_RELOAD_TOTAL, Kind::Counter, Unit::Count, "Certificate reloads, by result."),
     (USERS_RELOAD_TOTAL, Kind::Counter, Unit::Count, "Users-file reloads, by result."),
     (SPOOL_MEMORY_BYTES, Kind::Gauge, Unit::Bytes, "Message bytes the spool holds in memory."),
+    (SPOOL_DISK_BYTES, Kind::Gauge, Unit::Bytes, "Message bytes in the spool's spill files."),
     (SPOOL_SPILLED_TOTAL, Kind::Counter, Unit::Count, "Messages the spool moved to a temporary file."),
     (AUDIT_RECORDS_DROPPED_TOTAL, Kind::Counter, Unit::Count, "Audit records dropped (queue full or write failed)."),
     (REVERSE_DNS_SKIPPED_TOTAL, Kind::Counter, Unit::Count, "Connections left without a reverse DNS name, by reason."),
+    (QUARANTINE_ITEMS, Kind::Gauge, Unit::Count, "Items in the quarantine store."),
+    (QUARANTINE_BYTES, Kind::Gauge, Unit::Bytes, "Bytes the quarantine store holds."),
+    (QUARANTINE_WRITES_TOTAL, Kind::Counter, Unit::Count, "Quarantine writes, by result."),
+    (QUARANTINE_EXPIRED_TOTAL, Kind::Counter, Unit::Count, "Quarantined items expired, by reason."),
+    (ARCHIVE_COPIES_TOTAL, Kind::Counter, Unit::Count, "Archive copies, by mode and result."),
+    (ARCHIVE_BYTES, Kind::Gauge, Unit::Bytes, "Bytes the archive directory holds."),
+    (ARCHIVE_EXPIRED_TOTAL, Kind::Counter, Unit::Count, "Archive files expired, by reason."),
     (BUILD_INFO, Kind::Gauge, Unit::Count, "Always 1; the version label carries the build version."),
 ];
 
@@ -402,7 +448,7 @@ pub fn auth_attempt(mechanism: &str, result: AuthResult) {
     counter!(AUTH_ATTEMPTS_TOTAL, "mechanism" => mechanism.as_str(), "result" => result.as_str()).increment(1);
 }
 
-/// Counts a lockout (a client IP or login name locked after too many AUTH failures).
+/// Counts a lockout (a client locked, or a login name throttled, after too many AUTH failures).
 pub fn auth_lockout() {
     counter!(AUTH_LOCKOUTS_TOTAL).increment(1);
 }
@@ -410,6 +456,16 @@ pub fn auth_lockout() {
 /// Sets the number of idle pooled upstream connections.
 pub fn upstream_pool_idle(idle: usize) {
     gauge!(UPSTREAM_POOL_IDLE).set(idle as f64);
+}
+
+/// Sets the number of open upstream connections.
+pub fn upstream_connections(open: usize) {
+    gauge!(UPSTREAM_CONNECTIONS).set(open as f64);
+}
+
+/// Counts a client that waited too long for an upstream connection.
+pub fn upstream_connection_wait_timeout() {
+    counter!(UPSTREAM_CONNECTION_WAIT_TIMEOUTS_TOTAL).increment(1);
 }
 
 /// Records one stage hook's duration. `stage` is the stage's static name (closed by the code, not by input).
@@ -448,8 +504,45 @@ pub fn spool_memory(bytes: usize) {
 }
 
 /// Counts a message spilled from memory to a temporary file.
+/// Sets the bytes in spill files.
+pub fn spool_disk(bytes: u64) {
+    gauge!(SPOOL_DISK_BYTES).set(bytes as f64);
+}
+
+/// Counts a message moved to a spill file.
 pub fn spool_spilled() {
     counter!(SPOOL_SPILLED_TOTAL).increment(1);
+}
+
+/// Counts a quarantine write.
+pub fn quarantine_write(result: CopyResult) {
+    counter!(QUARANTINE_WRITES_TOTAL, "result" => result.as_str()).increment(1);
+}
+
+/// Sets the quarantine store's size.
+pub fn quarantine_size(items: usize, bytes: u64) {
+    gauge!(QUARANTINE_ITEMS).set(items as f64);
+    gauge!(QUARANTINE_BYTES).set(bytes as f64);
+}
+
+/// Counts quarantined items that expired.
+pub fn quarantine_expired(reason: ExpiryReason, n: u64) {
+    counter!(QUARANTINE_EXPIRED_TOTAL, "reason" => reason.as_str()).increment(n);
+}
+
+/// Counts an archive copy.
+pub fn archive_copy(mode: ArchiveMode, result: CopyResult) {
+    counter!(ARCHIVE_COPIES_TOTAL, "mode" => mode.as_str(), "result" => result.as_str()).increment(1);
+}
+
+/// Sets the archive directory's size.
+pub fn archive_size(bytes: u64) {
+    gauge!(ARCHIVE_BYTES).set(bytes as f64);
+}
+
+/// Counts archive files that expired.
+pub fn archive_expired(reason: ExpiryReason, n: u64) {
+    counter!(ARCHIVE_EXPIRED_TOTAL, "reason" => reason.as_str()).increment(n);
 }
 
 /// Counts an audit record that was dropped.

@@ -14,10 +14,11 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::audit::{AuditDestination, AuditSink};
+use crate::client_key::{ClientKey, ClientKeys};
 use crate::config::{Config, ListenerConfig, ListenerMode};
+use crate::conn::{self, ListenerContext, ReverseDns};
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
-use crate::smtp::conn::{self, ListenerContext, ReverseDns};
 use crate::smtp::session::SessionConfig;
 use crate::smtp::Reply;
 use crate::spool::SpoolBudget;
@@ -70,48 +71,66 @@ impl Running {
         self.listeners.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
     }
 
-    /// Stops accepting, lets sessions finish within the grace period, then returns.
-    pub async fn stop(self) {
+    /// Stops accepting, lets sessions finish within the grace period, then returns how it went.
+    pub async fn stop(self) -> Stopped {
         info!(grace = ?self.grace, "shutting down");
-        let cut = self.shutdown.drain(self.grace).await;
-        if cut > 0 {
-            warn!(sessions = cut, "grace period over; sessions cut off");
+        let cut_off = self.shutdown.drain(self.grace).await;
+        if cut_off > 0 {
+            // Their clients got no reply for the transaction in flight and will retry; nothing half-sent
+            // was queued upstream. Still an operator wants to know (a grace period too short for the
+            // traffic), so it is an error and the exit code says it too.
+            error!(sessions = cut_off, grace = ?self.grace, "grace period over; sessions cut off");
         }
         self.audit.close().await;
         info!("stopped");
+        Stopped { cut_off }
     }
 }
 
-/// Per-IP connection counts; a [`IpSlot`] gives its count back when dropped.
+/// How a stop went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stopped {
+    /// Sessions still running when the grace period ended, dropped mid-transaction.
+    pub cut_off: usize,
+}
+
+/// Per-client connection counts, by [`ClientKey`] (IPv6 per prefix); a [`IpSlot`] gives its count back
+/// when dropped.
 #[derive(Default)]
 struct PerIp {
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    keys: ClientKeys,
+    counts: Mutex<HashMap<ClientKey, usize>>,
 }
 
 struct IpSlot {
-    ip: IpAddr,
+    key: ClientKey,
     table: Arc<PerIp>,
 }
 
 impl PerIp {
+    fn new(keys: ClientKeys) -> PerIp {
+        PerIp { keys, counts: Mutex::default() }
+    }
+
     fn acquire(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
+        let key = self.keys.key(ip);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counts.entry(ip).or_insert(0);
+        let n = counts.entry(key).or_insert(0);
         if *n >= max {
             return None;
         }
         *n += 1;
-        Some(IpSlot { ip, table: self.clone() })
+        Some(IpSlot { key, table: self.clone() })
     }
 }
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
         let mut counts = self.table.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.get_mut(&self.ip) {
+        if let Some(n) = counts.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                counts.remove(&self.ip);
+                counts.remove(&self.key);
             }
         }
     }
@@ -152,6 +171,8 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     }
     let store = crate::state::open(&config.state);
     let (rules, pipeline) = build_pipeline(config, &shutdown, &store)?;
+    let quarantine = rules.as_ref().map(|_| crate::quarantine::start(config, &hostname, shutdown.soft.clone()));
+    let archive = crate::archive::Archive::start(&config.archive, &hostname, shutdown.soft.clone());
     let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
     let pool = Pool::new(settings);
     pool.report_health(ready.clone());
@@ -160,19 +181,20 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     probe_upstream(&pool, config.upstream.connect_timeout.get().min(Duration::from_secs(2))).await;
     tokio::spawn(pool.clone().reap(shutdown.soft.clone()));
     // One bound for the whole server: the blocking threads that hanging lookups hold are shared too.
-    let reverse_dns = config
-        .server
-        .reverse_dns
-        .then(|| ReverseDns::new(config.server.reverse_dns_timeout.get(), config.server.max_reverse_dns_lookups));
+    let reverse_dns = config.server.reverse_dns.then(|| {
+        let keys = ClientKeys::new(config.limits.ipv6_client_prefix);
+        ReverseDns::new(config.server.reverse_dns_timeout.get(), config.server.max_reverse_dns_lookups, keys)
+    });
     let spool_dir = (!config.spool.directory.as_os_str().is_empty()).then(|| config.spool.directory.clone());
-    let spool = SpoolBudget::new(config.spool.memory_budget.bytes(), config.spool.memory_threshold.bytes(), spool_dir);
+    let spool = SpoolBudget::new(config.spool.memory_budget.bytes(), config.spool.memory_threshold.bytes(), spool_dir)
+        .with_disk_budget(config.spool.disk_budget.bytes());
     // The audit writer outlives the drain (records of transactions finishing in the grace period must be
     // written); `Running::stop` closes it after the drain.
     let audit =
         AuditSink::start(audit_destination(&config.audit.destination), config.audit.queue, shutdown.hard.clone());
     let admission = Arc::new(Admission {
         global: Arc::new(Semaphore::new(config.limits.max_connections)),
-        per_ip: Arc::new(PerIp::default()),
+        per_ip: Arc::new(PerIp::new(ClientKeys::new(config.limits.ipv6_client_prefix))),
         max_per_ip: config.limits.max_connections_per_ip,
         next_id: AtomicU64::new(1),
         hostname: hostname.clone(),
@@ -186,7 +208,7 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
             source,
         })?;
         let addr = listener.local_addr().unwrap_or(l.address);
-        let ctx = Arc::new(listener_context(
+        let mut ctx = listener_context(
             config,
             l,
             &hostname,
@@ -198,7 +220,10 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
             auth.clone(),
             pipeline.clone(),
             reverse_dns.clone(),
-        ));
+        );
+        ctx.quarantine.clone_from(&quarantine);
+        ctx.archive.clone_from(&archive);
+        let ctx = Arc::new(ctx);
         info!(listener = %l.name, address = %addr, mode = ?l.mode, role = ?l.role, "listening");
         crate::metrics::listener_started(&l.name);
         bound.push((l.name.clone(), addr));
@@ -343,6 +368,7 @@ fn listener_context(
         implicit_tls: l.mode == ListenerMode::ImplicitTls,
         tls: acceptor,
         received_header: config.trace.received_header,
+        client_keys: ClientKeys::new(lim.ipv6_client_prefix),
         reverse_dns,
         pool,
         spool,
@@ -350,6 +376,8 @@ fn listener_context(
         audit,
         shutdown: shutdown.soft.clone(),
         auth,
+        quarantine: None,
+        archive: None,
     }
 }
 
@@ -425,4 +453,24 @@ fn refuse(mut stream: TcpStream, reply: Reply, adm: &Admission, shutdown: &Shutd
         })
         .await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_per_ip_cap_counts_ipv6_per_client_key() {
+        let table = Arc::new(PerIp::default());
+        let a = table.acquire("2001:db8:1:2::1".parse().unwrap(), 2);
+        let b = table.acquire("2001:db8:1:2::2".parse().unwrap(), 2);
+        assert!(a.is_some() && b.is_some());
+        assert!(table.acquire("2001:db8:1:2::3".parse().unwrap(), 2).is_none(), "a third address of the /64");
+        assert!(table.acquire("2001:db8:1:3::1".parse().unwrap(), 2).is_some(), "another /64");
+        let mapped = table.acquire("::ffff:192.0.2.1".parse().unwrap(), 1);
+        assert!(mapped.is_some());
+        assert!(table.acquire("192.0.2.1".parse().unwrap(), 1).is_none(), "IPv4-mapped is IPv4");
+        drop(a);
+        assert!(table.acquire("2001:db8:1:2::4".parse().unwrap(), 2).is_some(), "a slot came back");
+    }
 }

@@ -17,6 +17,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -41,6 +42,9 @@ pub struct SpoolBudget {
     units: usize,
     threshold: usize,
     dir: Option<PathBuf>,
+    /// Bytes in spill files now, across all sessions, and the most they may hold.
+    disk: Arc<AtomicU64>,
+    disk_budget: u64,
 }
 
 impl SpoolBudget {
@@ -48,7 +52,43 @@ impl SpoolBudget {
     /// `dir` (or the system temporary directory).
     pub fn new(budget: u64, threshold: u64, dir: Option<PathBuf>) -> SpoolBudget {
         let units = (budget / BUDGET_UNIT as u64).min(u64::from(u32::MAX >> 3)) as usize;
-        SpoolBudget { sem: Arc::new(Semaphore::new(units)), units, threshold: threshold as usize, dir }
+        SpoolBudget {
+            sem: Arc::new(Semaphore::new(units)),
+            units,
+            threshold: threshold as usize,
+            dir,
+            disk: Arc::new(AtomicU64::new(0)),
+            disk_budget: u64::MAX,
+        }
+    }
+
+    /// Caps the bytes all spill files together may hold (`spool.disk_budget`): a write past it fails like
+    /// a full disk (the message is answered `452 4.3.1`), before the disk itself is full.
+    pub fn with_disk_budget(mut self, bytes: u64) -> SpoolBudget {
+        self.disk_budget = bytes;
+        self
+    }
+
+    /// Bytes in spill files now.
+    pub fn on_disk(&self) -> u64 {
+        self.disk.load(Ordering::Relaxed)
+    }
+
+    /// Takes `n` bytes of the disk budget; false (and nothing taken) when that would exceed it.
+    fn take_disk(&self, n: u64) -> bool {
+        let budget = self.disk_budget;
+        let taken = self.disk.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+            used.checked_add(n).filter(|&total| total <= budget)
+        });
+        if taken.is_ok() {
+            crate::metrics::spool_disk(self.on_disk());
+        }
+        taken.is_ok()
+    }
+
+    fn give_disk(&self, n: u64) {
+        self.disk.fetch_sub(n, Ordering::AcqRel);
+        crate::metrics::spool_disk(self.on_disk());
     }
 
     /// Bytes of the budget not reserved right now.
@@ -63,7 +103,7 @@ impl SpoolBudget {
 
     /// An empty spool for one message.
     pub fn spool(&self) -> Spool {
-        Spool { budget: self.clone(), mem: Vec::new(), permit: None, file: None, len: 0 }
+        Spool { budget: self.clone(), mem: Vec::new(), permit: None, file: None, len: 0, on_disk: 0 }
     }
 }
 
@@ -77,6 +117,8 @@ pub struct Spool {
     permit: Option<OwnedSemaphorePermit>,
     file: Option<File>,
     len: u64,
+    /// Bytes of the disk budget this spool's file holds.
+    on_disk: u64,
 }
 
 impl Spool {
@@ -163,6 +205,12 @@ impl Spool {
 
     async fn flush_buffer(&mut self) -> io::Result<()> {
         if let Some(f) = &mut self.file {
+            let n = self.mem.len() as u64;
+            if !self.budget.take_disk(n) {
+                crate::metrics::limit_hit(crate::metrics::Limit::SpoolDiskBudget);
+                return Err(io::Error::new(io::ErrorKind::StorageFull, "spool.disk_budget is used up"));
+            }
+            self.on_disk += n;
             // The file is opened for appending only by us; writes go at its end.
             f.write_all(&self.mem)?;
             self.mem.clear();
@@ -208,6 +256,9 @@ impl Spool {
 
 impl Drop for Spool {
     fn drop(&mut self) {
+        if self.on_disk > 0 {
+            self.budget.give_disk(self.on_disk);
+        }
         if self.permit.take().is_some() {
             // the permit returns itself to the semaphore when dropped; just refresh the gauge
             crate::metrics::spool_memory(self.budget.in_use());
@@ -326,6 +377,25 @@ mod tests {
         assert_eq!(s.len(), expect.len() as u64);
         assert_eq!(b.available(), 1 << 20, "spilled spool holds no budget");
         assert_eq!(read_all(&mut s).await, expect);
+    }
+
+    #[tokio::test]
+    async fn spill_files_share_a_disk_budget() {
+        let b = SpoolBudget::new(64 * 1024, 4096, None).with_disk_budget(SPILL_BLOCK as u64 * 2);
+        let block = vec![b'x'; SPILL_BLOCK];
+        let mut first = b.spool();
+        first.write(&block).await.unwrap();
+        first.rewind().await.unwrap();
+        assert!(first.spilled());
+        assert_eq!(b.on_disk(), SPILL_BLOCK as u64);
+        let mut second = b.spool();
+        second.write(&block).await.unwrap();
+        let err = second.write(&block).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull, "{err}");
+        assert_eq!(b.on_disk(), 2 * SPILL_BLOCK as u64, "a refused write takes nothing");
+        drop(first);
+        drop(second);
+        assert_eq!(b.on_disk(), 0, "dropped spools give their bytes back");
     }
 
     #[tokio::test]

@@ -112,7 +112,7 @@ async fn sasl_exchange_on_the_wire() {
     assert!(c.expect(&STANDARD.encode(ALICE), 334).await.contains("UGFzc3dvcmQ6"));
     assert!(c.expect(&STANDARD.encode(ALICE_PW), 235).await.contains("2.7.0"));
     c.expect(&format!("AUTH PLAIN {}", plain(ALICE, ALICE_PW)), 503).await;
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -123,7 +123,7 @@ async fn auth_before_tls_is_refused_on_submission() {
     assert!(!text.contains("AUTH"), "AUTH offered in plaintext: {text}");
     assert!(c.expect(&format!("AUTH PLAIN {}", plain(ALICE, ALICE_PW)), 538).await.contains("5.7.11"));
     c.expect("MAIL FROM:<alice@example.test>", 530).await;
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -146,7 +146,7 @@ async fn mx_is_not_an_open_relay_and_auth_relays_with_login() {
     assert!(x.ends_with(&format!("LOGIN={ALICE}")), "{x}");
     let text = String::from_utf8_lossy(&d[0].data);
     assert!(text.contains(" with ESMTPA id "), "{text}");
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -165,7 +165,7 @@ async fn pooled_connection_does_not_inherit_a_login() {
     }
     let d = s.fake.wait_for(2).await;
     assert!(d[1].xclient.as_deref().unwrap().ends_with("LOGIN=[UNAVAILABLE]"), "{:?}", d[1].xclient);
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -187,7 +187,7 @@ async fn sender_forgery_is_refused() {
     c.expect("QUIT", 221).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(s.fake.messages().is_empty(), "a forged message reached the upstream");
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -211,22 +211,56 @@ async fn lockout_per_ip_across_connections_and_expiry() {
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let mut c = ehlo(&s, "127.0.0.5").await;
     c.expect(&good, 235).await;
-    s.running.stop().await;
+    let _ = s.running.stop().await;
+}
+
+/// One AUTH PLAIN from `from` on a fresh connection: the reply code and text.
+async fn auth_from(s: &Setup, from: &str, user: &str, pw: &str) -> (u16, String) {
+    let mut c = ehlo(s, from).await;
+    c.cmd(&format!("AUTH PLAIN {}", plain(user, pw))).await
 }
 
 #[tokio::test]
-async fn lockout_per_name_from_many_addresses() {
-    let s = setup("auth.lockout_threshold = 3").await;
-    for i in 1..=3 {
-        let mut c = ehlo(&s, &format!("127.0.1.{i}")).await;
+async fn a_stranger_cannot_lock_the_owner_out_and_a_name_lock_looks_like_an_unknown_name() {
+    let s = setup("auth.lockout_threshold = 5").await;
+    // Alice has authenticated from 127.0.0.2 before: a known good client for her name.
+    assert_eq!(auth_from(&s, "127.0.0.2", ALICE, ALICE_PW).await.0, 235);
+    // A stranger at 127.0.0.3 guesses five times: that address is locked hard...
+    let mut c = ehlo(&s, "127.0.0.3").await;
+    for _ in 0..5 {
         c.expect(&format!("AUTH PLAIN {}", plain(ALICE, "guess")), 535).await;
     }
-    let mut c = ehlo(&s, "127.0.1.9").await;
-    c.expect(&format!("AUTH PLAIN {}", plain(ALICE, ALICE_PW)), 454).await;
-    // The address itself is fine for other names.
+    assert_eq!(auth_from(&s, "127.0.0.3", ALICE, ALICE_PW).await.0, 454);
+    // ...but alice from her known address still gets in.
+    assert_eq!(auth_from(&s, "127.0.0.2", ALICE, ALICE_PW).await.0, 235);
+    // A never-seen address gets, for alice's right password during the name lock, exactly what an unknown
+    // name gets: nothing tells that alice exists or is locked.
+    let throttled = auth_from(&s, "127.0.0.4", ALICE, ALICE_PW).await;
+    let unknown = auth_from(&s, "127.0.0.5", "nobody@example.test", "guess").await;
+    assert_eq!(throttled, unknown);
+    assert_eq!(throttled.0, 535);
+    assert!(throttled.1.contains("5.7.8"), "{}", throttled.1);
+    let _ = s.running.stop().await;
+}
+
+#[tokio::test]
+async fn a_distributed_guesser_is_stopped_after_the_per_name_cap() {
+    let s = setup("auth.lockout_threshold = 3").await;
+    assert_eq!(auth_from(&s, "127.0.1.100", ALICE, ALICE_PW).await.0, 235);
+    // One guess each from many addresses: no address reaches its own threshold.
+    for i in 1..=3 {
+        assert_eq!(auth_from(&s, &format!("127.0.1.{i}"), ALICE, "guess").await.0, 535);
+    }
+    // Past the per-name cap, even the right password from a new address is refused, as a wrong one.
+    for i in 4..=8 {
+        assert_eq!(auth_from(&s, &format!("127.0.1.{i}"), ALICE, ALICE_PW).await.0, 535, "127.0.1.{i}");
+    }
+    // The owner from the address she used before is not affected.
+    assert_eq!(auth_from(&s, "127.0.1.100", ALICE, ALICE_PW).await.0, 235);
+    // Those addresses are not locked for other names.
     let code = totp::code_now(CAROL_TOTP, now());
-    c.expect(&format!("AUTH PLAIN {}", plain("carol", &format!("carolpw{code}"))), 235).await;
-    s.running.stop().await;
+    assert_eq!(auth_from(&s, "127.0.1.9", "carol", &format!("carolpw{code}")).await.0, 235);
+    let _ = s.running.stop().await;
 }
 
 fn now() -> u64 {
@@ -245,7 +279,7 @@ async fn totp_current_old_and_reused_codes() {
     c.expect(&format!("AUTH PLAIN {}", plain("carol", &format!("carolpw{code}"))), 235).await;
     let mut again = ehlo(&s, "127.0.0.7").await;
     again.expect(&format!("AUTH PLAIN {}", plain("carol", &format!("carolpw{code}"))), 535).await;
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -260,7 +294,7 @@ async fn audit_has_no_secrets() {
     c.expect(&STANDARD.encode(ALICE_PW), 235).await;
     c.expect("QUIT", 221).await;
     let path = s.audit.clone();
-    s.running.stop().await;
+    let _ = s.running.stop().await;
     let text = std::fs::read_to_string(path).unwrap();
     assert!(text.contains("\"type\":\"auth\""), "{text}");
     assert!(text.contains("\"result\":\"failure\"") && text.contains("\"result\":\"success\""), "{text}");
@@ -316,7 +350,7 @@ async fn swaks_auth_plain_and_login_over_starttls() {
     let text = String::from_utf8_lossy(&d[0].data);
     assert!(text.contains(" with ESMTPSA id "), "{text}");
     assert!(d[0].xclient.as_deref().unwrap().contains(&format!("LOGIN={ALICE}")));
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -348,7 +382,7 @@ print("OK")
     let out = r.output();
     assert!(r.status.success() && out.contains("refused 535") && out.contains("OK"), "{out}");
     assert_eq!(s.fake.wait_for(1).await.len(), 1);
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 #[tokio::test]
@@ -377,7 +411,7 @@ async fn postfix_receives_login_via_xclient() {
     .await
     .unwrap();
     assert!(found.0, "postfix log lacks sasl_username:\n{}", found.1.log());
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 // ---- long SASL responses (RFC 4954 4) ----
@@ -426,7 +460,7 @@ async fn long_sasl_responses_are_parsed_up_to_12288_octets() {
     let text = c.expect(&format!("NOOP {}", "x".repeat(600)), 500).await;
     assert!(text.contains("limit 512 octets"), "{text}");
     c.expect(&format!("AUTH PLAIN {}", plain(ALICE, ALICE_PW)), 235).await;
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 // ---- lockout with simultaneous attempts ----
@@ -461,11 +495,14 @@ async fn simultaneous_attempts_get_no_more_guesses_than_the_threshold() {
         clients.push(ehlo(&s, &format!("127.0.2.{i}")).await);
     }
     let codes = simultaneous_failures(&mut clients, |_| "carol".to_string()).await;
-    assert_eq!(codes.iter().filter(|&&c| c == 535).count(), 3, "verified past the name threshold: {codes:?}");
-    assert!(codes.iter().all(|&c| c == 535 || c == 454), "{codes:?}");
+    // A name is never answered 454 (that would tell it exists); past its threshold it is throttled: even
+    // the right password from a new address fails, as a wrong one.
+    assert!(codes.iter().all(|&c| c == 535), "{codes:?}");
+    let code = totp::code_now(CAROL_TOTP, now());
+    assert_eq!(auth_from(&s, "127.0.2.13", "carol", &format!("carolpw{code}")).await.0, 535);
     let auth = s.running.auth.as_ref().unwrap();
     assert_eq!(auth.turns_in_use(), 0, "turns left held after every attempt was answered");
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 // ---- users file reload ----
@@ -536,7 +573,7 @@ async fn users_file_reloads_through_the_watcher_and_the_reload_entry_point() {
     auth.reload_logged().await;
     assert!(auth.reload_counts().refused > before.refused);
     assert_eq!(auth_code(&s, ALICE, ALICE_PW).await, 235);
-    s.running.stop().await;
+    let _ = s.running.stop().await;
 }
 
 // ---- the `moat user` CLI, as the real binary ----
@@ -681,5 +718,5 @@ async fn a_user_written_by_the_cli_authenticates_through_moat() {
     c.expect("AUTH LOGIN", 334).await;
     c.expect(&STANDARD.encode("bob@example.test"), 334).await;
     c.expect(&STANDARD.encode(&app), 235).await;
-    running.stop().await;
+    let _ = running.stop().await;
 }

@@ -78,7 +78,7 @@ async fn header_verdict_stops_spooling() {
     let msgs = fake.wait_for(1).await;
     assert_eq!(msgs.len(), 1);
     assert!(String::from_utf8_lossy(&msgs[0].data).contains("Subject: c\r\n"));
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 /// moat with one body rule (so every message is scanned) and a 1 MiB memory budget, any message held in memory.
@@ -122,7 +122,7 @@ async fn scan_memory_counts_against_the_spool_budget() {
     let (code, text) = data(&mut c, &message).await;
     assert_eq!(code, 250, "{text}");
     assert_eq!(fake.wait_for(1).await.len(), 1);
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 /// A message the budget can hold is scanned on an idle server, even when its own in-memory spool already
@@ -140,5 +140,38 @@ async fn a_large_message_is_scanned_on_an_idle_server() {
         assert_eq!(code, 250, "{text}");
     }
     assert_eq!(fake.wait_for(2).await.len(), 2, "both relayed");
-    running.stop().await;
+    let _ = running.stop().await;
+}
+
+/// `spool.disk_budget` bounds the spill files of all sessions together: a message that would pass it gets
+/// `452 4.3.1` and is not relayed, and once the other session's message is gone the same message passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spill_files_have_a_disk_budget() {
+    let fake = FakeUpstream::start(Script::default()).await;
+    let extra = "spool.memory_threshold = \"64KiB\"\nspool.disk_budget = \"3MiB\"";
+    let running = start(&test_config(fake.addr, extra)).await;
+    let addr = running.addr("smtp").unwrap();
+    // One session holds 2 MiB in a spill file, its message not yet ended.
+    let (mut holder, _) = Client::connect(addr).await;
+    holder.expect("EHLO holder.example", 250).await;
+    envelope(&mut holder).await;
+    // A BDAT chunk is answered once it is spooled, and the message stays open.
+    let chunk = format!("Subject: held\r\n\r\n{}", body(2 << 20));
+    holder.send_raw(format!("BDAT {}\r\n{chunk}", chunk.len()).as_bytes()).await;
+    assert_eq!(holder.reply().await.0, 250);
+    // Another 2 MiB message does not fit in what is left.
+    let (mut c, _) = Client::connect(addr).await;
+    c.expect("EHLO client.example", 250).await;
+    envelope(&mut c).await;
+    let (code, text) = data(&mut c, &format!("Subject: second\r\n\r\n{}", body(2 << 20))).await;
+    assert_eq!((code, text.get(4..9)), (452, Some("4.3.1")), "{text}");
+    assert!(fake.messages().is_empty(), "the refused message was not relayed");
+    // The first message ends and is relayed; its spill file goes, and the second one now fits.
+    holder.send_raw(b"BDAT 0 LAST\r\n").await;
+    assert_eq!(holder.reply().await.0, 250);
+    envelope(&mut c).await;
+    let (code, text) = data(&mut c, &format!("Subject: second\r\n\r\n{}", body(2 << 20))).await;
+    assert_eq!(code, 250, "{text}");
+    assert_eq!(fake.wait_for(2).await.len(), 2);
+    let _ = running.stop().await;
 }

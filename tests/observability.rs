@@ -209,7 +209,7 @@ async fn metrics_after_real_traffic() {
     for needle in ["127.0.0.1", "example.org", "example.net", "client.example"] {
         assert!(!text.lines().any(|l| !l.starts_with('#') && l.contains(needle)), "{needle} leaked into:\n{text}");
     }
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 // === /healthz and /readyz ===
@@ -287,7 +287,7 @@ async fn readyz_follows_the_upstream_check() {
 
     let _upstream = Greeter::start_on(upstream.addr).await;
     assert_eq!(wait_ready(metrics, 200).await, "ready\n");
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test]
@@ -314,7 +314,7 @@ async fn a_relay_that_cannot_connect_marks_the_upstream_down_at_once() {
     let (status, _, body) = http_get(metrics, "/readyz", None).await;
     assert_eq!((status, body.as_str()), (200, "ready\n"));
     c.expect("QUIT", 221).await;
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 // === credentials from [metrics] ===
@@ -337,7 +337,7 @@ async fn bearer_token_from_config() {
     assert_eq!(http_get(metrics, "/readyz", Some("Bearer obs-token-7f3a")).await.0, 200);
     // Liveness probes need no secret.
     assert_eq!(http_get(metrics, "/healthz", None).await.0, 200);
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test]
@@ -360,7 +360,7 @@ async fn basic_auth_from_config_with_a_password_file() {
     assert_eq!(http_get(metrics, "/metrics", Some(&basic("someone:obs-s3cret"))).await.0, 401);
     assert_eq!(http_get(metrics, "/metrics", Some(&basic("prometheus:obs-s3cret"))).await.0, 200);
     assert_eq!(http_get(metrics, "/healthz", None).await.0, 200);
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 // === the audit trail ===
@@ -430,7 +430,7 @@ async fn audit_record_matches_the_transaction() {
     // Neither the subject nor the body is in the file, only the digest.
     let raw = std::fs::read_to_string(&path).unwrap();
     assert!(!raw.contains("Quarterly") && !raw.contains("the body stays out"), "{raw}");
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test]
@@ -467,7 +467,7 @@ async fn disconnect_mid_data_is_audited_as_aborted() {
         ],
     )
     .await;
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 // === alert rules and dashboard ===
@@ -592,5 +592,5 @@ async fn alerts_and_dashboard_use_only_exported_metrics() {
         .collect();
     let missing: Vec<_> = used.difference(&exported).collect();
     assert!(missing.is_empty(), "used by alerts.yml or moat.json but not exported: {missing:?}\n{text}");
-    running.stop().await;
+    let _ = running.stop().await;
 }

@@ -8,73 +8,12 @@
 mod common;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::moat_process::MoatProcess;
 use common::postfix::{require_peer, split_message, Postfix};
-
-/// A `moat serve` child process with its own config file; killed on drop.
-struct MoatProcess {
-    child: Child,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl MoatProcess {
-    fn start(upstream: SocketAddr, extra: &str) -> MoatProcess {
-        let dir = std::env::temp_dir().join(format!("moat-pf-{}-{}", std::process::id(), upstream.port()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let config = dir.join("moat.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "server.hostname = \"moat.test\"\nmetrics.address = \"\"\naudit.destination = \"off\"\n\
-                 upstream.address = \"{upstream}\"\nrelay.local_domains = [\"example.test\", \"reject.test\"]\n{extra}\n\
-                 [[listener]]\nname = \"smtp\"\naddress = \"127.0.0.1:{port}\"\nmode = \"plain\"\n"
-            ),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_moat"))
-            .args(["serve", "--config"])
-            .arg(&config)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("moat.log")).unwrap())
-            .spawn()
-            .expect("moat starts");
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect(addr).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moat did not listen: {}",
-                std::fs::read_to_string(dir.join("moat.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        MoatProcess { child, addr, dir }
-    }
-
-    /// Peak resident set size (VmHWM) in KiB.
-    fn peak_rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    }
-}
-
-impl Drop for MoatProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn swaks(args: &[&str]) -> (bool, String) {
     let out = Command::new("swaks").args(args).stdin(Stdio::null()).output().expect("swaks runs");

@@ -135,7 +135,7 @@ async fn swaks_plain_is_relayed_with_xclient() {
     let r = received(&d);
     assert!(r.contains(" with ESMTP id ") && !r.contains("using TLS"), "{r}");
     assert!(r.contains(" for <b@example.test>;"), "{r}");
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +165,7 @@ async fn swaks_starttls_is_recorded_as_esmtps_tls13() {
     assert!(r.contains("(using TLSv1.3 with cipher "), "{r}");
     assert!(String::from_utf8_lossy(&d.data).contains("\r\n\r\nhello from swaks over starttls\r\n"));
     assert!(d.xclient.as_deref().unwrap_or_default().contains(" ADDR=127."), "{:?}", d.xclient);
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,7 +187,7 @@ async fn swaks_implicit_tls_is_relayed() {
     let r = received(&d);
     assert!(r.contains(" with ESMTPS id ") && r.contains("(using TLSv1.3 with cipher "), "{r}");
     assert!(String::from_utf8_lossy(&d.data).contains("\r\n\r\nhello from swaks over implicit tls\r\n"));
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 // ---- Python smtplib ----
@@ -227,7 +227,7 @@ async fn smtplib_starttls_verifies_chain_and_name() {
     assert!(received(&d).contains(" with ESMTPS id "), "{}", received(&d));
     assert!(String::from_utf8_lossy(&d.data).contains("\r\n\r\nvia starttls\r\n"));
     assert_eq!(d.rcpts, vec!["RCPT TO:<b@example.test>".to_string()]);
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,7 +244,7 @@ async fn smtplib_smtp_ssl_implicit_tls() {
     let r = received(&d);
     assert!(r.contains(" with ESMTPS id ") && r.contains("(using TLSv1.3 with cipher "), "{r}");
     assert!(String::from_utf8_lossy(&d.data).contains("\r\n\r\nvia implicit tls\r\n"));
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -265,7 +265,7 @@ async fn smtplib_plain_multiple_recipients() {
     assert!(String::from_utf8_lossy(&d.data).contains("\r\n\r\nto three recipients\r\n"));
     // With several recipients the Received header names none of them (RFC 5321 7.2).
     assert!(!received(&d).contains(" for <"), "{}", received(&d));
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -291,7 +291,7 @@ async fn smtplib_utf8_body_with_8bitmime_arrives_byte_identical() {
         String::from_utf8_lossy(&d.data),
         String::from_utf8_lossy(&sent)
     );
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 // ---- openssl s_client: SNI picks the certificate ----
@@ -379,7 +379,7 @@ async fn sni_selection(listener: &str, starttls: bool) {
     let all = format!("{}{}", ran.stdout, ran.stderr);
     assert!(all.contains("hostname mismatch"), "{what}:\n{all}");
     assert!(fake.messages().is_empty());
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,7 +458,7 @@ async fn starttls_discards_commands_pipelined_in_plaintext() {
     let d = one_message(&fake).await;
     assert!(received(&d).contains("from x ("), "HELO after TLS is the one that counts: {}", received(&d));
     assert!(received(&d).contains(" with ESMTPS id "), "{}", received(&d));
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -489,5 +489,5 @@ async fn require_tls_refuses_mail_until_starttls() {
     let d = one_message(&fake).await;
     assert!(received(&d).contains(" with ESMTPS id "), "{}", received(&d));
     assert!(String::from_utf8_lossy(&d.data).contains("\r\n\r\nover required tls\r\n"));
-    running.stop().await;
+    let _ = running.stop().await;
 }

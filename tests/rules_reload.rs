@@ -114,7 +114,7 @@ async fn reload_under_load_judges_each_message_by_one_version() {
     let last = String::from_utf8_lossy(&msgs[sent].data).into_owned();
     assert_eq!(header(&last, "X-V-Data"), Some("40"), "{last}");
     drop(client);
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 /// A reload between MAIL and DATA does not reach the header phase of the open transaction: the header
@@ -138,7 +138,7 @@ async fn header_phase_uses_the_transaction_snapshot() {
     assert_eq!(header(&texts[0], "X-V-Data"), Some("1"), "{}", texts[0]);
     assert_eq!(header(&texts[1], "X-V-Data"), Some("2"), "{}", texts[1]);
     drop(client);
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 /// `moat check` runs the same validation offline: every problem with file:line, exit status 1.
@@ -177,4 +177,41 @@ fn moat_check_validates_rules() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok, 0 rules"));
+}
+
+/// `moat check` refuses a bad entry in a bloom `ip` list with the list file's line (it used to hash any
+/// string), and accepts the list once the entry is fixed.
+#[test]
+fn moat_check_refuses_bad_entries_in_bloom_ip_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir_all(rules.join("lists")).unwrap();
+    std::fs::write(
+        rules.join("10-a.toml"),
+        "[[list]]\nname = \"nets\"\nkind = \"ip\"\nfile = \"lists/nets.txt\"\nbloom = true\n\
+         [[rule]]\nid = \"a\"\nwhen = { in_list = \"nets\" }\naction = \"reject\"\n",
+    )
+    .unwrap();
+    std::fs::write(rules.join("lists/nets.txt"), "127.0.0.0/8\nnot-an-ip!!\n").unwrap();
+    let config = dir.path().join("moat.toml");
+    let text = format!(
+        "rules.directory = {:?}\n[[listener]]\nname = \"smtp\"\naddress = \"127.0.0.1:0\"\nmode = \"plain\"\n",
+        rules.display().to_string()
+    );
+    std::fs::write(&config, text).unwrap();
+    let check = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_moat"))
+            .arg("check")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    let out = check();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("nets.txt:2:") && err.contains("not-an-ip!!"), "{err}");
+    std::fs::write(rules.join("lists/nets.txt"), "127.0.0.0/8\n192.0.2.1\n").unwrap();
+    let out = check();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -60,7 +60,7 @@ async fn random_messages_arrive_byte_identical() {
         let got = fake.wait_for(sent).await;
         assert_eq!(got[sent - 1].data, msg, "message {sent} differs");
     }
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,7 +77,7 @@ async fn disconnect_mid_data_queues_nothing() {
     let cmds = fake.commands.lock().unwrap().clone();
     assert!(!cmds.iter().any(|c| c == "DATA"), "DATA must not reach the upstream: {cmds:?}");
     assert!(cmds.iter().any(|c| c == "RSET"), "the upstream transaction is reset: {cmds:?}");
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -89,7 +89,7 @@ async fn upstream_unreachable_is_a_tempfail() {
     c.expect("EHLO client.example", 250).await;
     let text = c.expect("MAIL FROM:<a@example.org>", 451).await;
     assert!(text.starts_with("451 4.4.1"), "{text}");
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,7 +101,7 @@ async fn upstream_silent_after_data_is_a_tempfail() {
     c.expect("DATA", 354).await;
     let text = c.expect("Subject: t\r\n\r\nbody\r\n.", 451).await;
     assert!(text.starts_with("451 4.4.2"), "{text}");
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -125,7 +125,7 @@ async fn pooled_connection_is_reused_and_reintroduced() {
         assert!(m.xclient.as_deref().unwrap().contains(&format!("HELO=client{i}.example")), "{:?}", m.xclient);
         assert_eq!(m.helo, format!("client{i}.example"));
     }
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -142,7 +142,7 @@ async fn per_ip_connection_limit() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (_d, cd) = Client::connect(addr).await;
     assert_eq!(cd, 220, "a slot is free again");
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +153,7 @@ async fn global_connection_limit() {
     let (_a, ca) = Client::connect(addr).await;
     let (_b, cb) = Client::connect(addr).await;
     assert_eq!((ca, cb), (220, 421));
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,7 +165,7 @@ async fn idle_timeout_closes_with_421() {
     assert_eq!(code, 421, "{text}");
     assert!(text.contains("4.4.2"), "{text}");
     assert_eq!(c.reply().await.0, 0);
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -188,7 +188,7 @@ async fn shutdown_lets_transactions_finish_and_closes_idle_sessions() {
     let (code, text) = busy.reply().await;
     assert_eq!(code, 250, "{text}");
     assert_eq!(busy.reply().await.0, 421, "then the busy session is closed too");
-    stopper.await.unwrap();
+    assert_eq!(stopper.await.unwrap().cut_off, 0, "every session finished within the grace period");
     assert_eq!(fake.messages().len(), 1);
     // no new connections once stopped
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
@@ -214,7 +214,7 @@ async fn dead_pooled_connection_is_replaced_at_mail() {
     c.expect("y\r\n.", 250).await;
     assert_eq!(*fake.connections.lock().unwrap(), 2, "the dead pooled connection was replaced");
     assert_eq!(fake.wait_for(2).await.len(), 2);
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 /// Sends one message on an open session (after EHLO/HELO) and expects the upstream's `250`.
@@ -246,7 +246,7 @@ async fn a_new_ehlo_reintroduces_the_held_upstream_connection() {
     let xclient = msgs[2].xclient.as_deref().unwrap_or_default();
     assert!(xclient.contains("HELO=third.example PROTO=SMTP"), "{xclient}");
     assert_eq!(*fake.connections.lock().unwrap(), 1, "one upstream connection, introduced three times");
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 /// While draining, a transaction that ends lets its reply out, but a new one pipelined behind the final dot
@@ -269,7 +269,7 @@ async fn draining_refuses_a_transaction_pipelined_after_the_final_dot() {
     let (code, text) = c.reply().await;
     assert!(code == 421 && text.starts_with("421 4.3.2"), "{text}");
     assert_eq!(c.reply().await.0, 0, "closed after 421");
-    stopper.await.unwrap();
+    let _ = stopper.await.unwrap();
     assert_eq!(fake.messages().len(), 1);
     let mails = fake.commands.lock().unwrap().iter().filter(|c| c.starts_with("MAIL")).count();
     assert_eq!(mails, 1, "the pipelined MAIL never reached the upstream");
@@ -317,5 +317,5 @@ async fn dsn_and_smtputf8_are_offered_as_the_upstream_offers_them() {
     let cmds = fake.commands.lock().unwrap().clone();
     assert!(cmds.iter().any(|c| c.contains("RET=HDRS")), "{cmds:?}");
     assert!(!cmds.iter().any(|c| c.contains("RET=FULL")), "{cmds:?}");
-    running.stop().await;
+    let _ = running.stop().await;
 }

@@ -178,7 +178,7 @@ async fn reload_swaps_for_new_handshakes_keeps_open_sessions_and_refuses_corrupt
         s.expect("QUIT", 221).await;
     }
     assert_eq!(fake.wait_for(3).await.len(), 3);
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -207,7 +207,7 @@ async fn file_watcher_picks_up_a_replaced_certificate() {
     }
     send_message(&mut open, "opened before the watcher's reload").await;
     assert_eq!(fake.wait_for(1).await.len(), 1);
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 /// TLS session resumption: a client that keeps its session cache resumes on its next connection (TLS 1.3

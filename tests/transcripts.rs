@@ -18,7 +18,8 @@
 //!   the test config then uses (`rules.directory`); without `rules:` lines a transcript runs with no rules.
 //!   `rules-file: lists/x.txt = text` writes another file there (escapes decoded), e.g. a list file.
 //! - `greeting: CODE` checks the greeting's code (a connect-phase rule answers `554` instead of `220`).
-//! - `quarantined: N` checks how many messages the quarantine directory (`<rules dir>/quarantine`) holds.
+//! - `quarantined: N` checks how many items the quarantine store (`quarantine.directory`, set to `<rules dir>/quarantine`)
+//!   holds.
 
 mod common;
 
@@ -80,6 +81,8 @@ async fn run_transcript(path: &Path) -> Result<(), String> {
     let rules_dir = write_rules(&lines);
     if let Some(d) = &rules_dir {
         config.push(format!("rules.directory = {:?}", d.path().display().to_string()));
+        // Under the rules directory on purpose: the store must not make the rules reload (issue #16).
+        config.push(format!("quarantine.directory = {:?}", d.path().join("quarantine").display().to_string()));
     }
     let script: Vec<&str> = lines.iter().filter_map(|l| l.strip_prefix("script:")).collect();
     let fake = FakeUpstream::start(script_from(&script)).await;
@@ -156,7 +159,11 @@ async fn run_transcript(path: &Path) -> Result<(), String> {
             }
         } else if let Some(want) = line.strip_prefix("quarantined:") {
             let dir = rules_dir.as_ref().map(|d| d.path().join("quarantine")).unwrap();
-            let n_files = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+            let n_files = std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "json"))).count()
+                })
+                .unwrap_or(0);
             if n_files != want.trim().parse::<usize>().unwrap() {
                 result = Err(format!("{at}: quarantine holds {n_files} messages, expected {}", want.trim()));
                 break;
@@ -166,7 +173,7 @@ async fn run_transcript(path: &Path) -> Result<(), String> {
         }
     }
     drop(client);
-    running.stop().await;
+    let _ = running.stop().await;
     result.map_err(|e| format!("{e}\n--- dialogue ---\n{log}"))
 }
 

@@ -80,7 +80,7 @@ async fn required_starttls_verifies_postfix_certificate_and_delivers() {
         let msgs = pf.wait_for_messages(i + 1, Duration::from_secs(20));
         assert_eq!(msgs.len(), i + 1, "delivered");
         assert!(msgs.iter().any(|m| contains(m, &subject)), "the message with {subject:?} arrived");
-        running.stop().await;
+        let _ = running.stop().await;
     }
     assert!(pf.wait_for_log("TLS connection established from", Duration::from_secs(10)), "{}", pf.log());
     let log = pf.log();
@@ -106,7 +106,7 @@ async fn insecure_loopback_encrypts_without_checking_the_certificate() {
     assert_eq!(send_one(running.addr("smtp").unwrap(), "insecure loopback").await, (250, Some(250)));
     assert_eq!(pf.wait_for_messages(1, Duration::from_secs(20)).len(), 1);
     assert!(pf.wait_for_log("TLS connection established from", Duration::from_secs(10)), "{}", pf.log());
-    running.stop().await;
+    let _ = running.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,13 +119,13 @@ async fn wrong_server_name_is_451_and_nothing_is_delivered() {
     for mode in ["required", "opportunistic"] {
         let running = start(&test_config(pf.addr(), &upstream_tls(mode, "ca-file", "wrong.test"))).await;
         assert_eq!(send_one(running.addr("smtp").unwrap(), mode).await, (451, None), "{mode}");
-        running.stop().await;
+        let _ = running.stop().await;
     }
     // A certificate from a CA the verifier does not trust (the system roots know nothing of the test CA)
     // fails the same way.
     let running = start(&test_config(pf.addr(), &upstream_tls("required", "system", "mx.test"))).await;
     assert_eq!(send_one(running.addr("smtp").unwrap(), "system roots").await, (451, None));
-    running.stop().await;
+    let _ = running.stop().await;
     assert!(pf.wait_for_messages(1, Duration::from_secs(3)).is_empty(), "nothing may be delivered");
     assert!(!pf.log().contains("TLS connection established from"), "{}", pf.log());
     assert!(!pf.log().contains("client="), "no transaction reached Postfix:\n{}", pf.log());
@@ -139,12 +139,12 @@ async fn postfix_without_starttls_opportunistic_relays_plaintext_required_refuse
     let pf = Postfix::start(); // smtpd_tls_security_level = none: no STARTTLS offered
     let running = start(&test_config(pf.addr(), &upstream_tls("required", "ca-file", "mx.test"))).await;
     assert_eq!(send_one(running.addr("smtp").unwrap(), "required").await, (451, None));
-    running.stop().await;
+    let _ = running.stop().await;
     assert!(pf.wait_for_messages(1, Duration::from_secs(2)).is_empty());
 
     let running = start(&test_config(pf.addr(), &upstream_tls("opportunistic", "ca-file", "mx.test"))).await;
     assert_eq!(send_one(running.addr("smtp").unwrap(), "opportunistic").await, (250, Some(250)));
-    running.stop().await;
+    let _ = running.stop().await;
     let msgs = pf.wait_for_messages(1, Duration::from_secs(20));
     assert_eq!(msgs.len(), 1);
     assert!(contains(&msgs[0], "opportunistic") && contains(&msgs[0], "with ESMTP id"));

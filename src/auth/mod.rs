@@ -6,13 +6,13 @@
 
 pub mod cli;
 pub mod gate;
+pub mod known;
 pub mod lockout;
 pub mod sasl;
 pub mod store;
 pub mod totp;
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -27,16 +27,18 @@ use self::gate::{TurnKey, Turns};
 use self::lockout::{Check, Lockout, LockoutSettings};
 use self::sasl::Credentials;
 use self::store::{Matched, StoreError, UserStore};
+use crate::client_key::ClientKey;
 use crate::config::AuthConfig;
 
 /// Why a verification did not succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    /// Wrong credentials, or an unknown or disabled user. The failure is already counted: answer after
-    /// `delay`; `locked` says this failure locked the client IP or the name.
+    /// Wrong credentials, or an unknown or disabled user, or a name throttled for this client (see
+    /// [`lockout`]; `throttled`, for the audit trail only: the client must get the same answer). The failure
+    /// is already counted: answer after `delay`; `locked` says this failure locked the client or the name.
     #[error("invalid credentials")]
-    Invalid { delay: Duration, locked: bool },
-    /// The client IP or the name was locked (found once it was this attempt's turn): nothing was verified.
+    Invalid { delay: Duration, locked: bool, throttled: bool },
+    /// The client was locked (found once it was this attempt's turn): nothing was verified.
     #[error("locked out")]
     Locked,
     #[error("verification failed internally")]
@@ -122,28 +124,41 @@ impl Authenticator {
         &self.lockout
     }
 
-    /// Verifies the credentials of a client at `ip` and counts the outcome in the lockout. Attempts wait
-    /// their turn per IP and per name ([`gate`]), then the lockout is checked again, then the password is
-    /// verified on the blocking pool, at most `max_concurrent_verifications` at once. Returns the user's
-    /// canonical name.
-    pub async fn verify(&self, creds: Credentials, listener: &str, ip: IpAddr) -> Result<String, AuthError> {
+    /// Verifies the credentials of `client` and counts the outcome in the lockout. Attempts wait their turn
+    /// per client key and per name ([`gate`]), then the lockout is checked again, then the password is
+    /// verified on the blocking pool, at most `max_concurrent_verifications` at once. A name throttled for
+    /// this client costs the same verification (against the dummy hash, as an unknown name does) and fails.
+    /// Returns the user's canonical name.
+    pub async fn verify(&self, creds: Credentials, listener: &str, client: ClientKey) -> Result<String, AuthError> {
         let name = creds.user.clone();
-        let _ip_turn = self.turns.take(TurnKey::Ip(ip)).await.ok_or(AuthError::Internal)?;
+        let _client_turn = self.turns.take(TurnKey::Client(client)).await.ok_or(AuthError::Internal)?;
         let _name_turn = self.turns.take(TurnKey::Name(name.to_lowercase())).await.ok_or(AuthError::Internal)?;
-        if let Check::Locked(_) = self.lockout.check(ip, Some(&name), Instant::now()) {
+        if let Check::Locked(_) = self.lockout.check(client, Instant::now()) {
             return Err(AuthError::Locked);
         }
-        // Counted while the turns are held, so the next attempt of this IP or name sees this failure.
-        match self.check(creds, listener).await? {
+        let throttled = self.lockout.name_throttled(client, &name, Instant::now());
+        let verified = if throttled { self.check_dummy(creds).await? } else { self.check(creds, listener).await? };
+        // Counted while the turns are held, so the next attempt of this client or name sees this outcome.
+        match verified {
             Some(user) => {
-                self.lockout.success(&user);
+                self.lockout.success(client, &name, Instant::now());
                 Ok(user)
             }
             None => {
-                let (delay, locked) = self.lockout.failure(ip, Some(&name), Instant::now());
-                Err(AuthError::Invalid { delay, locked })
+                let f = self.lockout.failure(client, Some(&name), Instant::now());
+                Err(AuthError::Invalid { delay: f.delay, locked: f.locked, throttled })
             }
         }
+    }
+
+    /// What an unknown name costs: one verification against the dummy hash, behind the semaphore. Always
+    /// `None`.
+    async fn check_dummy(&self, creds: Credentials) -> Result<Option<String>, AuthError> {
+        let _permit = self.permits.acquire().await.map_err(|_| AuthError::Internal)?;
+        tokio::task::spawn_blocking(move || store::check_password(dummy_hash(), &creds.password))
+            .await
+            .map_err(|_| AuthError::Internal)?;
+        Ok(None)
     }
 
     /// The password check itself, behind the verification semaphore; `None` for invalid credentials.
@@ -237,102 +252,5 @@ impl Authenticator {
     }
 }
 
-/// Whether `rcpt` is in one of the local domains (exact, or `.parent` for subdomains), with no
-/// sender-specified routing (`%`, `!`, or a second `@` in the local part) that could relay past them.
-pub fn is_local_recipient(rcpt: &str, local_domains: &[String]) -> bool {
-    let Some((local, domain)) = rcpt.rsplit_once('@') else {
-        // RFC 5321 4.5.1: a bare "postmaster" is always local.
-        return rcpt.eq_ignore_ascii_case("postmaster");
-    };
-    if local.is_empty() || local.contains(['@', '%', '!']) {
-        return false;
-    }
-    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-    local_domains.iter().any(|d| {
-        let d = d.to_ascii_lowercase();
-        match d.strip_prefix('.') {
-            Some(parent) => domain.len() > parent.len() + 1 && domain.ends_with(&d),
-            None => domain == d,
-        }
-    })
-}
-
-/// The addresses of every `From:` header in a header section, or `None` when a From header holds something
-/// that is not an address (which then cannot be checked).
-pub fn from_addresses(head: &[u8]) -> Option<Vec<String>> {
-    let raw_count = head
-        .split(|&b| b == b'\n')
-        .filter(|l| {
-            let name_end = l.iter().position(|&b| b == b':').unwrap_or(0);
-            let name = String::from_utf8_lossy(&l[..name_end]);
-            !l.starts_with(b" ") && !l.starts_with(b"\t") && name.trim_end().eq_ignore_ascii_case("from")
-        })
-        .count();
-    if raw_count == 0 {
-        return Some(Vec::new());
-    }
-    let msg = mail_parser::MessageParser::default().parse_headers(head)?;
-    let mut out = Vec::new();
-    let mut headers = 0;
-    for v in msg.header_values(mail_parser::HeaderName::From) {
-        headers += 1;
-        let list = v.as_address()?;
-        let before = out.len();
-        for a in list.iter() {
-            out.push(a.address()?.to_string());
-        }
-        if out.len() == before {
-            return None;
-        }
-    }
-    // A From header the parser did not see would reach the upstream unchecked.
-    (headers == raw_count).then_some(out)
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn local_recipients() {
-        let domains = vec!["example.test".to_string(), ".corp.example".to_string()];
-        for (rcpt, want) in [
-            ("a@example.test", true),
-            ("a@EXAMPLE.TEST", true),
-            ("a@example.test.", true),
-            ("a@sub.example.test", false),
-            ("a@evil.example", false),
-            ("a@corp.example", false),
-            ("a@mail.corp.example", true),
-            ("a@xcorp.example", false),
-            ("a%evil.example@example.test", false),
-            ("evil.example!a@example.test", false),
-            ("\"a@evil.example\"@example.test", false),
-            ("Postmaster", true),
-            ("root", false),
-            ("@example.test", false),
-            ("a@[127.0.0.1]", false),
-        ] {
-            assert_eq!(is_local_recipient(rcpt, &domains), want, "{rcpt}");
-        }
-        assert!(!is_local_recipient("a@example.test", &[]), "empty list: nothing is local");
-    }
-
-    #[test]
-    fn from_header_addresses() {
-        let f = |s: &str| from_addresses(s.as_bytes());
-        assert_eq!(f("Subject: x\r\n\r\n"), Some(vec![]));
-        assert_eq!(
-            f("From: Alice <alice@example.test>\r\nSubject: x\r\n\r\n"),
-            Some(vec!["alice@example.test".into()])
-        );
-        assert_eq!(
-            f("From: a@example.test, \"B\" <b@example.org>\r\n\r\n"),
-            Some(vec!["a@example.test".into(), "b@example.org".into()])
-        );
-        assert_eq!(f("From: a@example.test\r\nFROM: b@evil.example\r\n\r\n").map(|v| v.len()), Some(2));
-        assert_eq!(f("From: not an address\r\n\r\n"), None);
-        assert_eq!(f("From:\r\n\r\n"), None);
-        assert_eq!(f("From : spaced@example.test\r\n\r\n").map(|v| v.len()).unwrap_or(1), 1);
-    }
-}
+mod verify_tests;

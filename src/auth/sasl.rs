@@ -13,31 +13,7 @@ pub const MAX_USER: usize = 255;
 /// Longest password accepted (bytes), so a huge password cannot make verification expensive.
 pub const MAX_PASSWORD: usize = 1024;
 
-/// A SASL mechanism moat offers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mechanism {
-    Plain,
-    Login,
-}
-
-impl Mechanism {
-    /// From the AUTH command's (upper-cased) mechanism name.
-    pub fn from_name(name: &str) -> Option<Mechanism> {
-        match name {
-            "PLAIN" => Some(Mechanism::Plain),
-            "LOGIN" => Some(Mechanism::Login),
-            _ => None,
-        }
-    }
-
-    /// A stable label (metrics, audit).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Mechanism::Plain => "PLAIN",
-            Mechanism::Login => "LOGIN",
-        }
-    }
-}
+pub use crate::smtp::command::Mechanism;
 
 /// What the client claims: a user name and a password (never printed).
 #[derive(Clone, PartialEq, Eq)]

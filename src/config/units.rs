@@ -125,6 +125,11 @@ impl<'de> Deserialize<'de> for Span {
     }
 }
 
+/// A span of whole seconds (for defaults).
+pub(crate) fn secs(n: u64) -> Span {
+    Span(Duration::from_secs(n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

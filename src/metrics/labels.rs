@@ -149,6 +149,8 @@ label_enum! {
         SessionTimeout => "session_timeout",
         /// The spool's memory budget.
         MemoryBudget => "memory_budget",
+        /// The spool's disk budget (bytes in spill files).
+        SpoolDiskBudget => "spool_disk_budget",
     }
 }
 
@@ -242,5 +244,35 @@ impl TlsVersion {
             "TLSv1.3" | "TLSv1_3" => TlsVersion::Tls13,
             _ => TlsVersion::None,
         }
+    }
+}
+
+label_enum! {
+    /// `result` of the quarantine and archive copy counters.
+    CopyResult {
+        /// The copy was made (written and synced, or accepted by the upstream as a recipient).
+        Ok => "ok",
+        /// It could not be made.
+        Error => "error",
+    }
+}
+
+label_enum! {
+    /// `mode` of `moat_archive_copies_total`.
+    ArchiveMode {
+        /// An extra upstream recipient.
+        Bcc => "bcc",
+        /// A compressed file in the archive directory.
+        Directory => "directory",
+    }
+}
+
+label_enum! {
+    /// `reason` of the expiry counters.
+    ExpiryReason {
+        /// Older than the configured retention.
+        Age => "age",
+        /// Removed, oldest first, to bring the store back under its disk budget.
+        Budget => "budget",
     }
 }

@@ -9,7 +9,6 @@
 //! threads.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
@@ -17,6 +16,7 @@ use tracing::{debug, warn};
 
 use super::{ConnInfo, HookFuture, MessageView, Stage, StageRecord, TxnContext, Verdict};
 use crate::config::OversizePolicy;
+use crate::quarantine::Hold;
 use crate::rules::eval::{Content, Facts};
 use crate::rules::{Action, Phase, RuleSet, Rules};
 use crate::smtp::command::{MailFrom, RcptTo};
@@ -83,17 +83,11 @@ pub struct RulesStage {
     rules: Arc<Rules>,
     scan_window: u64,
     oversize: OversizePolicy,
-    quarantine_dir: PathBuf,
 }
 
 impl RulesStage {
     pub fn new(rules: Arc<Rules>, config: &crate::config::RulesConfig) -> RulesStage {
-        let quarantine_dir = if config.quarantine_dir.as_os_str().is_empty() {
-            config.directory.join("quarantine")
-        } else {
-            config.quarantine_dir.clone()
-        };
-        RulesStage { rules, scan_window: config.scan_window.bytes(), oversize: config.oversize_policy, quarantine_dir }
+        RulesStage { rules, scan_window: config.scan_window.bytes(), oversize: config.oversize_policy }
     }
 }
 
@@ -164,14 +158,12 @@ impl Stage for RulesStage {
         "rules"
     }
 
-    /// The window, when a rule still needs the message: body rules, header rules that could not run when
-    /// the header section ended, or a quarantine copy to write.
+    /// The window, when a rule still needs the message: body rules, or header rules that could not run
+    /// when the header section ended. (A quarantine copy is taken from the spool, whole, by the driver.)
     fn scan_window(&self, txn: &TxnContext) -> Option<u64> {
         let state = txn.rules.as_ref()?;
         let set = &state.set;
-        let wanted = set.has_phase(Phase::Data)
-            || (!state.headers_done && set.has_phase(Phase::Headers))
-            || state.quarantine.is_some();
+        let wanted = set.has_phase(Phase::Data) || (!state.headers_done && set.has_phase(Phase::Headers));
         (wanted && !state.accepted).then_some(self.scan_window)
     }
 
@@ -319,11 +311,12 @@ impl RulesStage {
                 }
             }
         }
-        self.finish(txn, &set, &data).await
+        self.finish(txn, &set)
     }
 
-    /// Score thresholds, an earlier discard, and quarantine.
-    async fn finish(&self, txn: &mut TxnContext, set: &RuleSet, data: &[u8]) -> Verdict {
+    /// Score thresholds, an earlier discard, and quarantine: a [`Hold`] for the driver, which keeps the
+    /// whole message in the quarantine store before the client's reply (`451` if it cannot).
+    fn finish(&self, txn: &mut TxnContext, set: &RuleSet) -> Verdict {
         let Some(state) = txn.rules.as_ref() else { return Verdict::Continue };
         if state.accepted {
             return Verdict::Continue;
@@ -341,10 +334,7 @@ impl RulesStage {
         }
         let (discard, quarantine) = (state.discard, state.quarantine);
         if let Some(deliver) = quarantine {
-            if let Err(e) = self.quarantine(data).await {
-                warn!(error = %e, dir = %self.quarantine_dir.display(), "cannot quarantine message");
-                return Verdict::Tempfail(Reply::local_error());
-            }
+            txn.ext.insert(Hold { deliver });
             if !deliver {
                 return Verdict::Discard;
             }
@@ -353,15 +343,6 @@ impl RulesStage {
             return Verdict::Discard;
         }
         Verdict::Continue
-    }
-
-    async fn quarantine(&self, data: &[u8]) -> std::io::Result<()> {
-        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        tokio::fs::create_dir_all(&self.quarantine_dir).await?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let path = self.quarantine_dir.join(format!("{}-{}-{seq}.eml", now.as_secs(), std::process::id()));
-        tokio::fs::write(path, data).await
     }
 }
 

@@ -216,7 +216,10 @@ fn subject_prefix(p: &Spanned<String>) -> Result<String, String> {
 /// `"550 5.7.1 text"`: the code must suit the action.
 fn parse_reply(text: &str, kind: ActionKind) -> Result<Reply, String> {
     let (code, rest) = text.split_once(' ').unwrap_or((text, ""));
-    let code: u16 = code.parse().map_err(|_| format!("reply {text:?} must start with a 3-digit code"))?;
+    let code: u16 = Some(code)
+        .filter(|c| c.len() == 3 && c.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("reply {text:?} must start with a 3-digit code"))?;
     let ok = match kind {
         ActionKind::Reject => (500..600).contains(&code),
         ActionKind::Tempfail => (400..500).contains(&code),
@@ -339,8 +342,12 @@ fn attachment_leaves(c: &CondSpec, out: &mut Vec<Cond>) -> Result<(), String> {
     if let Some(n) = c.mime_depth_over {
         out.push(Cond::Leaf(Leaf::MimeDepthOver(n)));
     }
-    for (flag, leaf) in [(c.archive_unreadable, Leaf::ArchiveUnreadable), (c.archive_encrypted, Leaf::ArchiveEncrypted)]
-    {
+    let flags = [
+        (c.archive_unreadable, Leaf::ArchiveUnreadable),
+        (c.archive_encrypted, Leaf::ArchiveEncrypted),
+        (c.mime_malformed, Leaf::MimeMalformed),
+    ];
+    for (flag, leaf) in flags {
         match flag {
             Some(true) => out.push(Cond::Leaf(leaf)),
             Some(false) => out.push(Cond::Not(Box::new(Cond::Leaf(leaf)))),

@@ -2,8 +2,8 @@
 //! headers and texts, URLs, attachments with their declared and sniffed types, the names inside zip
 //! attachments, and the MIME structure's size and depth.
 //!
-//! Runs in `spawn_blocking` (see `pipeline::rules`) on at most `scan_window` bytes; every list built here
-//! is bounded by that input or by a constant below.
+//! Runs on at most `scan_window` bytes: inline for up to 32 KiB, else in `spawn_blocking` (see
+//! `pipeline::rules`); every list built here is bounded by that input or by a constant below.
 
 use std::borrow::Cow;
 
@@ -56,6 +56,10 @@ pub struct Content {
     pub archive_unreadable: bool,
     /// A zip attachment with an encrypted entry.
     pub archive_encrypted: bool,
+    /// A multipart of the message has more delimiter lines than the parts mail-parser returned for it: on
+    /// malformed MIME (an empty multipart, a message/rfc822 part that is not a message) mail-parser 0.11.9
+    /// loses the boundaries and folds the parts after it into one, which no content rule then sees.
+    pub mime_malformed: bool,
     /// The number of MIME parts (of the top-level message).
     pub parts: usize,
     /// How deeply multiparts and attached messages nest: 0 for a single-part message, 1 for a multipart
@@ -94,6 +98,7 @@ impl Content {
             c.add_attachment(a, raw);
         }
         c.parts = msg.parts.len();
+        c.mime_malformed = lost_parts(&msg, raw);
         c.depth = depth(&msg);
         c.extract_urls();
         c
@@ -178,6 +183,11 @@ impl Content {
 /// their charset), which would hide the magic bytes and the zip directory of a binary file declared
 /// `text/plain`; for those the transfer encoding is undone again from the raw message. Binary parts are
 /// borrowed as they are.
+///
+/// A part mail-parser left undecoded although it declares base64 is decoded here too, up to the first
+/// line that starts a boundary: mail-parser 0.11.9 loses track of the boundaries after an empty multipart
+/// (`--inner--` right after its headers) and returns the following parts as raw text, which would hide a
+/// zip or a program from every content rule (found by `tests/fuzz.rs`).
 fn attachment_bytes<'a>(part: &'a MessagePart<'_>, raw: &'a [u8]) -> Cow<'a, [u8]> {
     if !matches!(part.body, PartType::Text(_) | PartType::Html(_)) {
         return Cow::Borrowed(part.contents());
@@ -185,7 +195,12 @@ fn attachment_bytes<'a>(part: &'a MessagePart<'_>, raw: &'a [u8]) -> Cow<'a, [u8
     let Some(body) = raw.get(part.offset_body as usize..part.offset_end as usize) else {
         return Cow::Borrowed(part.contents());
     };
+    let declared_base64 = part.content_transfer_encoding().is_some_and(|e| e.trim().eq_ignore_ascii_case("base64"));
     match part.encoding {
+        Encoding::None if declared_base64 => {
+            let end = memchr::memmem::find(body, b"\n--").map_or(body.len(), |i| i + 1);
+            decode_base64(&body[..end]).map_or(Cow::Borrowed(body), Cow::Owned)
+        }
         Encoding::Base64 => decode_base64(body).map_or(Cow::Borrowed(part.contents()), Cow::Owned),
         Encoding::None => Cow::Borrowed(body),
         Encoding::QuotedPrintable => Cow::Borrowed(part.contents()),
@@ -233,6 +248,25 @@ fn depth(msg: &Message<'_>) -> usize {
         }
     }
     deepest
+}
+
+/// Whether some multipart of the top-level message has more delimiter lines (`--boundary`, RFC 2046 5.1.1)
+/// in its body than mail-parser returned parts for it. Boundaries cannot occur inside parts (that is what
+/// makes them boundaries), so a surplus means parts were lost, not that the sender wrote odd text.
+fn lost_parts(msg: &Message<'_>, raw: &[u8]) -> bool {
+    msg.parts.iter().any(|part| {
+        let PartType::Multipart(children) = &part.body else { return false };
+        let Some(boundary) = part.content_type().and_then(|c| c.attribute("boundary")) else { return false };
+        let Some(body) = raw.get(part.offset_body as usize..part.offset_end as usize) else { return false };
+        let delimiters = body
+            .split(|&b| b == b'\n')
+            .filter(|line| {
+                let rest = line.strip_prefix(b"--").and_then(|l| l.strip_prefix(boundary.as_bytes()));
+                rest.is_some_and(|r| r.iter().all(|b| b.is_ascii_whitespace()))
+            })
+            .count();
+        delimiters > children.len()
+    })
 }
 
 fn header_text(v: &HeaderValue<'_>) -> String {

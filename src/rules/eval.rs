@@ -138,6 +138,7 @@ impl Eval<'_, '_> {
             Leaf::MimeDepthOver(n) => content.is_some_and(|c| c.depth > *n),
             Leaf::Words { field, ids } => self.words(*field, ids),
             Leaf::ArchiveUnreadable => content.is_some_and(|c| c.archive_unreadable),
+            Leaf::MimeMalformed => content.is_some_and(|c| c.mime_malformed),
             Leaf::ArchiveEncrypted => content.is_some_and(|c| c.archive_encrypted),
             Leaf::MissingHeader(h) => content.is_some_and(|c| c.header(h).all(|v| v.trim().is_empty())),
             Leaf::InList { list, field } => self.in_list(*list, *field),

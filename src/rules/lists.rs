@@ -24,7 +24,7 @@ pub struct CidrSet {
 /// Parses `a.b.c.d`, `a.b.c.d/n`, `v6` or `v6/n` into an inclusive range.
 pub fn parse_cidr(s: &str) -> Result<(u128, u128), String> {
     let (addr, len) = match s.split_once('/') {
-        Some((a, l)) => (a, Some(l.parse::<u32>().map_err(|_| format!("invalid prefix length in {s:?}"))?)),
+        Some((a, l)) => (a, Some(prefix_len(l).ok_or_else(|| format!("invalid prefix length in {s:?}"))?)),
         None => (s, None),
     };
     let ip: IpAddr = addr.trim().parse().map_err(|_| format!("invalid IP address {addr:?}"))?;
@@ -39,6 +39,11 @@ pub fn parse_cidr(s: &str) -> Result<(u128, u128), String> {
     let host_bits = max - len;
     let mask = if host_bits + (128 - max - offset) >= 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
     Ok((base & !mask, base | mask))
+}
+
+/// A prefix length: 1 to 3 ASCII digits (`str::parse` alone would also take `+8`).
+fn prefix_len(l: &str) -> Option<u32> {
+    (!l.is_empty() && l.len() <= 3 && l.bytes().all(|b| b.is_ascii_digit())).then(|| l.parse().ok()).flatten()
 }
 
 fn ip_key(ip: IpAddr) -> u128 {
@@ -76,19 +81,36 @@ pub struct DomainSet {
     set: HashSet<String>,
 }
 
+/// The one normalisation of a domain, for list entries (exact or bloom) and looked-up names alike: without
+/// a leading `@` or `.` (`@example.org` and `.example.org` are written for "the domain"), without the
+/// trailing root dot, lower-case.
+pub fn domain_key(d: &str) -> String {
+    let mut out = String::new();
+    push_domain_key(&mut out, d);
+    out
+}
+
+/// [`domain_key`] into a reused buffer: a bloom list of millions of domains loads without an allocation
+/// per ASCII entry.
+fn push_domain_key(out: &mut String, d: &str) {
+    let d = d.trim().trim_start_matches(['@', '.']).trim_end_matches('.');
+    out.clear();
+    if d.is_ascii() {
+        out.push_str(d);
+        out.make_ascii_lowercase();
+    } else {
+        out.push_str(&d.to_lowercase());
+    }
+}
+
 impl DomainSet {
     pub fn new<I: IntoIterator<Item = String>>(items: I) -> DomainSet {
-        DomainSet {
-            set: items
-                .into_iter()
-                .map(|d| d.trim_start_matches(['@', '.']).trim_end_matches('.').to_lowercase())
-                .collect(),
-        }
+        DomainSet { set: items.into_iter().map(|d| domain_key(&d)).collect() }
     }
 
     /// Whether `domain` or one of its parents is listed.
     pub fn contains(&self, domain: &str) -> bool {
-        let d = domain.trim_end_matches('.').to_lowercase();
+        let d = domain_key(domain);
         let hit = suffixes(&d).any(|s| self.set.contains(s));
         hit
     }
@@ -105,10 +127,12 @@ pub enum List {
     Domain(DomainSet),
     /// Addresses or hashes/URLs, lower-case, exact.
     Exact(HashSet<String>),
-    /// Any kind, probabilistic: domains are looked up by each suffix, everything else exactly.
+    /// Any kind, probabilistic: domains are looked up by each suffix, everything else exactly. In an `ip`
+    /// list, single addresses are in the filter (as their 16-byte v4-mapped key) and ranges in `ranges`.
     Bloom {
         kind: ListKind,
         bloom: Box<BlockedBloom>,
+        ranges: CidrSet,
     },
 }
 
@@ -118,7 +142,9 @@ impl std::fmt::Debug for List {
             List::Ip(s) => write!(f, "Ip({} ranges)", s.ranges.len()),
             List::Domain(s) => write!(f, "Domain({})", s.set.len()),
             List::Exact(s) => write!(f, "Exact({})", s.len()),
-            List::Bloom { kind, bloom } => write!(f, "Bloom({kind:?}, {} bytes)", bloom.bytes()),
+            List::Bloom { kind, bloom, ranges } => {
+                write!(f, "Bloom({kind:?}, {} bytes, {} ranges)", bloom.bytes(), ranges.ranges.len())
+            }
         }
     }
 }
@@ -153,20 +179,22 @@ impl List {
             List::Ip(s) => value.parse::<IpAddr>().is_ok_and(|ip| s.contains(ip)),
             List::Domain(s) => s.contains(value),
             List::Exact(s) => s.contains(&value.to_lowercase()),
-            List::Bloom { kind, bloom } => {
-                let v = value.to_lowercase();
-                match kind {
-                    ListKind::Domain => suffixes(v.trim_end_matches('.')).any(|s| bloom.check(s.as_bytes())),
-                    _ => bloom.check(v.as_bytes()),
-                }
+            List::Bloom { kind: ListKind::Ip, bloom, ranges } => {
+                value.parse::<IpAddr>().is_ok_and(|ip| ranges.contains(ip) || bloom.check(&ip_key(ip).to_be_bytes()))
             }
+            List::Bloom { kind: ListKind::Domain, bloom, .. } => {
+                suffixes(&domain_key(value)).any(|s| bloom.check(s.as_bytes()))
+            }
+            List::Bloom { bloom, .. } => bloom.check(value.to_lowercase().as_bytes()),
         }
     }
 }
 
-/// Loads a bloom list: one pass over the text without an allocation per entry (ASCII entries are
-/// lower-cased in one reused buffer), each normalized entry hashed once. Entries are normalized as the
-/// other kinds are: the part before `#`, trimmed, lower-case, without leading `@` or `.`.
+/// Loads a bloom list: one pass over the text, each entry normalized as the exact kinds are and hashed once.
+/// Domains go through [`domain_key`]; addresses and hashes are lower-cased (in one reused buffer when ASCII,
+/// to spare an allocation per entry); IP entries are parsed, so a bad one is refused with its line, a single
+/// address is hashed as its 16-byte key and a range goes to an exact [`CidrSet`] beside the filter (a
+/// string compare would never match an address inside a CIDR).
 fn load_bloom(kind: ListKind, text: &str, fp: f64) -> Result<List, (usize, String)> {
     if !(fp > 0.0 && fp < 1.0) {
         return Err((0, format!("fp_rate {fp} must be between 0 and 1")));
@@ -177,22 +205,36 @@ fn load_bloom(kind: ListKind, text: &str, fp: f64) -> Result<List, (usize, Strin
         return Err((0, format!("fp_rate {fp} is too small for a bloom list")));
     };
     let mut b = b.builder();
+    let mut ranges = Vec::new();
     let mut lower = String::new();
-    for l in text.split('\n') {
+    for (n, l) in text.split('\n').enumerate() {
         let l = l.split('#').next().unwrap_or("").trim();
         if l.is_empty() {
             continue;
         }
-        if l.is_ascii() {
-            lower.clear();
-            lower.push_str(l);
-            lower.make_ascii_lowercase();
-        } else {
-            lower = l.to_lowercase();
+        match kind {
+            ListKind::Ip => {
+                let (start, end) = parse_cidr(l).map_err(|m| (n + 1, m))?;
+                if start == end {
+                    b.add(&start.to_be_bytes());
+                } else {
+                    ranges.push((start, end));
+                }
+            }
+            ListKind::Domain => {
+                push_domain_key(&mut lower, l);
+                b.add(lower.as_bytes());
+            }
+            ListKind::Address | ListKind::Hash if l.is_ascii() => {
+                lower.clear();
+                lower.push_str(l);
+                lower.make_ascii_lowercase();
+                b.add(lower.as_bytes());
+            }
+            ListKind::Address | ListKind::Hash => b.add(l.to_lowercase().as_bytes()),
         }
-        b.add(lower.trim_start_matches(['@', '.']).as_bytes());
     }
-    Ok(List::Bloom { kind, bloom: Box::new(b.finish()) })
+    Ok(List::Bloom { kind, bloom: Box::new(b.finish()), ranges: CidrSet::new(ranges) })
 }
 
 #[cfg(test)]
@@ -232,6 +274,42 @@ mod tests {
         assert!(l.contains("www.bad.example"));
         assert!(l.contains("EVIL.test"));
         assert!(!l.contains("good.example"));
+    }
+
+    /// A bloom `ip` list answers as the exact one: CIDR ranges match the addresses inside them, v4-mapped
+    /// v6 is the v4 address, and a bad entry is refused with its line, not hashed as a string.
+    #[test]
+    fn bloom_ip_list_matches_ranges_and_refuses_bad_entries() {
+        let text = "# c\n127.0.0.0/8\n192.0.2.7 # one host\n2001:db8::/32\n::ffff:198.51.100.1\n2001:db8:ffff::1/128\n";
+        for bloom in [None, Some(0.001)] {
+            let l = List::load(ListKind::Ip, text, bloom).unwrap();
+            for hit in ["127.0.0.1", "127.255.0.9", "192.0.2.7", "::ffff:192.0.2.7", "2001:db8:1::5", "198.51.100.1"] {
+                assert!(l.contains(hit), "{bloom:?} {hit}");
+            }
+            for miss in ["128.0.0.1", "192.0.2.8", "2001:db9::1", "not an ip", ""] {
+                assert!(!l.contains(miss), "{bloom:?} {miss}");
+            }
+            for bad in ["not-an-ip!!", "1.2.3.4/33", "1.2.3.4/+8", "1.2.3.4/ 8", "10.0.0.0/-1"] {
+                let e = List::load(ListKind::Ip, &format!("1.2.3.4\n\n{bad}\n"), bloom).unwrap_err();
+                assert_eq!(e.0, 3, "{bloom:?} {bad}: {e:?}");
+            }
+        }
+    }
+
+    /// One normalisation for domains, bloom or not: case, a trailing root dot and a leading `@`/`.` do not
+    /// matter on either side.
+    #[test]
+    fn bloom_and_exact_domain_lists_normalise_alike() {
+        for bloom in [None, Some(0.001)] {
+            let l = List::load(ListKind::Domain, "Bad.Example.\n@evil.test\n.dot.test\n", bloom).unwrap();
+            for hit in ["bad.example", "www.BAD.example.", "evil.test", "x.dot.test"] {
+                assert!(l.contains(hit), "{bloom:?} {hit}");
+            }
+            assert!(!l.contains("good.example"), "{bloom:?}");
+            let l = List::load(ListKind::Address, "Alice@Example.ORG\n", bloom).unwrap();
+            assert!(l.contains("alice@example.org") && l.contains("ALICE@example.org"), "{bloom:?}");
+            assert!(!l.contains("bob@example.org"), "{bloom:?}");
+        }
     }
 
     #[test]

@@ -18,7 +18,7 @@ pub mod zip;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio_util::sync::CancellationToken;
@@ -162,6 +162,8 @@ pub enum Leaf {
         ids: Vec<usize>,
     },
     ArchiveUnreadable,
+    /// Parts were lost to malformed MIME ([`content::Content::mime_malformed`]).
+    MimeMalformed,
     ArchiveEncrypted,
     MissingHeader(String),
     InList {
@@ -260,6 +262,8 @@ pub struct RuleSet {
     pub tag_subject_prefix: Option<String>,
     /// Increases with every set built in this process, so tests and logs can tell versions apart.
     pub version: u64,
+    /// The list files the rule files named (relative to the rules directory), for the watcher.
+    pub list_files: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for RuleSet {
@@ -321,10 +325,17 @@ impl RuleSet {
                 Err(e) => errors.push(RuleError::file(&p, format!("cannot read: {e}"))),
             }
         }
-        let mut read_list = |f: &Path| std::fs::read_to_string(dir.join(f)).map_err(|e| e.to_string());
+        let mut list_files = Vec::new();
+        let mut read_list = |f: &Path| {
+            list_files.push(f.to_path_buf());
+            std::fs::read_to_string(dir.join(f)).map_err(|e| e.to_string())
+        };
         let set = compile::compile(&files, &mut read_list, local_domains);
         match (set, errors.is_empty()) {
-            (Ok(s), true) => Ok(s),
+            (Ok(mut s), true) => {
+                s.list_files = list_files;
+                Ok(s)
+            }
             (Ok(_), false) => Err(errors),
             (Err(mut e), _) => {
                 errors.append(&mut e);
@@ -345,8 +356,8 @@ pub struct Rules {
     current: ArcSwap<RuleSet>,
     dir: PathBuf,
     local_domains: Vec<String>,
-    /// The directory's newest modification time when last loaded (shared with the watcher).
-    stamp: Arc<Mutex<Option<Option<SystemTime>>>>,
+    /// The rule files' [`Fingerprint`] when last loaded (shared with the watcher).
+    stamp: Arc<Mutex<Option<Fingerprint>>>,
 }
 
 impl std::fmt::Debug for Rules {
@@ -365,10 +376,10 @@ impl Rules {
     pub fn load(dir: &Path, local_domains: &[String]) -> Result<Rules, Vec<RuleError>> {
         let set = RuleSet::load_dir(dir, local_domains)?;
         Ok(Rules {
+            stamp: Arc::new(Mutex::new(Some(fingerprint(dir, &set.list_files)))),
             current: ArcSwap::from_pointee(set),
             dir: dir.to_owned(),
             local_domains: local_domains.to_vec(),
-            stamp: Arc::new(Mutex::new(Some(newest_mtime(dir)))),
         })
     }
 
@@ -383,7 +394,7 @@ impl Rules {
         let built = tokio::task::spawn_blocking(move || {
             // Stamped before reading, so the watcher does not reload these files again (a change made while
             // they are read shows up as a newer stamp).
-            *me.stamp.lock().unwrap_or_else(|p| p.into_inner()) = Some(newest_mtime(&me.dir));
+            *me.stamp.lock().unwrap_or_else(|p| p.into_inner()) = Some(fingerprint(&me.dir, &me.snapshot().list_files));
             RuleSet::load_dir(&me.dir, &me.local_domains)
         })
         .await;
@@ -413,19 +424,19 @@ impl Rules {
         }
     }
 
-    /// Reloads when the directory's newest modification time changed and then held still for one more
+    /// Reloads when the rule files' [`Fingerprint`] changed and then held still for one more
     /// `interval` (`crate::watch`: an editor writing several files is picked up once); `0s` disables it.
     pub fn spawn_watcher(self: &Arc<Self>, interval: Duration, shutdown: CancellationToken) {
         if interval.is_zero() {
             return;
         }
         let dir = self.dir.clone();
-        let me = Arc::clone(self);
+        let (me, me_files) = (Arc::clone(self), Arc::clone(self));
         crate::watch::spawn(
             interval,
             shutdown,
             Arc::clone(&self.stamp),
-            move || newest_mtime(&dir),
+            move || fingerprint(&dir, &me_files.snapshot().list_files),
             move || {
                 let me = Arc::clone(&me);
                 async move {
@@ -437,18 +448,36 @@ impl Rules {
     }
 }
 
-/// The newest modification time of the directory, its files and `lists/` (blocking).
-fn newest_mtime(dir: &Path) -> Option<SystemTime> {
-    let mut newest = std::fs::metadata(dir).and_then(|m| m.modified()).ok();
-    for d in [dir.to_path_buf(), dir.join("lists")] {
-        let Ok(entries) = std::fs::read_dir(&d) else { continue };
+/// What the watcher compares to see whether the rules changed: the [`crate::watch::Stamp`] of every rule
+/// file (`*.toml` directly in the directory), every file in `lists/` and every list file the loaded rules
+/// name, by name (blocking).
+///
+/// Only those files count. Directories do not, nor does the rules directory's own modification time: a
+/// quarantine store, an editor's lock file directory or anything else written below the rules directory
+/// must not make the rules reload (a steady stream of quarantined messages used to keep a real edit from
+/// ever holding still long enough to apply). A deleted or renamed file changes the list of names.
+pub type Fingerprint = Vec<(std::ffi::OsString, crate::watch::Stamp)>;
+
+/// The [`Fingerprint`] of `dir` now, with `list_files` (relative to `dir`) besides `lists/` (blocking).
+pub fn fingerprint(dir: &Path, list_files: &[PathBuf]) -> Fingerprint {
+    let mut out = Vec::new();
+    for (sub, only_toml) in [("", true), ("lists", false)] {
+        let Ok(entries) = std::fs::read_dir(dir.join(sub)) else { continue };
         for e in entries.flatten() {
-            if let Ok(t) = e.metadata().and_then(|m| m.modified()) {
-                newest = newest.max(Some(t));
+            let path = e.path();
+            // `metadata` follows symbolic links: a linked rule file counts as the file it points to.
+            let is_file = std::fs::metadata(&path).is_ok_and(|m| m.is_file());
+            if is_file && (!only_toml || path.extension().is_some_and(|x| x == "toml")) {
+                out.push((Path::new(sub).join(e.file_name()).into_os_string(), crate::watch::stamp(&path)));
             }
         }
     }
-    newest
+    for f in list_files {
+        out.push((f.as_os_str().to_owned(), crate::watch::stamp(&dir.join(f))));
+    }
+    out.sort();
+    out.dedup_by(|a, b| Path::new(&a.0) == Path::new(&b.0));
+    out
 }
 
 #[cfg(test)]

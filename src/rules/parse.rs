@@ -179,6 +179,8 @@ pub struct CondSpec {
     pub archive_unreadable: Option<bool>,
     /// A zip attachment with an encrypted entry.
     pub archive_encrypted: Option<bool>,
+    /// A multipart has more delimiter lines than the parts the MIME parser returned: some parts went unseen.
+    pub mime_malformed: Option<bool>,
     pub mime_parts_over: Option<usize>,
     /// Nesting depth of multiparts and attached messages.
     pub mime_depth_over: Option<usize>,

@@ -141,6 +141,13 @@ fn errors_carry_positions() {
     assert!(e[0].starts_with("t.toml:6:") && e[0].contains("duplicate"), "{e:?}");
     let e = errors("[[rule]]\nid = \"a\"\nwhen = { helo = \"x\" }\naction = \"reject\"\nreply = \"250 ok\"\n");
     assert!(e[0].starts_with("t.toml:5:"), "{e:?}");
+    // A reply code is exactly three digits: `str::parse` alone would take `+550` and `0550`.
+    for code in ["+550", "0550", " 550"] {
+        let e = errors(&format!(
+            "[[rule]]\nid = \"a\"\nwhen = {{ helo = \"x\" }}\naction = \"reject\"\nreply = \"{code} 5.7.1 no\"\n"
+        ));
+        assert!(e[0].starts_with("t.toml:5:") && e[0].contains("3-digit"), "{code}: {e:?}");
+    }
     let e = errors("[[rule]]\nid = \"a\"\nwhen = { in_list = \"nope\" }\naction = \"reject\"\n");
     assert!(e[0].contains("unknown list"), "{e:?}");
 }
@@ -414,4 +421,164 @@ fn body_texts_are_each_part_once_as_sent() {
     assert!(
         alt.texts.iter().any(|t| t.contains("plain part")) && alt.texts.iter().any(|t| t.contains("<b>html part</b>"))
     );
+}
+
+/// A program behind 1,000 other entries is not waved through: the shipped rules refuse an archive moat
+/// could not list to the end, and directory entries (or entries without a name) do not use up the limit.
+#[test]
+fn shipped_rules_refuse_programs_hidden_behind_many_entries() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let s =
+        RuleSet::load_dir(&root, &["example.test".into()]).unwrap_or_else(|e| panic!("{}", super::format_errors(&e)));
+    let refused = |zip: &[u8]| -> Vec<String> {
+        let msg = with_attachments(&[("application/zip", "invoice.zip", zip)]);
+        let content = Content::parse(&msg);
+        let f = facts(Some(&content), &[]);
+        let mut hits = s.hits(Phase::Headers, &f);
+        hits.extend(s.hits(Phase::Data, &f));
+        hits.into_iter()
+            .filter(|&i| matches!(s.rules[i].action, super::Action::Reject(_)))
+            .map(|i| s.rules[i].id.to_string())
+            .collect()
+    };
+    let exe = ("invoice.exe", &b"MZ"[..]);
+    let files: Vec<String> = (0..1000).map(|i| format!("f{i}.txt")).collect();
+    let mut entries: Vec<(&str, &[u8])> = files.iter().map(|n| (n.as_str(), &b""[..])).collect();
+    entries.push(exe);
+    assert_eq!(refused(&super::zip::tests::archive(&entries)), ["archive-unreadable"]);
+    let dirs: Vec<String> = (0..1000).map(|i| format!("d{i}/")).collect();
+    let mut entries: Vec<(&str, &[u8])> = dirs.iter().map(|n| (n.as_str(), &b""[..])).collect();
+    entries.extend((0..1000).map(|_| ("", &b""[..])));
+    entries.push(exe);
+    assert_eq!(refused(&super::zip::tests::archive(&entries)), ["attachment-executable"]);
+    // Many ordinary files within the limit pass.
+    let entries: Vec<(&str, &[u8])> = files.iter().map(|n| (n.as_str(), &b"x"[..])).collect();
+    assert!(refused(&super::zip::tests::archive(&entries[..999])).is_empty());
+}
+
+/// mail-parser issue #120: an attached message that is not a message leaves a sub-message without parts,
+/// on which several mail-parser accessors index `parts[0]`. The scan must not touch those.
+#[test]
+fn corrupted_attached_message_does_not_panic() {
+    let raw =
+        b"From: Test <test@example.org>\r\nSubject: test\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n\
+--b\r\nContent-Type: text/plain; charset=\"UTF-8\"\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nbla\r\n\r\n\
+--b\r\nContent-Type: message/rfc822\r\nContent-Disposition: attachment; filename=\"corrupted.eml\"\r\n\
+Content-Transfer-Encoding: 8bit\r\n\r\nthis attachment is not a valid eml, sorry!\r\n--b--\r\n";
+    let c = Content::parse(raw);
+    assert_eq!(c.attachments.len(), 1, "{c:?}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let s = RuleSet::load_dir(&root, &["example.test".into()]).unwrap();
+    let _ = data_hits(&s, raw);
+}
+
+/// A message/rfc822 part whose body is another message/rfc822 header, inside a multipart: mail-parser
+/// 0.11.9 recovers, but trips its own `debug_assert!` on the way (found by `tests/fuzz.rs`
+/// `content::message_scan`; Cargo.toml turns mail-parser's debug assertions off so that tests see what
+/// release builds do). The scan must finish and see the structure it can.
+#[test]
+fn nested_attached_message_headers_only() {
+    let raw = b"Content-Type: multipart/alternative; boundary=a\r\n\r\n--a\r\nContent-Type: message/rfc822\r\n\r\n\
+Content-Type: message/rfc822\r\n\r\n\r\n--a--\r\n";
+    let c = Content::parse(raw);
+    assert!(c.parts >= 2, "{c:?}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let s = RuleSet::load_dir(&root, &["example.test".into()]).unwrap();
+    let _ = data_hits(&s, raw);
+}
+
+/// An empty multipart (its close delimiter right after its headers) makes mail-parser 0.11.9 lose the
+/// boundary: the parts after it come back as raw text with their base64 undecoded, so a zip attachment
+/// there was neither sniffed nor listed and a program inside it passed (found by `tests/fuzz.rs`
+/// `content::message_scan`). The declared transfer encoding is honoured now.
+#[test]
+fn attachment_after_an_empty_multipart_is_still_decoded() {
+    use base64::Engine as _;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let s = RuleSet::load_dir(&root, &["example.test".into()]).unwrap();
+    let zip = base64::engine::general_purpose::STANDARD.encode(zip_of(&["invoice.exe"]));
+    for declared in ["application/zip", "application/octet-stream"] {
+        let raw = format!(
+            "Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n--b1\r\n\
+             Content-Type: multipart/alternative; boundary=\"b2\"\r\n\r\n--b2--\r\n--b1\r\n\
+             Content-Type: {declared}; name=\"invoice.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{zip}\r\n--b1--\r\n"
+        );
+        let c = Content::parse(raw.as_bytes());
+        assert_eq!(c.archive_names, ["invoice.exe"], "{declared}: {c:?}");
+        assert!(data_hits(&s, raw.as_bytes()).contains(&"attachment-executable".to_string()), "{declared}");
+    }
+}
+
+/// Parts mail-parser folds into another after malformed MIME are invisible to every content rule; the
+/// surplus of delimiter lines gives them away, and the shipped rules refuse the message.
+#[test]
+fn parts_lost_to_malformed_mime_are_refused() {
+    use base64::Engine as _;
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let s = RuleSet::load_dir(&root, &["example.test".into()]).unwrap();
+    let zip = base64::engine::general_purpose::STANDARD.encode(zip_of(&["invoice.exe"]));
+    let part = |name: &str| {
+        format!(
+            "Content-Type: application/octet-stream; name=\"{name}\"\r\nContent-Transfer-Encoding: base64\r\n\r\n{zip}\r\n"
+        )
+    };
+    let head = "Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b1\"\r\n\r\n";
+    // An empty multipart, then two parts: the second is folded into the first.
+    let empty = format!(
+        "{head}--b1\r\nContent-Type: multipart/alternative; boundary=\"b2\"\r\n\r\n--b2--\r\n--b1\r\n{}--b1\r\n{}--b1--\r\n",
+        part("a.pdf"),
+        part("b.pdf")
+    );
+    // A message/rfc822 part whose body is not a header block swallows the part after it.
+    let swallowed = format!(
+        "{head}--b1\r\nContent-Type: message/rfc822\r\n\r\nnot a header line\r\n--b1\r\n{}--b1--\r\n",
+        part("b.pdf")
+    );
+    for raw in [empty, swallowed] {
+        assert!(Content::parse(raw.as_bytes()).mime_malformed, "{raw}");
+        assert!(data_hits(&s, raw.as_bytes()).contains(&"mime-malformed".to_string()), "{raw}");
+    }
+    // Well-formed multiparts, nested ones included, are not.
+    let nested = b"Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=o\r\n\r\n--o\r\n\
+Content-Type: multipart/alternative; boundary=i\r\n\r\n--i\r\nContent-Type: text/plain\r\n\r\nhi\r\n--i\r\n\
+Content-Type: text/html\r\n\r\n<p>hi</p>\r\n--i--\r\n--o\r\nContent-Type: text/plain\r\n\r\nx\r\n--o--\r\n";
+    assert!(!Content::parse(nested).mime_malformed);
+    let msg =
+        with_attachments(&[("application/zip", "a.zip", &zip_of(&["a.txt"])), ("application/pdf", "b.pdf", b"%PDF")]);
+    assert!(!Content::parse(&msg).mime_malformed);
+}
+
+/// Issue #16 defect 1: files written below the rules directory (a quarantine store) are not rule edits;
+/// rule files, list files, deletions and renames are.
+#[test]
+fn fingerprint_covers_rule_and_list_files_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("10-a.toml"), "").unwrap();
+    std::fs::create_dir(d.join("lists")).unwrap();
+    std::fs::write(d.join("lists/bad.txt"), "x\n").unwrap();
+    let before = super::fingerprint(d, &[]);
+    assert_eq!(before.len(), 2, "{before:?}");
+    let q = d.join("quarantine");
+    for i in 0..5 {
+        std::fs::create_dir_all(q.join("tmp")).unwrap();
+        std::fs::write(q.join(format!("{i}.eml")), "message").unwrap();
+        std::fs::write(d.join("README"), "").unwrap_or(());
+        std::fs::remove_file(d.join("README")).unwrap();
+    }
+    assert_eq!(super::fingerprint(d, &[]), before, "quarantined messages are not rule edits");
+    std::fs::write(d.join("lists/bad.txt"), "x\ny\n").unwrap();
+    let list_edit = super::fingerprint(d, &[]);
+    assert_ne!(list_edit, before, "a list edit counts");
+    std::fs::rename(d.join("10-a.toml"), d.join("20-a.toml")).unwrap();
+    assert_ne!(super::fingerprint(d, &[]), list_edit, "a rename counts");
+    std::fs::remove_file(d.join("20-a.toml")).unwrap();
+    assert_eq!(super::fingerprint(d, &[]).len(), 1, "a deletion counts");
+    // A list file the rules name outside lists/ counts too (named once, even if also under lists/).
+    std::fs::write(d.join("extra.txt"), "a\n").unwrap();
+    let named = [std::path::PathBuf::from("extra.txt"), std::path::PathBuf::from("lists/bad.txt")];
+    let before = super::fingerprint(d, &named);
+    assert_eq!(before.len(), 2, "{before:?}");
+    std::fs::write(d.join("extra.txt"), "a\nb\n").unwrap();
+    assert_ne!(super::fingerprint(d, &named), before);
 }

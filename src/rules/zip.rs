@@ -3,8 +3,8 @@
 //!
 //! Only names are needed, so nothing is decompressed and the `zip` crate (and its compiler demands) is not
 //! used. The input is whatever part of the attachment is in memory, possibly cut by the scan window or
-//! made by an attacker: every offset is checked, the work is bounded by [`MAX_ENTRIES`], and a damaged
-//! archive is not an error, it yields the names that could be read and `complete = false`.
+//! made by an attacker: every offset is checked, the work is bounded by [`MAX_ENTRIES`] and [`MAX_HEADERS`],
+//! and a damaged archive is not an error, it yields the names that could be read and `complete = false`.
 //!
 //! Layout (APPNOTE.TXT §4.3): local file headers and data, then the central directory (one 46-byte header
 //! plus name, extra field and comment per entry), then the end of central directory record (22 bytes plus
@@ -12,9 +12,14 @@
 
 use memchr::memmem;
 
-/// The most entries read from one archive. Real mail attachments list a few dozen files; 1,000 bounds
-/// the work and memory on an archive made of nothing but tiny entries.
+/// The most file names listed from one archive. Real mail attachments list a few dozen files; 1,000 bounds
+/// the memory on an archive made of nothing but tiny entries. Directory entries and entries without a
+/// name do not count: 1,000 of them must not hide the program after them.
 pub const MAX_ENTRIES: usize = 1000;
+/// The most headers (named or not) read from one archive: bounds the work on an archive of empty entries.
+/// A central directory header is at least 46 bytes, so this is at most 3 MB of directory, about a
+/// millisecond of reading.
+pub const MAX_HEADERS: usize = 64 * MAX_ENTRIES;
 
 /// End of central directory record: signature and fixed length (APPNOTE §4.3.16).
 const EOCD_SIG: &[u8] = b"PK\x05\x06";
@@ -45,7 +50,7 @@ pub struct Listing {
     /// Entry paths as stored (`dir/file.exe`), directories left out. Names are UTF-8 or CP437; CP437
     /// bytes past ASCII read as U+FFFD, which keeps every ASCII extension intact.
     pub paths: Vec<String>,
-    /// The central directory was found and read to its last entry within [`MAX_ENTRIES`].
+    /// The central directory was found and read to its last entry within [`MAX_ENTRIES`] and [`MAX_HEADERS`].
     pub complete: bool,
     /// Some entry is encrypted (its data, not its name: zip encryption leaves names readable).
     pub encrypted: bool,
@@ -141,15 +146,12 @@ fn zip64_directory(bytes: &[u8], eocd: usize) -> Option<Directory> {
 fn read_directory(bytes: &[u8], dir: &Directory, listing: &mut Listing) -> bool {
     let mut at = dir.start;
     for n in 0..dir.entries {
-        if n >= MAX_ENTRIES as u64 {
+        if n >= MAX_HEADERS as u64 {
             return false;
         }
         match directory_entry(bytes, at) {
-            Some((name, flags, next)) => {
-                add(listing, name, flags);
-                at = next;
-            }
-            None => return false,
+            Some((name, flags, next)) if add(listing, name, flags) => at = next,
+            _ => return false,
         }
     }
     true
@@ -172,9 +174,11 @@ fn directory_entry(bytes: &[u8], at: usize) -> Option<(&[u8], usize, usize)> {
 /// one is missing or its data's size is unknown (written after the data, flag bit 3) or zip64.
 fn walk_local_headers(bytes: &[u8], listing: &mut Listing) {
     let mut at = 0usize;
-    for _ in 0..MAX_ENTRIES {
+    for _ in 0..MAX_HEADERS {
         let Some((name, flags, compressed)) = local_entry(bytes, at) else { return };
-        add(listing, name, flags);
+        if !add(listing, name, flags) {
+            return;
+        }
         let unknown_size = flags & FLAG_DATA_DESCRIPTOR != 0 && compressed == 0;
         if unknown_size || compressed == 0xffff_ffff {
             return;
@@ -202,12 +206,17 @@ fn local_entry(bytes: &[u8], at: usize) -> Option<(&[u8], usize, u64)> {
     Some((name, flags, compressed))
 }
 
-fn add(listing: &mut Listing, name: &[u8], flags: usize) {
+/// Records one entry; false when it is a file past [`MAX_ENTRIES`] (the listing is then incomplete).
+fn add(listing: &mut Listing, name: &[u8], flags: usize) -> bool {
     listing.encrypted |= flags & FLAG_ENCRYPTED != 0;
     if name.is_empty() || name.ends_with(b"/") || name.ends_with(b"\\") {
-        return;
+        return true;
+    }
+    if listing.paths.len() >= MAX_ENTRIES {
+        return false;
     }
     listing.paths.push(String::from_utf8_lossy(name).into_owned());
+    true
 }
 
 #[cfg(test)]

@@ -164,7 +164,7 @@ fn mail(rest: &str) -> Result<MailFrom, SyntaxError> {
     for p in params {
         match p.keyword.as_str() {
             "SIZE" => {
-                let v = p.value.as_deref().and_then(|v| v.parse().ok());
+                let v = p.value.as_deref().and_then(size_value);
                 mail.size = Some(v.ok_or(SyntaxError::Arguments("invalid SIZE value"))?);
             }
             "BODY" => {
@@ -180,6 +180,19 @@ fn mail(rest: &str) -> Result<MailFrom, SyntaxError> {
         }
     }
     Ok(mail)
+}
+
+/// Largest `SIZE=` value by digit count (RFC 1870 4: `size-value ::= 1*20DIGIT`).
+const MAX_SIZE_DIGITS: usize = 20;
+
+/// RFC 1870 `size-value`: ASCII digits only (`str::parse` would also take a leading `+`), 1 to 20 of them. A
+/// value above `u64::MAX` (possible with 20 digits) saturates: it is a valid size that no limit admits, so
+/// the session answers `552`, not `501`.
+fn size_value(v: &str) -> Option<u64> {
+    if v.is_empty() || v.len() > MAX_SIZE_DIGITS || !v.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some(v.bytes().fold(0u64, |n, b| n.saturating_mul(10).saturating_add(u64::from(b - b'0'))))
 }
 
 fn rcpt(rest: &str) -> Result<RcptTo, SyntaxError> {
@@ -313,6 +326,32 @@ fn params(s: &str) -> Result<Vec<Param>, SyntaxError> {
         out.push(Param { keyword: k.to_ascii_uppercase(), value: v.map(str::to_string) });
     }
     Ok(out)
+}
+
+/// A SASL mechanism moat offers (the AUTH command's first argument; the exchange is `auth::sasl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mechanism {
+    Plain,
+    Login,
+}
+
+impl Mechanism {
+    /// From the AUTH command's (upper-cased) mechanism name.
+    pub fn from_name(name: &str) -> Option<Mechanism> {
+        match name {
+            "PLAIN" => Some(Mechanism::Plain),
+            "LOGIN" => Some(Mechanism::Login),
+            _ => None,
+        }
+    }
+
+    /// A stable label (metrics, audit).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mechanism::Plain => "PLAIN",
+            Mechanism::Login => "LOGIN",
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
-//! The SMTP protocol: a pure core (line framing, DATA decoding, command parsing, replies, the session state
-//! machine) that does no I/O, and the async driver in `conn` that feeds it from a socket.
+//! The SMTP protocol, pure: line framing and DATA decoding, command parsing, replies, the session state
+//! machine and the relay policy it applies. Nothing here does I/O; the async driver ([`crate::conn`])
+//! feeds it from a socket.
 
 pub mod codec;
 pub mod command;
-pub mod conn;
+pub mod relay;
 pub mod reply;
 pub mod session;
 

@@ -1,6 +1,6 @@
 //! The SMTP server session as a pure state machine: command lines in, [`Step`]s out. No I/O, no clock.
 //!
-//! The driver (`smtp::conn`) feeds it lines and carries out what a step asks for. Steps that need the outside
+//! The driver (`crate::conn`) feeds it lines and carries out what a step asks for. Steps that need the outside
 //! world (the pipeline's verdict, the upstream's answer to MAIL or RCPT) come back to the driver as requests;
 //! the driver reports the outcome with [`Session::mail_done`] / [`Session::rcpt_done`], and only then does the
 //! session change state. Message bytes never pass through here: the session only says when DATA or a BDAT
@@ -8,9 +8,8 @@
 
 use std::sync::Arc;
 
-use crate::auth::sasl::Mechanism;
 use crate::config::{ListenerMode, Role};
-use crate::smtp::command::{self, Command, MailFrom, RcptTo, SyntaxError};
+use crate::smtp::command::{self, Command, MailFrom, Mechanism, RcptTo, SyntaxError};
 use crate::smtp::Reply;
 
 /// Per-listener settings the session needs; built once and shared.
@@ -30,7 +29,7 @@ pub struct SessionConfig {
     pub auth: bool,
     /// Offer AUTH before TLS too (loopback tests).
     pub auth_without_tls: bool,
-    /// Domains an `mx` listener takes unauthenticated mail for (see [`crate::auth::is_local_recipient`]).
+    /// Domains an `mx` listener takes unauthenticated mail for (see [`crate::smtp::relay::is_local_recipient`]).
     pub local_domains: Arc<[String]>,
 }
 
@@ -439,7 +438,7 @@ impl Session {
             return Step::Reply(Reply::utf8_without_smtputf8());
         }
         // Never an open relay, whatever the upstream would allow: unauthenticated mail only to local domains.
-        if self.user.is_none() && !crate::auth::is_local_recipient(&rcpt.address, &self.cfg.local_domains) {
+        if self.user.is_none() && !crate::smtp::relay::is_local_recipient(&rcpt.address, &self.cfg.local_domains) {
             return Step::Reply(Reply::relay_denied());
         }
         Step::Rcpt(rcpt)

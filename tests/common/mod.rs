@@ -7,5 +7,6 @@
 
 pub mod fake;
 pub mod moat;
+pub mod moat_process;
 pub mod postfix;
 pub mod process;

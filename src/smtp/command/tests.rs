@@ -81,6 +81,33 @@ fn mail_from_errors() {
     assert!(matches!(err(&long), SyntaxError::Arguments(_)));
 }
 
+/// RFC 1870: `size-value ::= 1*20DIGIT`. Digits only (no sign, no space), at most 20 of them; a value that
+/// does not fit a u64 is still a size, just too big for any limit (the session answers `552`).
+#[test]
+fn mail_from_size_is_strict() {
+    let size = |line: &str| match ok(line) {
+        Command::Mail(m) => m.size,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(size("MAIL FROM:<a@example.org> SIZE=0"), Some(0));
+    assert_eq!(size("MAIL FROM:<a@example.org> SIZE=00000000000000000005"), Some(5));
+    assert_eq!(size("MAIL FROM:<a@example.org> SIZE=18446744073709551615"), Some(u64::MAX));
+    assert_eq!(size("MAIL FROM:<a@example.org> SIZE=18446744073709551616"), Some(u64::MAX));
+    assert_eq!(size("MAIL FROM:<a@example.org> SIZE=99999999999999999999"), Some(u64::MAX));
+    for line in [
+        "MAIL FROM:<a@example.org> SIZE=+5",
+        "MAIL FROM:<a@example.org> SIZE=-5",
+        "MAIL FROM:<a@example.org> SIZE=",
+        "MAIL FROM:<a@example.org> SIZE",
+        "MAIL FROM:<a@example.org> SIZE=5x",
+        "MAIL FROM:<a@example.org> SIZE=\u{0665}",
+        "MAIL FROM:<a@example.org> SIZE=000000000000000000000005",
+        "MAIL FROM:<a@example.org> SIZE=123456789012345678901",
+    ] {
+        assert!(matches!(err(line), SyntaxError::Arguments(_)), "{line}");
+    }
+}
+
 #[test]
 fn rcpt_to() {
     let Command::Rcpt(r) = ok("RCPT TO:<b@example.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b@example.test") else {
@@ -100,6 +127,9 @@ fn bdat() {
     assert!(matches!(err("BDAT -1"), SyntaxError::Arguments(_)));
     assert!(matches!(err("BDAT 10 FIRST"), SyntaxError::Arguments(_)));
     assert!(matches!(err("BDAT 99999999999999999999999"), SyntaxError::Arguments(_)));
+    for line in ["BDAT +5", "BDAT +5 LAST", "BDAT \u{0665}", "BDAT 5\u{a0}LAST", "BDAT 0x10"] {
+        assert!(matches!(err(line), SyntaxError::Arguments(_)), "{line}");
+    }
 }
 
 #[test]

@@ -94,6 +94,10 @@ fn limits() {
     let mut h = Harness::new(cfg());
     h.cmd("EHLO client.test", 250);
     h.cmd("MAIL FROM:<a@example.org> SIZE=1001", 552);
+    // RFC 1870: 20 digits above 2^64 are a size too big, not a syntax error; a sign is a syntax error.
+    h.cmd("MAIL FROM:<a@example.org> SIZE=18446744073709551616", 552);
+    h.cmd("MAIL FROM:<a@example.org> SIZE=+5", 501);
+    h.cmd("MAIL FROM:<a@example.org> SIZE=000000000000000000000005", 501);
     h.cmd("MAIL FROM:<a@example.org> SIZE=1000", 250);
     h.cmd("RCPT TO:<b@example.test>", 250);
     h.cmd("RCPT TO:<c@example.test>", 250);

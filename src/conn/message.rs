@@ -220,6 +220,13 @@ impl Driver {
             TxnEnd { reply: Some(&reply), relayed: verdict == MessageVerdict::Accepted, size: txn.size, rcpts: &rcpts };
         self.ctx.pipeline.txn_end(&self.info, &mut txn.ctx, end).await;
         self.queue(&reply);
+        if self.ctx.pool.has_waiters() {
+            // Someone waits for an upstream connection (all `upstream.max_connections` open): give this one
+            // back between transactions (closed, its slot to the waiter) rather than hold it while idle.
+            if let Some(conn) = self.upstream.take() {
+                self.ctx.pool.checkin(conn).await;
+            }
+        }
         self.shrink_read_buffer();
     }
 
@@ -252,6 +259,9 @@ impl Driver {
                 Err(r) => return (r, MessageVerdict::Tempfailed, None),
             },
         };
+        if let Err(r) = self.quarantine_copy(txn, &verdict).await {
+            return (r, MessageVerdict::Tempfailed, None);
+        }
         if let Some((reply, label)) = self.final_reply(verdict).await {
             return (reply, label, None);
         }
@@ -264,7 +274,15 @@ impl Driver {
             }
             SubjectEdit::Keep => None,
         };
-        let reply = match self.relay(prefix.as_bytes(), splice.as_ref(), txn).await {
+        let archived = match self.archive_copy(txn).await {
+            Ok(a) => a,
+            Err(r) => return (r, MessageVerdict::Tempfailed, None),
+        };
+        let relayed = self.relay(prefix.as_bytes(), splice.as_ref(), archived.bcc.as_ref(), txn).await;
+        if !relayed.as_ref().is_ok_and(Reply::is_positive) {
+            super::copies::archive_undo(archived).await;
+        }
+        let reply = match relayed {
             Ok(r) => r,
             Err(ours) => return (ours, MessageVerdict::Tempfailed, None),
         };
@@ -337,9 +355,24 @@ impl Driver {
     /// while the client was still sending (Postfix's `smtpd_timeout`, a restart) shows at the DATA command,
     /// before any message byte went out; then the transaction is replayed once on a fresh connection.
     /// `Err` is moat's own reply for the client, already logged.
-    async fn relay(&mut self, prefix: &[u8], splice: Option<&Splice>, txn: &mut Txn) -> Result<Reply, Reply> {
+    /// `bcc`: the archive recipient to add first, and whether it must be accepted.
+    async fn relay(
+        &mut self,
+        prefix: &[u8],
+        splice: Option<&Splice>,
+        bcc: Option<&(String, bool)>,
+        txn: &mut Txn,
+    ) -> Result<Reply, Reply> {
         for attempt in 0..2 {
             let conn = self.upstream_for_txn().await?;
+            if let Some((addr, required)) = bcc {
+                if let Err((reply, drop_conn)) = super::copies::add_bcc(conn, addr, *required).await {
+                    if drop_conn {
+                        self.upstream = None;
+                    }
+                    return Err(reply);
+                }
+            }
             match conn.send_message(prefix, &mut txn.spool, splice).await {
                 Ok(r) if r.code == 421 && attempt == 0 => self.upstream = None,
                 Err(e) if attempt == 0 && e.is_lost_before_message() => self.upstream = None,
@@ -381,7 +414,7 @@ impl Driver {
     }
 
     /// Aborts the upstream side of a transaction that will not be sent (nothing gets queued).
-    async fn reset_upstream(&mut self) {
+    pub(super) async fn reset_upstream(&mut self) {
         if let Some(conn) = self.upstream.as_mut() {
             if conn.in_transaction() && conn.reset().await.is_err() {
                 self.upstream = None;

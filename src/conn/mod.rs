@@ -7,6 +7,7 @@
 //! (RFC 2920 3.1), so a pipelining client gets its replies in one write.
 
 mod auth;
+mod copies;
 mod message;
 mod pipelined;
 mod reverse_dns;
@@ -56,6 +57,8 @@ pub struct ListenerContext {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub implicit_tls: bool,
     pub received_header: bool,
+    /// How clients are counted by the per-client bounds (IPv6 per `limits.ipv6_client_prefix`).
+    pub client_keys: crate::client_key::ClientKeys,
     /// Reverse DNS of clients (bounded, shared by all listeners); `None` with `server.reverse_dns = false`.
     pub reverse_dns: Option<ReverseDns>,
     pub pool: Arc<Pool>,
@@ -65,6 +68,10 @@ pub struct ListenerContext {
     pub shutdown: CancellationToken,
     /// The credential checker; `None` when AUTH is off.
     pub auth: Option<Arc<crate::auth::Authenticator>>,
+    /// Where `quarantine` rules keep messages; `None` when rules are off.
+    pub quarantine: Option<Arc<crate::quarantine::Store>>,
+    /// Copies of accepted mail; `None` when `archive.mode = "off"`.
+    pub archive: Option<Arc<crate::archive::Archive>>,
 }
 
 /// One open transaction's data-side state.
@@ -469,6 +476,11 @@ impl Driver {
     }
 
     fn upstream_failure(&self, e: UpstreamError, reply: Reply) -> Reply {
+        if let UpstreamError::Busy(wait) = e {
+            // Not an upstream fault: moat's own cap (counted in moat_upstream_connection_wait_timeouts_total).
+            debug!(?wait, "all upstream connections in use");
+            return Reply::upstream_busy();
+        }
         crate::metrics::upstream_error(e.kind());
         warn!(error = %e, source = ?std::error::Error::source(&e), upstream.addr = %self.ctx.pool.settings().address, "upstream failure");
         reply
@@ -545,9 +557,20 @@ impl Driver {
     async fn read_command_input(&mut self) -> Result<(), Stop> {
         let idle = self.ctx.idle_timeout;
         let shutdown = self.ctx.shutdown.clone();
+        let pool = Arc::clone(&self.ctx.pool);
+        let holding = self.txn.is_none() && self.upstream.is_some();
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if self.txn.is_none() => Err(self.close_for_shutdown().await),
+            // Another client waits for an upstream connection (all `upstream.max_connections` open): the one
+            // held here between transactions goes back (closed, its slot to the waiter).
+            _ = pool.connection_wanted(), if holding => {
+                if let Some(conn) = self.upstream.take() {
+                    debug!("giving the idle upstream connection back to a waiting client");
+                    self.ctx.pool.checkin(conn).await;
+                }
+                Ok(())
+            }
             r = self.read_some(idle, crate::metrics::Limit::IdleTimeout) => r,
         }
     }
