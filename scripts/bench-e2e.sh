@@ -4,17 +4,25 @@
 #   a) 5000 messages x 10 KiB, 20 sessions, a new connection per message
 #   b) the same, with connections reused (smtp-source -d: "don't disconnect after sending a message")
 #   c) 500 messages x 1 MiB, 4 sessions, a new connection per message
-# For each: msgs/s, MiB/s, moat/direct ratio, moat CPU seconds and messages per CPU-second (from
-# /proc/PID/stat utime+stime), smtp-sink's CPU beside it; then moat's peak RSS (VmHWM) and the memory one
-# idle client connection costs (RSS delta over N idle connections that got their greeting).
+#   p) 2000 messages x 10 KiB, 4 sessions, reused connections, the client pipelining MAIL+RCPT+DATA
+#      (scripts/bench-pipelining-client.py: smtp-source never pipelines, real MTAs do)
+# Each shape runs direct, through moat without rules and through moat with the shipped rules (two moat
+# processes, started side by side), unpinned and pinned (BENCH_PIN), all in one run. For each: msgs/s,
+# moat/direct throughput ratio, and the CPU per message (from /proc/PID/stat utime+stime) of moat and of
+# smtp-sink in the same run, and their ratio (moat_cpu/sink_cpu: below 1 means moat spends less CPU per
+# message than the sink it feeds). Then moat's peak RSS (VmHWM) and the memory one idle client connection
+# costs (RSS delta over N idle connections that got their greeting, divided by N).
 #
 #   scripts/bench-e2e.sh                  (needs target/release/moat: cargo build --release)
 #   scripts/bench-e2e.sh --direct-only    only the smtp-source -> smtp-sink half
 # Environment: MOAT_BIN (default target/release/moat), BENCH_QUICK=1 (a tenth of the messages),
-#              IDLE_CONNS (default 500), BENCH_REVERSE_DNS=true (moat looks up 127.0.0.1; default off),
-#              BENCH_SHAPES="a b c" (which shapes to run), BENCH_RULES=off (no rule files),
-#              BENCH_CONFIG (default config/moat.toml: the config the bench copy is made from),
-#              BENCH_PIN=1: smtp-source and smtp-sink share CPU 0 and moat gets CPU 1 (taskset). On a 2-core
+#              IDLE_CONNS (default 2000, at most 4000), BENCH_REVERSE_DNS=true (moat looks up 127.0.0.1),
+#              BENCH_SHAPES="a b c" (which shapes to run), BENCH_RULES="off on" (which moat variants),
+#              BENCH_BASE=/path/to/other/moat: a third variant, that binary without rules, run right after
+#              "off" each time (before/after comparisons on a busy machine: interleaved, same conditions),
+#              BENCH_REPEAT=N (default 1): every shape N times, BENCH_CONFIG (default config/moat.toml),
+#              BENCH_PIN="0 1" (default: both): 1 = smtp-source and smtp-sink share CPU 0 and moat gets
+#              CPU 1 (taskset, moved per run with taskset -a -p). On a 2-core
 #              machine the default run is CPU-bound: source and sink alone keep both cores busy, so every
 #              cycle moat uses is taken from them. Pinned, the direct path has one core and the moat path
 #              the same core plus one for moat: it shows whether moat, given a core of its own as in
@@ -28,17 +36,21 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 . "$ROOT/scripts/bench-lib.sh"
 MOAT_BIN=${MOAT_BIN:-$ROOT/target/release/moat}
 CONFIG_SRC=${BENCH_CONFIG:-$ROOT/config/moat.toml}
-SHAPES=${BENCH_SHAPES:-a b c}
-PEERS_CPU=()
-MOAT_CPU=()
-if [ "${BENCH_PIN:-}" = 1 ]; then
-    command -v taskset >/dev/null || { echo "bench: BENCH_PIN=1 needs taskset (util-linux)" >&2; exit 1; }
-    PEERS_CPU=(taskset -c 0)
-    MOAT_CPU=(taskset -c 1)
-fi
-IDLE_CONNS=${IDLE_CONNS:-500}
+SHAPES=${BENCH_SHAPES:-a b c p}
+PINS=${BENCH_PIN:-0 1}
+VARIANTS=${BENCH_RULES:-off on}
+REPEAT=${BENCH_REPEAT:-1}
+IDLE_CONNS=${IDLE_CONNS:-2000}
+[ "$IDLE_CONNS" -ge 0 ] && [ "$IDLE_CONNS" -le 4000 ] || { echo "bench: IDLE_CONNS must be 0..4000" >&2; exit 2; }
 DIRECT_ONLY=0
 [ "${1:-}" = "--direct-only" ] && DIRECT_ONLY=1
+[ "$DIRECT_ONLY" = 1 ] && VARIANTS=""
+if [ -n "${BENCH_BASE:-}" ] && [ "$DIRECT_ONLY" = 0 ]; then
+    [ -x "$BENCH_BASE" ] || { echo "bench: BENCH_BASE=$BENCH_BASE is not executable" >&2; exit 1; }
+    VARIANTS=$(echo "$VARIANTS" | sed 's/\boff\b/off base/')
+    case " $VARIANTS " in *" base "*) ;; *) VARIANTS="$VARIANTS base" ;; esac
+fi
+case " $PINS " in *" 1 "*) command -v taskset >/dev/null || { echo "bench: BENCH_PIN=1 needs taskset" >&2; exit 1; } ;; esac
 SMTP_SOURCE=$(command -v smtp-source || echo /usr/sbin/smtp-source)
 SMTP_SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
 PY=$(command -v python3) || { echo "bench: python3 is required" >&2; exit 1; }
@@ -54,21 +66,20 @@ fi
 
 WORK=$(mktemp -d /tmp/moat-bench.XXXXXX)
 SINK_PID=""
-MOAT_PID=""
 IDLE_PID=""
+declare -A MOAT_PID MOAT_PORT
 cleanup() {
     # shellcheck disable=SC2086 # empty ones vanish
-    stop_pids $IDLE_PID $MOAT_PID $SINK_PID
+    stop_pids $IDLE_PID ${MOAT_PID[@]+"${MOAT_PID[@]}"} $SINK_PID
     rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # Many short connections need file descriptors (moat holds two per relayed session).
-ulimit -n 8192 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+ulimit -n 16384 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-
-# utime+stime of PID in clock ticks (fields 14 and 15 of /proc/PID/stat, after the "(comm)").
+# utime+stime of PID (all its threads) in clock ticks (fields 14 and 15 of /proc/PID/stat, after "(comm)").
 cpu_ticks() {
     local s
     s=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
@@ -83,33 +94,53 @@ status_kb() { # pid field
 
 now() { date +%s.%N; }
 
+# pin MODE: 1 = smtp-sink (and later smtp-source) on CPU 0, every moat on CPU 1; 0 = everything on all CPUs.
+PEERS_CPU=()
+pin() {
+    local all p
+    all="0-$(($(nproc) - 1))"
+    if [ "$1" = 1 ]; then
+        PEERS_CPU=(taskset -c 0)
+        taskset -a -p -c 0 "$SINK_PID" >/dev/null
+        for p in ${MOAT_PID[@]+"${MOAT_PID[@]}"}; do taskset -a -p -c 1 "$p" >/dev/null; done
+    else
+        PEERS_CPU=()
+        command -v taskset >/dev/null || return 0
+        taskset -a -p -c "$all" "$SINK_PID" >/dev/null
+        for p in ${MOAT_PID[@]+"${MOAT_PID[@]}"}; do taskset -a -p -c "$all" "$p" >/dev/null; done
+    fi
+}
+
 # ---------------------------------------------------------------- smtp-sink
 SINK_PORT=$(free_port)
 # -u: smtp-sink must drop root after binding; -m: simultaneous connections (default 256); backlog 1024.
 # smtp-sink announces PIPELINING, 8BITMIME, XCLIENT, etc.; it throws every message away.
 if [ "$(id -u)" = 0 ]; then SINK_USER=(-u nobody); else SINK_USER=(); fi
-"${PEERS_CPU[@]}" "$SMTP_SINK" "${SINK_USER[@]}" -m 2048 -t 100 "127.0.0.1:$SINK_PORT" 1024 >"$WORK/sink.log" 2>&1 &
+"$SMTP_SINK" "${SINK_USER[@]}" -m 4096 -t 100 "127.0.0.1:$SINK_PORT" 1024 >"$WORK/sink.log" 2>&1 &
 SINK_PID=$!
 wait_listening "$SINK_PORT" "$SINK_PID" smtp-sink
 
 # ---------------------------------------------------------------- moat
-MOAT_PORT=""
-if [ "$DIRECT_ONLY" = 0 ]; then
-    MOAT_PORT=$(free_port)
-    # A copy of config/moat.toml: the shipped listeners replaced by one plain listener on a free port,
-    # upstream = smtp-sink without client identity, metrics off, connection limits above IDLE_CONNS.
-    RULES_KEY=()
-    [ "${BENCH_RULES:-on}" = off ] && RULES_KEY=('rules.directory=""')
-    "$PY" "$ROOT/scripts/bench-config.py" "$CONFIG_SRC" "$WORK/moat.toml" "$MOAT_PORT" \
+# start_moat VARIANT: off = no rule files, on = the shipped rules, base = BENCH_BASE without rules. Each is
+# a copy of config/moat.toml with the shipped listeners replaced by one plain listener on a free port,
+# upstream = smtp-sink without client identity, metrics off, connection limits above IDLE_CONNS.
+start_moat() {
+    local v=$1 port bin=$MOAT_BIN rules=()
+    port=$(free_port)
+    [ "$v" = on ] || rules=('rules.directory=""')
+    [ "$v" = base ] && bin=$BENCH_BASE
+    "$PY" "$ROOT/scripts/bench-config.py" "$CONFIG_SRC" "$WORK/moat-$v.toml" "$port" \
         "upstream.address=\"127.0.0.1:$SINK_PORT\"" 'upstream.identity="none"' 'metrics.address=""' \
         "server.reverse_dns=${BENCH_REVERSE_DNS:-false}" "limits.max_connections=$((IDLE_CONNS + 1000))" \
         "limits.max_connections_per_ip=$((IDLE_CONNS + 1000))" 'relay.local_domains=["sink.example"]' \
-        "${RULES_KEY[@]}"
-    "$MOAT_BIN" check --config "$WORK/moat.toml" >/dev/null || die "moat check rejects $WORK/moat.toml"
-    "${MOAT_CPU[@]}" "$MOAT_BIN" serve --config "$WORK/moat.toml" >"$WORK/moat.log" 2>&1 &
-    MOAT_PID=$!
-    wait_listening "$MOAT_PORT" "$MOAT_PID" moat
-fi
+        ${rules[@]+"${rules[@]}"}
+    "$bin" check --config "$WORK/moat-$v.toml" >/dev/null || die "moat check rejects $WORK/moat-$v.toml"
+    "$bin" serve --config "$WORK/moat-$v.toml" >"$WORK/moat-$v.log" 2>&1 &
+    MOAT_PID[$v]=$!
+    MOAT_PORT[$v]=$port
+    wait_listening "$port" "${MOAT_PID[$v]}" "moat ($v)"
+}
+for v in $VARIANTS; do start_moat "$v"; done
 
 # ---------------------------------------------------------------- idle connections
 # Opens N connections to moat, waits until each has its 220 greeting, writes "N" to idle.ready, holds
@@ -138,10 +169,11 @@ while not os.path.exists(stop) and time.time() < end:
     time.sleep(0.1)
 PYEOF
 
-idle_mem() { # N -> prints one line
-    local n=$1 before after ready=""
-    before=$(status_kb "$MOAT_PID" VmRSS)
-    "$PY" "$WORK/idle.py" "$MOAT_PORT" "$n" "$WORK/idle.ready" "$WORK/idle.stop" 2>"$WORK/idle.err" &
+idle_mem() { # PID PORT N -> prints one line
+    local pid=$1 port=$2 n=$3 before after ready=""
+    rm -f "$WORK/idle.ready" "$WORK/idle.stop"
+    before=$(status_kb "$pid" VmRSS)
+    "$PY" "$WORK/idle.py" "$port" "$n" "$WORK/idle.ready" "$WORK/idle.stop" 2>"$WORK/idle.err" &
     IDLE_PID=$!
     for _ in $(seq 1 900); do
         [ -s "$WORK/idle.ready" ] && break
@@ -150,13 +182,13 @@ idle_mem() { # N -> prints one line
     done
     [ -s "$WORK/idle.ready" ] && ready=$(cat "$WORK/idle.ready")
     sleep 1
-    after=$(status_kb "$MOAT_PID" VmRSS)
+    after=$(status_kb "$pid" VmRSS)
     touch "$WORK/idle.stop"
     wait "$IDLE_PID" 2>/dev/null || true
     IDLE_PID=""
     if [ "${ready:-0}" -gt 0 ]; then
         awk -v b="$before" -v a="$after" -v n="$ready" -v want="$n" 'BEGIN {
-            printf "idle connections: %d of %d greeted; moat RSS %d kB -> %d kB: %.1f KiB per idle connection\n",
+            printf "idle plaintext connections: %d of %d greeted; moat RSS %d kB -> %d kB: %.1f KiB per idle connection\n",
                 n, want, b, a, (a - b) / n }'
     else
         echo "idle connections: none greeted: $(head -c 300 "$WORK/idle.err")"
@@ -164,22 +196,26 @@ idle_mem() { # N -> prints one line
 }
 
 # ---------------------------------------------------------------- runs
-# run LABEL PORT COUNT SIZE SESSIONS EXTRA_FLAGS -> sets R_WALL R_MOAT_CPU R_SINK_CPU
+# run LABEL PORT COUNT SIZE SESSIONS FLAGS [MOAT_PID] -> sets R_WALL R_MOAT_CPU R_SINK_CPU (CPU-seconds)
 run() {
-    local port=$2 count=$3 size=$4 sessions=$5 flags=$6 t0 t1 m0=0 m1=0 s0 s1 rc=0
+    local port=$2 count=$3 size=$4 sessions=$5 flags=$6 mpid=${7:-} t0 t1 m0=0 m1=0 s0 s1 rc=0
     s0=$(cpu_ticks "$SINK_PID")
-    [ -n "$MOAT_PID" ] && m0=$(cpu_ticks "$MOAT_PID")
+    [ -n "$mpid" ] && m0=$(cpu_ticks "$mpid")
     t0=$(now)
-    # shellcheck disable=SC2086
-    timeout 900 "${PEERS_CPU[@]}" "$SMTP_SOURCE" -4 $flags -s "$sessions" -m "$count" -l "$size" -M bench.example \
-        -f sender@bench.example -t rcpt@sink.example "127.0.0.1:$port" >"$WORK/source.log" 2>&1 || rc=$?
+    if [ "$flags" = pipelining ]; then
+        timeout 900 ${PEERS_CPU[@]+"${PEERS_CPU[@]}"} "$PY" "$ROOT/scripts/bench-pipelining-client.py" 127.0.0.1 "$port" \
+            "$sessions" "$count" "$size" 1 >"$WORK/source.log" 2>&1 || rc=$?
+    else
+        # shellcheck disable=SC2086
+        timeout 900 ${PEERS_CPU[@]+"${PEERS_CPU[@]}"} "$SMTP_SOURCE" -4 $flags -s "$sessions" -m "$count" -l "$size" \
+            -M bench.example -f sender@bench.example -t rcpt@sink.example "127.0.0.1:$port" >"$WORK/source.log" 2>&1 || rc=$?
+    fi
     t1=$(now)
     s1=$(cpu_ticks "$SINK_PID")
-    [ -n "$MOAT_PID" ] && m1=$(cpu_ticks "$MOAT_PID")
+    [ -n "$mpid" ] && m1=$(cpu_ticks "$mpid")
     if [ "$rc" != 0 ]; then
         echo "bench: smtp-source ($1) failed with status $rc:" >&2
         tail -n 5 "$WORK/source.log" >&2
-        [ -n "$MOAT_PID" ] && tail -n 20 "$WORK/moat.log" >&2
         exit 1
     fi
     R_WALL=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
@@ -187,47 +223,66 @@ run() {
     R_SINK_CPU=$(awk -v a="$s0" -v b="$s1" -v hz="$HZ" 'BEGIN { printf "%.2f", (b - a) / hz }')
 }
 
-printf '%-44s %-6s %6s %8s %9s %8s %7s %9s %11s %9s\n' \
-    shape path msgs wall_s msgs/s MiB/s ratio moat_cpu msgs/cpu_s sink_cpu
-report() { # shape path count size wall moat_cpu sink_cpu ratio
-    awk -v shape="$1" -v path="$2" -v n="$3" -v size="$4" -v wall="$5" -v mc="$6" -v sc="$7" -v ratio="$8" 'BEGIN {
-        rate = n / wall; mib = n * size / wall / 1048576
-        per = (mc > 0) ? sprintf("%.0f", n / mc) : "-"
-        mcs = (path == "moat") ? sprintf("%.2f", mc) : "-"
-        printf "%-44s %-6s %6d %8.2f %9.1f %8.2f %7s %9s %11s %9.2f\n", shape, path, n, wall, rate, mib, ratio, mcs, per, sc
-    }'
+printf '%-4s %-3s %-8s %6s %8s %9s %7s %12s %12s %9s\n' \
+    shape pin path msgs wall_s msgs/s thru moat_us/msg sink_us/msg moat/sink
+report() { # shape pin path count wall moat_cpu sink_cpu thru
+    awk -v shape="$1" -v pin="$2" -v path="$3" -v n="$4" -v wall="$5" -v mc="$6" -v sc="$7" -v thru="$8" 'BEGIN {
+        mus = (path == "direct") ? "-" : sprintf("%.0f", mc * 1e6 / n)
+        sus = sprintf("%.0f", sc * 1e6 / n)
+        ratio = (path == "direct" || sc <= 0) ? "-" : sprintf("%.2f", mc / sc)
+        printf "%-4s %-3s %-8s %6d %8.2f %9.1f %7s %12s %12s %9s\n", shape, pin, path, n, wall, n / wall, thru, mus, sus, ratio
+    }' | tee -a "$WORK/results.txt"
 }
 
-shape() { # label count size sessions flags
-    local label=$1 count=$(($2 / DIV)) size=$3 sessions=$4 flags=$5 d_wall ratio="-"
-    run "$label direct" "$SINK_PORT" "$count" "$size" "$sessions" "$flags"
+shape() { # key count size sessions flags pin
+    local key=$1 count=$(($2 / DIV)) size=$3 sessions=$4 flags=$5 p=$6 d_wall v thru
+    run "$key direct" "$SINK_PORT" "$count" "$size" "$sessions" "$flags"
     d_wall=$R_WALL
-    report "$label" direct "$count" "$size" "$R_WALL" 0 "$R_SINK_CPU" "-"
-    if [ -n "$MOAT_PID" ]; then
-        run "$label moat" "$MOAT_PORT" "$count" "$size" "$sessions" "$flags"
+    report "$key" "$p" direct "$count" "$R_WALL" 0 "$R_SINK_CPU" "-"
+    for v in $VARIANTS; do
+        run "$key moat-$v" "${MOAT_PORT[$v]}" "$count" "$size" "$sessions" "$flags" "${MOAT_PID[$v]}"
         # Throughput ratio moat/direct (1.00 = as fast as without moat).
-        ratio=$(awk -v d="$d_wall" -v m="$R_WALL" 'BEGIN { printf "%.2f", d / m }')
-        report "$label" moat "$count" "$size" "$R_WALL" "$R_MOAT_CPU" "$R_SINK_CPU" "$ratio"
-        kill -0 "$MOAT_PID" 2>/dev/null || die "moat died; log: $(tail -n 20 "$WORK/moat.log")"
-    fi
+        thru=$(awk -v d="$d_wall" -v m="$R_WALL" 'BEGIN { printf "%.2f", d / m }')
+        report "$key" "$p" "$(case $v in base) echo base-off ;; *) echo "moat-$v" ;; esac)" "$count" "$R_WALL" "$R_MOAT_CPU" "$R_SINK_CPU" "$thru"
+        kill -0 "${MOAT_PID[$v]}" 2>/dev/null || die "moat ($v) died; log: $(tail -n 20 "$WORK/moat-$v.log")"
+    done
 }
 
-if [ -n "$MOAT_PID" ]; then
+IDLE_LINE=""
+if [ -n "$VARIANTS" ] && [ "$IDLE_CONNS" -gt 0 ]; then
     # Measured first, on a fresh process, so memory freed by the load runs does not hide the cost.
-    idle_mem "$IDLE_CONNS" >"$WORK/idle.txt"
+    first=${VARIANTS%% *}
+    IDLE_LINE=$(idle_mem "${MOAT_PID[$first]}" "${MOAT_PORT[$first]}" "$IDLE_CONNS")
 fi
 
 wanted() { case " $SHAPES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-wanted a && shape "a: 10KiB, 20 sessions, new conn per msg" 5000 10240 20 ""
-wanted b && shape "b: 10KiB, 20 sessions, reused conns (-d)" 5000 10240 20 "-d"
-wanted c && shape "c: 1MiB, 4 sessions, new conn per msg" 500 1048576 4 ""
+for _ in $(seq 1 "$REPEAT"); do
+    for p in $PINS; do
+        pin "$p"
+        wanted a && shape a 5000 10240 20 "" "$p"
+        wanted b && shape b 5000 10240 20 "-d" "$p"
+        wanted c && shape c 500 1048576 4 "" "$p"
+        wanted p && shape p 2000 10240 4 pipelining "$p"
+    done
+done
 
 echo
-if [ -n "$MOAT_PID" ]; then
-    echo "moat peak RSS (VmHWM): $(status_kb "$MOAT_PID" VmHWM) kB; now (VmRSS): $(status_kb "$MOAT_PID" VmRSS) kB"
-    cat "$WORK/idle.txt"
-    echo "moat log: $(grep -ciE '(warn|error)' "$WORK/moat.log" || true) warning/error lines of $(wc -l <"$WORK/moat.log")"
-else
-    echo "moat not measured (--direct-only)"
+echo "shapes: a = 10 KiB, 20 sessions, new connection per message; b = the same over reused connections (-d);"
+echo "        c = 1 MiB, 4 sessions, new connection per message; p = 10 KiB, 4 reused sessions, pipelining client."
+echo "pin 1 = source+sink on CPU 0, moat on CPU 1."
+echo "thru = msgs/s through moat / msgs/s direct; moat/sink = moat's CPU per message / smtp-sink's (same run)."
+if [ -n "$REPEAT" ] && [ "$REPEAT" -gt 1 ]; then
+    echo
+    echo "medians of moat/sink over $REPEAT repetitions:"
+    awk '$3 != "direct" && $10 != "-" { print $1 " pin" $2 " " $3, $10 }' "$WORK/results.txt" | sort -k1,3 -k4n |
+        awk '{ k = $1 " " $2 " " $3; if (k != last && last != "") flush(); last = k; v[++n] = $4 }
+            function flush() { printf "  %-22s %s  (all: ", last, v[int((n + 1) / 2)]; for (i = 1; i <= n; i++) printf "%s%s", v[i], (i < n ? " " : ")\n"); n = 0 }
+            END { if (n) flush() }'
 fi
-echo "ratio = moat msgs/s / direct msgs/s; CPU in seconds of utime+stime over the run (CLK_TCK=$HZ)"
+echo
+for v in $VARIANTS; do
+    echo "moat ($v) peak RSS (VmHWM): $(status_kb "${MOAT_PID[$v]}" VmHWM) kB; now (VmRSS): $(status_kb "${MOAT_PID[$v]}" VmRSS) kB;" \
+        "log: $(grep -ciE '(warn|error)' "$WORK/moat-$v.log" || true) warning/error lines of $(wc -l <"$WORK/moat-$v.log")"
+done
+[ -n "$IDLE_LINE" ] && echo "$IDLE_LINE"
+echo "CPU in seconds of utime+stime over each run (CLK_TCK=$HZ), per message in microseconds"

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # TLS benchmark: full TLS 1.3 handshakes per second on loopback, moat's implicit-TLS listener against
 # `openssl s_server` with the same certificate and key (ECDSA P-256 and RSA 2048), in the same run; then the
-# memory of an idle TLS session in moat (RSS growth over N open sessions / N).
+# memory of an idle TLS session in moat (RSS growth over N open sessions / N). Resumed handshakes (`s_time
+# -reuse`: TLS 1.3 session tickets) are measured the same way, against both servers.
 #
 #   scripts/bench-tls.sh            build moat in release mode, run everything, print a table
 #
-# Environment: SECONDS_PER_RUN (default 10), IDLE_SESSIONS (default 300, at most 1000), SERVER_CPU (default 0),
+# Environment: SECONDS_PER_RUN (default 10), IDLE_SESSIONS (default 2000, at most 4000), SERVER_CPU (default 0),
 # CLIENT_CPU (default 1), SKIP_BUILD=1 to use an existing release binary, CARGO_TARGET_DIR as for cargo.
 #
 # Each server is pinned to one core (taskset -c SERVER_CPU), the client (`openssl s_time -new`, one
@@ -19,10 +20,11 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TARGET=${CARGO_TARGET_DIR:-$ROOT/target}
 MOAT=$TARGET/release/moat
 SECS=${SECONDS_PER_RUN:-10}
-IDLE=${IDLE_SESSIONS:-300}
+IDLE=${IDLE_SESSIONS:-2000}
 SERVER_CPU=${SERVER_CPU:-0}
 CLIENT_CPU=${CLIENT_CPU:-1}
-[ "$IDLE" -ge 1 ] && [ "$IDLE" -le 1000 ] || { echo "IDLE_SESSIONS must be 1..1000" >&2; exit 2; }
+[ "$IDLE" -ge 1 ] && [ "$IDLE" -le 4000 ] || { echo "IDLE_SESSIONS must be 1..4000" >&2; exit 2; }
+ulimit -n 16384 2>/dev/null || true
 for p in openssl python3 taskset; do
     command -v "$p" >/dev/null || { echo "bench-tls: $p is required" >&2; exit 1; }
 done
@@ -83,8 +85,8 @@ metrics.address = ""
 audit.destination = "off"
 log.level = "warn"
 upstream.address = "127.0.0.1:$dead"
-limits.max_connections = 5000
-limits.max_connections_per_ip = 5000
+limits.max_connections = 6000
+limits.max_connections_per_ip = 6000
 tls.min_version = "1.3"
 tls.certificates = [ { cert = "$TMP/$alg.pem", key = "$TMP/$alg.key" } ]
 [[listener]]
@@ -101,16 +103,16 @@ cpu_ticks() {
     awk '{ print $14 + $15 }' "/proc/$1/stat"
 }
 
-# handshakes PID PORT: "handshakes/s server-CPU-share handshakes-per-server-CPU-second" for one s_time run
+# handshakes PID PORT [MODE]: MODE -new (default, full handshakes) or -reuse (resumed ones); "handshakes/s server-CPU-share handshakes-per-server-CPU-second" for one s_time run
 # (full TLS 1.3 handshakes, one connection at a time). The rate is over wall time measured here (s_time's
 # own "real seconds" are whole seconds); the last figure normalizes for a client that cannot saturate the
 # server core.
 handshakes() {
-    local pid=$1 port=$2 t0 t1 c0 c1 out n hz
+    local pid=$1 port=$2 mode=${3:--new} t0 t1 c0 c1 out n hz
     hz=$(getconf CLK_TCK)
     c0=$(cpu_ticks "$pid")
     t0=$(date +%s.%N)
-    out=$(taskset -c "$CLIENT_CPU" openssl s_time -connect "127.0.0.1:$port" -new -tls1_3 -time "$SECS" \
+    out=$(taskset -c "$CLIENT_CPU" openssl s_time -connect "127.0.0.1:$port" "$mode" -tls1_3 -time "$SECS" \
         -no-CApath -no-CAfile -no-CAstore 2>&1)
     t1=$(date +%s.%N)
     c1=$(cpu_ticks "$pid")
@@ -152,7 +154,7 @@ for s in held:
 EOF
 }
 
-declare -A RATE_MOAT RATE_OPENSSL IDLE_KIB
+declare -A RATE_MOAT RATE_OPENSSL IDLE_KIB REUSE_MOAT REUSE_OPENSSL
 for alg in ecdsa rsa; do
     make_cert "$alg"
     port=$(free_port)
@@ -160,6 +162,7 @@ for alg in ecdsa rsa; do
     PIDS+=("$pid")
     wait_port "$port"
     RATE_MOAT[$alg]=$(handshakes "$pid" "$port")
+    REUSE_MOAT[$alg]=$(handshakes "$pid" "$port" -reuse)
     kill "$pid"; wait "$pid" 2>/dev/null || true
 
     port=$(free_port)
@@ -169,6 +172,7 @@ for alg in ecdsa rsa; do
     PIDS+=("$pid")
     wait_port "$port"
     RATE_OPENSSL[$alg]=$(handshakes "$pid" "$port")
+    REUSE_OPENSSL[$alg]=$(handshakes "$pid" "$port" -reuse)
     kill "$pid"; wait "$pid" 2>/dev/null || true
 
     # A fresh moat for the memory measurement, so the handshake run's allocations do not hide the growth.
@@ -197,4 +201,12 @@ for alg in ecdsa rsa; do
     read -r kib before after <<<"${IDLE_KIB[$alg]}"
     printf '| %-11s | %-22s | %-22s | %-12s | %-14s | %-22s |\n' "$label" "$m_rate ($m_cpu)" "$o_rate ($o_cpu)" \
         "$ratio" "$m_per vs $o_per ($ratio_cpu)" "$kib ($before -> $after KiB)"
+done
+echo
+echo "resumed TLS 1.3 handshakes (openssl s_time -reuse: one full handshake, then the session resumed):"
+for alg in ecdsa rsa; do
+    read -r m_rate m_cpu m_per <<<"${REUSE_MOAT[$alg]}"
+    read -r o_rate o_cpu o_per <<<"${REUSE_OPENSSL[$alg]}"
+    printf '  %-6s moat %s hs/s (server CPU %s, %s per CPU-second); openssl %s hs/s (%s, %s per CPU-second)\n' \
+        "$alg" "$m_rate" "$m_cpu" "$m_per" "$o_rate" "$o_cpu" "$o_per"
 done

@@ -209,3 +209,34 @@ async fn file_watcher_picks_up_a_replaced_certificate() {
     assert_eq!(fake.wait_for(1).await.len(), 1);
     let _ = running.stop().await;
 }
+
+/// TLS session resumption: a client that keeps its session cache resumes on its next connection (TLS 1.3
+/// tickets), so it skips the certificate signature; the resumed session works like a full one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_client_resumes_its_tls_session() {
+    let fake = FakeUpstream::start(Script::default()).await;
+    let ca = TestCa::new();
+    let files = Files::new(&ca.issue());
+    let running = start_moat(&fake, &files).await;
+    // One connector for both connections: its client config holds the session cache.
+    let connector = ca.connector();
+    let mut kinds = Vec::new();
+    for n in 0..2 {
+        let tcp = TcpStream::connect(running.addr("smtp").unwrap()).await.unwrap();
+        let mut plain = Lines::new(tcp);
+        assert_eq!(plain.reply().await.0, 220);
+        plain.expect("EHLO client.example", 250).await;
+        plain.expect("STARTTLS", 220).await;
+        let name = ServerName::try_from("mx.test").unwrap();
+        let tls = connector.connect(name, plain.io.into_inner()).await.expect("handshake succeeds");
+        let mut session = Lines::new(tls);
+        // The greeting-less EHLO also makes the client read the server's NewSessionTicket messages.
+        session.expect("EHLO client.example", 250).await;
+        kinds.push(session.io.get_ref().get_ref().1.handshake_kind());
+        send_message(&mut session, &format!("resumption {n}")).await;
+        session.expect("QUIT", 221).await;
+    }
+    assert_eq!(kinds, [Some(rustls::HandshakeKind::Full), Some(rustls::HandshakeKind::Resumed)]);
+    assert_eq!(fake.wait_for(2).await.len(), 2);
+    running.stop().await;
+}

@@ -4,7 +4,7 @@
 //! Format (one directive a line; `#` first line is the title):
 //! - `config: KEY = VALUE` adds a dotted TOML key to the test config (`limits.max_recipients = 1`).
 //! - `script: FIELD = VALUE` scripts the fake upstream (`rcpt = reject.test 550 5.1.1 No such user`,
-//!   `mail = 451 4.3.0 busy`, `data = 554 no`, `end = 452 4.3.1 full`, `drop = RCPT` (closes the connection at that command, once), `no_xclient`, `no_dsn`, `no_smtputf8`).
+//!   `mail = 451 4.3.0 busy`, `data = 554 no`, `end = 452 4.3.1 full`, `drop = RCPT` (closes the connection at that command, once), `no_xclient`, `no_dsn`, `no_smtputf8`, `no_pipelining`).
 //! - `C: text` sends text + CRLF; `R: text` sends text with no CRLF added. Both decode `\r`, `\n`, `\\`.
 //! - `S: prefix` expects the next reply to start with prefix (multi-line replies are matched whole).
 //! - `S: closed` expects the server to have closed the connection.
@@ -12,6 +12,7 @@
 //! - `upstream-data: text` checks the last delivered message contains text (escapes decoded).
 //! - `upstream-data-lacks: text` checks the last delivered message does not contain text.
 //! - `upstream-cmd: text` checks some upstream command line contained text.
+//! - `upstream-pipelined: yes` / `no`: whether any upstream command arrived with another already behind it.
 //! - `wait: MS` sleeps.
 //! - `rules: TOML line` adds a line to a rule file written into a fresh temporary rules directory, which
 //!   the test config then uses (`rules.directory`); without `rules:` lines a transcript runs with no rules.
@@ -48,6 +49,7 @@ fn script_from(lines: &[&str]) -> Script {
             "no_xclient" => s.no_xclient = true,
             "no_dsn" => s.no_dsn = true,
             "no_smtputf8" => s.no_smtputf8 = true,
+            "no_pipelining" => s.no_pipelining = true,
             other => panic!("unknown script key {other}"),
         }
     }
@@ -141,6 +143,13 @@ async fn run_transcript(path: &Path) -> Result<(), String> {
             let cmds = fake.commands.lock().unwrap().clone();
             if !cmds.iter().any(|c| c.contains(want)) {
                 result = Err(format!("{at}: no upstream command contains {want:?}: {cmds:#?}"));
+                break;
+            }
+        } else if let Some(want) = line.strip_prefix("upstream-pipelined:") {
+            // Whether moat sent the upstream commands in one write ("yes") or never did ("no").
+            let n_grouped = *fake.pipelined.lock().unwrap();
+            if (want.trim() == "yes") != (n_grouped > 0) {
+                result = Err(format!("{at}: {n_grouped} upstream commands arrived pipelined, expected {want}"));
                 break;
             }
         } else if let Some(want) = line.strip_prefix("greeting:") {

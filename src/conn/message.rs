@@ -227,6 +227,17 @@ impl Driver {
                 self.ctx.pool.checkin(conn).await;
             }
         }
+        self.shrink_read_buffer();
+    }
+
+    /// After a message, a read buffer grown for its data goes back to the command-phase size, so an idle
+    /// connection does not keep it.
+    fn shrink_read_buffer(&mut self) {
+        if self.rbuf.capacity() > 2 * super::READ_CHUNK && self.rbuf.len() <= super::READ_CHUNK {
+            let mut small = bytes::BytesMut::with_capacity(super::READ_CHUNK);
+            small.extend_from_slice(&self.rbuf);
+            self.rbuf = small;
+        }
     }
 
     /// Decides and, if accepted, relays. Returns the client's reply, the verdict label and the upstream reply.

@@ -9,6 +9,7 @@
 mod auth;
 mod copies;
 mod message;
+mod pipelined;
 mod reverse_dns;
 
 pub use reverse_dns::ReverseDns;
@@ -24,7 +25,7 @@ use tracing::{debug, warn};
 
 use crate::audit::AuditSink;
 use crate::config::BareLineEndings;
-use crate::pipeline::{ConnInfo, Pipeline, RcptOutcome, TxnContext, Verdict};
+use crate::pipeline::{ConnInfo, Pipeline, TxnContext, Verdict};
 use crate::smtp::codec::{DataDecoder, Framed, Framing, LineReader};
 use crate::smtp::command::{MailFrom, RcptTo};
 use crate::smtp::session::{CloseReason, Session, SessionConfig, Step};
@@ -35,6 +36,10 @@ use crate::upstream::{ClientIdentity, Connection, Pool, Stream, UpstreamError};
 
 /// Bytes read from the client at a time; the read buffer never holds more than this plus one command line.
 const READ_CHUNK: usize = 16 * 1024;
+/// Bytes read at a time while message data flows faster than it is read (the last read filled the
+/// buffer): four times fewer reads per MiB than [`READ_CHUNK`]. The buffer goes back to the small size when
+/// the message is done; small messages never grow it.
+const DATA_READ_CHUNK: usize = 64 * 1024;
 /// Most of a message's header section kept for the pipeline and audit (the rest is only spooled).
 const MAX_HEAD: usize = 64 * 1024;
 
@@ -90,6 +95,27 @@ struct Txn {
     early: Option<Verdict>,
 }
 
+impl Txn {
+    /// A transaction whose MAIL was accepted.
+    fn new(ctx: TxnContext, mail: MailFrom, spool: Spool) -> Txn {
+        Txn {
+            id: ctx.id.clone(),
+            started: std::time::SystemTime::now(),
+            ctx,
+            mail,
+            rcpts: Vec::new(),
+            decoder: None,
+            spool,
+            head: Vec::new(),
+            head_done: false,
+            size: 0,
+            too_big: false,
+            spool_failed: false,
+            early: None,
+        }
+    }
+}
+
 /// Why the read loop stopped.
 enum Stop {
     Close(CloseReason),
@@ -116,6 +142,8 @@ struct Driver {
     ident_stale: bool,
     /// The HELO name the stages were last told about ([`Pipeline::helo`]).
     helo_seen: Option<String>,
+    /// The last read filled all the room in `rbuf`: more is waiting, a larger read is worth it.
+    rbuf_filled: bool,
 }
 
 /// Serves one accepted connection to its end. `io` is the raw TCP stream (TLS is layered here).
@@ -159,6 +187,7 @@ pub async fn serve(
         txn_seq: 0,
         ident_stale: false,
         helo_seen: None,
+        rbuf_filled: false,
         conn_id,
         ctx,
     };
@@ -347,6 +376,9 @@ impl Driver {
             ..TxnContext::default()
         };
         let verdict = self.ctx.pipeline.mail(&self.info, &mut ctx, &mail).await;
+        if verdict.refusal().is_none() && self.rcpt_buffered() {
+            return self.mail_pipelined(mail, ctx).await;
+        }
         let reply = match verdict.refusal() {
             Some(r) => r.clone(),
             None => self.upstream_mail(&mail).await,
@@ -354,21 +386,7 @@ impl Driver {
         self.session.mail_done(mail.clone(), &reply);
         if reply.is_positive() {
             self.txn_seq += 1;
-            self.txn = Some(Txn {
-                id: ctx.id.clone(),
-                started: std::time::SystemTime::now(),
-                ctx,
-                mail,
-                rcpts: Vec::new(),
-                decoder: None,
-                spool: self.ctx.spool.spool(),
-                head: Vec::new(),
-                head_done: false,
-                size: 0,
-                too_big: false,
-                spool_failed: false,
-                early: None,
-            });
+            self.txn = Some(Txn::new(ctx, mail, self.ctx.spool.spool()));
         }
         self.queue(&reply);
     }
@@ -376,23 +394,10 @@ impl Driver {
     /// Borrows an upstream connection if needed and sends MAIL; a connection that went stale while the
     /// client idled is replaced once.
     async fn upstream_mail(&mut self, mail: &MailFrom) -> Reply {
-        self.sync_helo();
-        if self.ident_stale {
-            self.reintroduce_held().await;
-        }
         for attempt in 0..2 {
-            let reused = match self.upstream.take() {
-                Some(c) => {
-                    self.upstream = Some(c);
-                    true
-                }
-                None => match self.ctx.pool.checkout(&self.ident).await {
-                    Ok((c, reused)) => {
-                        self.upstream = Some(c);
-                        reused
-                    }
-                    Err(e) => return self.upstream_failure(e, Reply::upstream_unavailable()),
-                },
+            let reused = match self.acquire_upstream().await {
+                Ok(reused) => reused,
+                Err(reply) => return reply,
             };
             let Some(conn) = self.upstream.as_mut() else { break };
             match conn.mail(mail, None).await {
@@ -413,6 +418,26 @@ impl Driver {
             }
         }
         Reply::upstream_unavailable()
+    }
+
+    /// Makes sure an upstream connection is held for a new transaction (re-introducing the held one when
+    /// the client's identity changed, else borrowing one from the pool). Returns whether it was held or
+    /// pooled before (and so may have gone stale); `Err` is the reply for the client, already logged.
+    async fn acquire_upstream(&mut self) -> Result<bool, Reply> {
+        self.sync_helo();
+        if self.ident_stale {
+            self.reintroduce_held().await;
+        }
+        if self.upstream.is_some() {
+            return Ok(true);
+        }
+        match self.ctx.pool.checkout(&self.ident).await {
+            Ok((c, reused)) => {
+                self.upstream = Some(c);
+                Ok(reused)
+            }
+            Err(e) => Err(self.upstream_failure(e, Reply::upstream_unavailable())),
+        }
     }
 
     /// Tells the stages about a HELO name they have not seen yet (after EHLO/HELO, once per new name).
@@ -483,25 +508,7 @@ impl Driver {
                 },
             },
         };
-        crate::metrics::recipient(
-            &self.ctx.name,
-            if reply.is_positive() {
-                crate::metrics::RcptResult::Accepted
-            } else {
-                crate::metrics::RcptResult::Rejected
-            },
-        );
-        if let Some(txn) = self.txn.as_mut() {
-            if !reply.is_positive() {
-                // A refused recipient (by a stage or by the upstream) leaves no tag or score on the message.
-                txn.ctx.rollback(mark);
-            }
-            txn.rcpts.push((rcpt.address.clone(), reply.clone()));
-            let outcome = RcptOutcome { rcpt: &rcpt, reply: &reply };
-            self.ctx.pipeline.rcpt_done(&self.info, &mut txn.ctx, outcome).await;
-        }
-        self.session.rcpt_done(rcpt, &reply);
-        self.queue(&reply);
+        self.rcpt_finished(rcpt, mark, reply).await;
     }
 
     /// The upstream connection carrying the open transaction. If it was lost (an error, or the upstream
@@ -585,10 +592,15 @@ impl Driver {
         } else {
             (limit, CloseReason::Idle, limit_name)
         };
-        self.rbuf.reserve(READ_CHUNK);
+        let in_data = matches!(limit_name, crate::metrics::Limit::DataTimeout);
+        self.rbuf.reserve(if in_data && self.rbuf_filled { DATA_READ_CHUNK } else { READ_CHUNK });
+        let room = self.rbuf.capacity() - self.rbuf.len();
         match tokio::time::timeout(wait, self.io.read_buf(&mut self.rbuf)).await {
             Ok(Ok(0)) => Err(Stop::Close(CloseReason::PeerClosed)),
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(n)) => {
+                self.rbuf_filled = n == room;
+                Ok(())
+            }
             Ok(Err(e)) => {
                 debug!(error = %e, "read failed");
                 Err(Stop::Close(CloseReason::Io))

@@ -73,7 +73,7 @@ pub struct TxnContext {
 /// Where a transaction's effects stood before a RCPT ran through the pipeline, to undo them when that
 /// recipient ends up refused (by a stage or by the upstream): a refused recipient adds no header, score or
 /// flag to the message. The audit records of the hits stay.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct TxnMark {
     add_headers: usize,
     subject_prefix: bool,

@@ -44,7 +44,7 @@ pub struct TxnRules {
 }
 
 /// The effects in [`TxnRules`] at one point, to undo those of a refused recipient ([`super::TxnMark`]).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RulesMark {
     accepted: bool,
     discard: bool,

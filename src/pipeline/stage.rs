@@ -73,7 +73,8 @@ pub trait Stage: Send + Sync {
     }
 
     /// After a RCPT got its final reply (from a stage or from the upstream): an event, for stages that
-    /// count refused recipients.
+    /// count refused recipients. When the client pipelined several RCPTs, `on_rcpt` runs for each of a
+    /// group before the group goes upstream, and the group's `on_rcpt_done` events follow in order.
     fn on_rcpt_done<'a>(
         &'a self,
         _conn: &'a ConnInfo,

@@ -145,7 +145,7 @@ impl std::fmt::Debug for InitialResponse {
 }
 
 /// One client session.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Session {
     cfg: Arc<SessionConfig>,
     state: State,

@@ -309,5 +309,10 @@ fn server_config(
     };
     let builder = ServerConfig::builder_with_provider(provider).with_protocol_versions(versions);
     let config = builder.map_err(TlsError::config)?.with_no_client_auth();
-    Ok(Arc::new(config.with_cert_resolver(store)))
+    let mut config = config.with_cert_resolver(store);
+    // Session resumption without server-side state: tickets sealed with a key that rustls' ring Ticketer
+    // rotates every 6 hours. A returning client skips the certificate signature (the costly part of a
+    // handshake); the in-memory session cache (256 entries) stays for clients that do not take tickets.
+    config.ticketer = rustls::crypto::ring::Ticketer::new().map_err(TlsError::config)?;
+    Ok(Arc::new(config))
 }

@@ -11,12 +11,14 @@
 
 mod identity;
 pub mod limit;
+mod pipelining;
 mod pool;
 mod splice;
 #[cfg(test)]
 mod tests;
 
 pub use identity::{xtext, ClientIdentity};
+pub use pipelining::GroupReplies;
 pub use pool::Pool;
 pub use splice::Splice;
 
@@ -214,6 +216,8 @@ pub struct Extensions {
     /// XCLIENT offers the LOGIN attribute.
     pub xclient_login: bool,
     pub starttls: bool,
+    /// Command pipelining (RFC 2920): MAIL and RCPTs may go in one write.
+    pub pipelining: bool,
 }
 
 impl Extensions {
@@ -231,6 +235,7 @@ impl Extensions {
                     e.xclient_login = line.split(' ').skip(1).any(|a| a.eq_ignore_ascii_case("LOGIN"));
                 }
                 "STARTTLS" => e.starttls = true,
+                "PIPELINING" => e.pipelining = true,
                 _ => {}
             }
         }
@@ -408,9 +413,22 @@ impl Connection {
 
     /// Sends MAIL FROM with the parameters the upstream supports. Returns the upstream's reply.
     pub async fn mail(&mut self, mail: &MailFrom, size_hint: Option<u64>) -> Result<Reply, UpstreamError> {
+        let line = match self.mail_line(mail, size_hint) {
+            Ok(line) => line,
+            Err(refusal) => return Ok(refusal),
+        };
+        let reply = self.command(&line, Phase::Mail).await?;
+        crate::metrics::upstream_reply(crate::metrics::UpstreamPhase::Mail, reply.code);
+        self.in_transaction = reply.is_positive();
+        Ok(reply)
+    }
+
+    /// The MAIL FROM line for this upstream, or moat's own refusal (see [`Connection::unsupported`]).
+    fn mail_line(&self, mail: &MailFrom, size_hint: Option<u64>) -> Result<String, Reply> {
+        use std::fmt::Write as _;
         let mut line = format!("MAIL FROM:<{}>", mail.address);
         if let (true, Some(size)) = (self.ext.size, mail.size.or(size_hint)) {
-            line.push_str(&format!(" SIZE={size}"));
+            let _ = write!(line, " SIZE={size}");
         }
         if self.ext.eight_bit {
             match mail.body {
@@ -420,19 +438,15 @@ impl Connection {
             }
         }
         if let Some(refusal) = self.unsupported(mail.smtputf8, !mail.dsn.is_empty()) {
-            return Ok(refusal);
+            return Err(refusal);
         }
         if mail.smtputf8 {
             line.push_str(" SMTPUTF8");
         }
         for p in &mail.dsn {
-            line.push(' ');
-            line.push_str(&p.to_string());
+            let _ = write!(line, " {p}");
         }
-        let reply = self.command(&line, Phase::Mail).await?;
-        crate::metrics::upstream_reply(crate::metrics::UpstreamPhase::Mail, reply.code);
-        self.in_transaction = reply.is_positive();
-        Ok(reply)
+        Ok(line)
     }
 
     /// `455 4.5.4` when the client uses SMTPUTF8 or DSN parameters this connection's upstream does not offer.
@@ -452,17 +466,26 @@ impl Connection {
 
     /// Sends RCPT TO; returns the upstream's reply.
     pub async fn rcpt(&mut self, rcpt: &RcptTo) -> Result<Reply, UpstreamError> {
-        if let Some(refusal) = self.unsupported(false, !rcpt.dsn.is_empty()) {
-            return Ok(refusal);
-        }
-        let mut line = format!("RCPT TO:<{}>", rcpt.address);
-        for p in &rcpt.dsn {
-            line.push(' ');
-            line.push_str(&p.to_string());
-        }
+        let line = match self.rcpt_line(rcpt) {
+            Ok(line) => line,
+            Err(refusal) => return Ok(refusal),
+        };
         let reply = self.command(&line, Phase::Rcpt).await?;
         crate::metrics::upstream_reply(crate::metrics::UpstreamPhase::Rcpt, reply.code);
         Ok(reply)
+    }
+
+    /// The RCPT TO line for this upstream, or moat's own refusal (see [`Connection::unsupported`]).
+    fn rcpt_line(&self, rcpt: &RcptTo) -> Result<String, Reply> {
+        use std::fmt::Write as _;
+        if let Some(refusal) = self.unsupported(false, !rcpt.dsn.is_empty()) {
+            return Err(refusal);
+        }
+        let mut line = format!("RCPT TO:<{}>", rcpt.address);
+        for p in &rcpt.dsn {
+            let _ = write!(line, " {p}");
+        }
+        Ok(line)
     }
 
     /// Sends the message: DATA, then `prefix` (headers moat adds, canonical CRLF) and the spooled message,

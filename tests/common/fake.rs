@@ -29,6 +29,8 @@ pub struct Script {
     pub no_smtputf8: bool,
     /// Never answer after the message (to test timeouts).
     pub hang_at_end: bool,
+    /// Do not offer PIPELINING.
+    pub no_pipelining: bool,
 }
 
 /// One transaction the fake saw end with a positive reply.
@@ -50,6 +52,8 @@ pub struct FakeUpstream {
     /// Every command line received, across connections.
     pub commands: Arc<Mutex<Vec<String>>>,
     pub connections: Arc<Mutex<usize>>,
+    /// Commands that arrived with more input already behind them (the client pipelined them).
+    pub pipelined: Arc<Mutex<usize>>,
     script: Arc<Mutex<Script>>,
 }
 
@@ -62,6 +66,7 @@ impl FakeUpstream {
             delivered: Default::default(),
             commands: Default::default(),
             connections: Default::default(),
+            pipelined: Default::default(),
             script: Arc::new(Mutex::new(script)),
         };
         let f = fake.clone();
@@ -109,6 +114,9 @@ impl FakeUpstream {
             }
             let cmd = line.trim_end().to_string();
             self.commands.lock().unwrap().push(cmd.clone());
+            if !io.buffer().is_empty() {
+                *self.pipelined.lock().unwrap() += 1;
+            }
             let script = self.script.lock().unwrap().clone();
             let verb = cmd.split([' ', ':']).next().unwrap_or("").to_ascii_uppercase();
             if script.drop_at.as_deref() == Some(verb.as_str()) {
@@ -122,9 +130,8 @@ impl FakeUpstream {
                     let x = if script.no_xclient { "" } else { "250-XCLIENT ADDR PORT NAME HELO PROTO LOGIN\r\n" };
                     let dsn = if script.no_dsn { "" } else { "250-DSN\r\n" };
                     let utf8 = if script.no_smtputf8 { "" } else { "250-SMTPUTF8\r\n" };
-                    format!(
-                        "250-fake.upstream\r\n{x}250-PIPELINING\r\n{dsn}{utf8}250-SIZE 100000000\r\n250 8BITMIME\r\n"
-                    )
+                    let pipe = if script.no_pipelining { "" } else { "250-PIPELINING\r\n" };
+                    format!("250-fake.upstream\r\n{x}{pipe}{dsn}{utf8}250-SIZE 100000000\r\n250 8BITMIME\r\n")
                 }
                 "XCLIENT" => {
                     xclient = Some(cmd.clone());
