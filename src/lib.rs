@@ -19,9 +19,11 @@
 pub mod audit;
 pub mod auth;
 pub mod config;
+pub mod fleet;
 pub mod health;
 pub mod metrics;
 pub mod pipeline;
+pub mod proxy_protocol;
 pub mod rules;
 pub mod server;
 pub mod shutdown;

@@ -4,6 +4,7 @@
 //! must not silently fall back to a default). [`Config::validate`] reports every problem at once, each
 //! with the file and line it came from when known, as `moat check` prints them.
 
+pub mod proxy;
 pub mod state;
 pub mod units;
 
@@ -195,6 +196,12 @@ pub struct ListenerConfig {
     /// Offer AUTH before TLS too (loopback tests only: the password would cross the network in clear).
     #[serde(default)]
     pub auth_without_tls: bool,
+    /// Connections start with a PROXY protocol header from a load balancer (docs/fleet.md).
+    #[serde(default)]
+    pub proxy_protocol: proxy::ProxyProtocol,
+    /// The balancers' networks (CIDRs): the only sources whose header is believed.
+    #[serde(default)]
+    pub proxy_trusted: Vec<String>,
 }
 
 fn default_mode() -> ListenerMode {
@@ -392,6 +399,8 @@ impl Default for Config {
                 role: Role::Mx,
                 require_tls: false,
                 auth_without_tls: false,
+                proxy_protocol: proxy::ProxyProtocol::Off,
+                proxy_trusted: Vec::new(),
             }],
             tls: TlsConfig::default(),
             upstream: UpstreamConfig::default(),
@@ -636,6 +645,11 @@ impl Config {
         }
         for (key, message) in self.state.problems() {
             bad(key, message);
+        }
+        for l in &self.listeners {
+            for message in proxy::problems(&l.name, l.proxy_protocol, &l.proxy_trusted) {
+                bad("proxy_trusted", message);
+            }
         }
         for (i, l) in self.listeners.iter().enumerate() {
             if l.name.is_empty() || !l.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {

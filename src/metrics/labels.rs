@@ -244,3 +244,27 @@ impl TlsVersion {
         }
     }
 }
+
+label_enum! {
+    /// `kind` of [`super::STATE_ERRORS_TOTAL`].
+    StateError {
+        /// No answer within `state.command_timeout`.
+        Timeout => "timeout",
+        /// The store could not be reached or refused the command.
+        Unavailable => "unavailable",
+        /// A key held a value of another kind (a bug).
+        WrongKind => "wrong_kind",
+    }
+}
+
+label_enum! {
+    /// `reason` of [`super::PROXY_HEADERS_REFUSED_TOTAL`].
+    ProxyRefusal {
+        /// The connection came from outside `proxy_trusted`.
+        Untrusted => "untrusted",
+        /// The header was malformed, of a version the listener does not accept, or too long.
+        Malformed => "malformed",
+        /// The header did not arrive within the header timeout, or the peer closed first.
+        Timeout => "timeout",
+    }
+}

@@ -5,7 +5,9 @@
 // runtime, so `std::thread::sleep` (disallowed in clippy.toml for async code) is deliberate here.
 #![allow(clippy::disallowed_methods)]
 
+pub mod conformance;
 pub mod fake;
 pub mod moat;
 pub mod postfix;
 pub mod process;
+pub mod redis;
