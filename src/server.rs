@@ -157,6 +157,9 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     }
     let store = crate::state::open(&config.state).map_err(ServerError::State)?;
     spawn_state_probe(store.clone(), ready.clone(), shutdown.soft.clone());
+    if let Some(a) = &auth {
+        a.use_state(store.clone(), &config.state);
+    }
     let (rules, pipeline) = build_pipeline(config, &shutdown, &store)?;
     let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
     let pool = Pool::new(settings);

@@ -7,6 +7,7 @@
 
 pub mod conformance;
 pub mod fake;
+pub mod fleet;
 pub mod moat;
 pub mod postfix;
 pub mod process;

@@ -1,0 +1,203 @@
+//! A fleet (issue #12): two moat instances sharing one real Redis. A TOTP code used on A is refused on B;
+//! the per-client connection limit holds across the fleet and the leases of a killed instance expire;
+//! Redis killed mid-run: no session hangs, each feature follows its `state.on_error` choice, `/readyz`
+//! says degraded, and everything recovers when Redis returns. Shared rate limits and greylisting wait for
+//! the behaviour stages (see the ignored tests at the end).
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::fake::{FakeUpstream, Script};
+use common::fleet::{carol_code, connect_from, free_port, plain, users_file, MoatChild};
+use common::moat::{config_from, start};
+use common::redis::{require_redis, Redis};
+use moat::server::Running;
+
+/// One in-process instance on a plain mx listener offering AUTH without TLS, state in `redis`.
+async fn instance(redis: &Redis, fake: &FakeUpstream, users: &std::path::Path, name: &str, extra: &str) -> Running {
+    let extra = format!(
+        "auth.users_file = \"{}\"\nauth.failure_delay = \"1ms\"\nstate.backend = \"redis\"\nstate.url = \"{}\"\n\
+         state.instance_id = \"{name}\"\nstate.command_timeout = \"200ms\"\n{extra}",
+        users.display(),
+        redis.url()
+    );
+    let listeners = "[[listener]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nmode = \"plain\"\nauth_without_tls = true\n";
+    let mut cfg = config_from(fake.addr, &extra.replace("metrics.address = \"127.0.0.1:0\"", ""), listeners);
+    if extra.contains("metrics.address = \"127.0.0.1:0\"") {
+        cfg.metrics.address = "127.0.0.1:0".into();
+    }
+    start(&cfg).await
+}
+
+fn mx(r: &Running) -> SocketAddr {
+    r.addr("mx").unwrap()
+}
+
+#[tokio::test]
+async fn a_totp_code_used_on_a_is_refused_on_b() {
+    if !require_redis() {
+        return;
+    }
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = users_file(dir.path());
+    let a = instance(&redis, &fake, &users, "a", "").await;
+    let b = instance(&redis, &fake, &users, "b", "").await;
+    let code = carol_code();
+    let auth = format!("AUTH PLAIN {}", plain("carol", &format!("carolpw{code}")));
+    let (mut ca, _) = connect_from("127.0.0.21", mx(&a)).await;
+    ca.expect("EHLO client.example", 250).await;
+    ca.expect(&auth, 235).await;
+    let (mut cb, _) = connect_from("127.0.0.21", mx(&b)).await;
+    cb.expect("EHLO client.example", 250).await;
+    cb.expect(&auth, 535).await;
+    // Connection ids name their instance (they appear in Received headers and audit records).
+    ca.expect("MAIL FROM:<carol@example.test>", 250).await;
+    ca.expect("RCPT TO:<x@example.test>", 250).await;
+    ca.expect("DATA", 354).await;
+    ca.expect("Subject: t\r\n\r\nhi\r\n.", 250).await;
+    let m = fake.wait_for(1).await;
+    let data = String::from_utf8_lossy(&m[0].data).to_string();
+    assert!(data.contains("id a-"), "{data}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// `max_connections_per_ip = 2` across the fleet; A runs as a process that is then killed: its leases are
+/// not released but expire with `lease_ttl`, and B admits the client again.
+#[tokio::test]
+async fn the_per_client_limit_spans_the_fleet_and_a_killed_instances_leases_expire() {
+    if !require_redis() {
+        return;
+    }
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = users_file(dir.path());
+    let port = free_port();
+    let a_toml = format!(
+        "server.hostname = \"a.test\"\nserver.reverse_dns = false\nmetrics.address = \"\"\naudit.destination = \"off\"\n\
+         rules.directory = \"\"\nupstream.address = \"{}\"\nlimits.max_connections_per_ip = 2\n\
+         [state]\nbackend = \"redis\"\nurl = \"{}\"\nlease_ttl = \"3s\"\ninstance_id = \"a\"\n\
+         [[listener]]\nname = \"mx\"\naddress = \"127.0.0.1:{port}\"\nmode = \"plain\"\n",
+        fake.addr,
+        redis.url()
+    );
+    let mut a = MoatChild::start(&a_toml, port);
+    let b = instance(&redis, &fake, &users, "b", "limits.max_connections_per_ip = 2\nstate.lease_ttl = \"3s\"").await;
+
+    let (_c1, code1) = connect_from("127.0.0.22", a.addr).await;
+    let (_c2, code2) = connect_from("127.0.0.22", a.addr).await;
+    assert_eq!((code1, code2), (220, 220));
+    let (_c3, code3) = connect_from("127.0.0.22", mx(&b)).await;
+    assert_eq!(code3, 421, "the client's two connections on A count on B");
+    let (_other, code) = connect_from("127.0.0.23", mx(&b)).await;
+    assert_eq!(code, 220, "another client is not affected");
+
+    a.kill();
+    let mut con = redis.client();
+    let held: i64 = redis::cmd("ZCARD").arg("moat:conn:127.0.0.22").query(&mut con).unwrap();
+    assert_eq!(held, 2, "a killed instance releases nothing");
+    // Nobody renews them now: within lease_ttl they expire and B admits the client.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_c, code) = connect_from("127.0.0.22", mx(&b)).await;
+        if code == 220 {
+            break;
+        }
+        assert_eq!(code, 421);
+        assert!(Instant::now() < deadline, "the dead instance's leases never expired");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    b.stop().await;
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await;
+    let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (code, body)
+}
+
+async fn wait_readyz(addr: SocketAddr, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, body) = http_get(addr, "/readyz").await;
+        if code == 200 && body == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "/readyz never said {want:?}; last {code} {body:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Redis killed while sessions run. A fails the fleet connection limit open (the default), B closed; both
+/// fail the TOTP replay guard closed (the default). Nothing waits longer than the command timeout (the
+/// client gives up on a reply after 10 s, which would show as code 0).
+#[tokio::test]
+async fn redis_killed_mid_run_follows_the_configured_choices_and_recovers() {
+    if !require_redis() {
+        return;
+    }
+    let mut redis = Redis::start();
+    let fake = FakeUpstream::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = users_file(dir.path());
+    let a = instance(&redis, &fake, &users, "a", "metrics.address = \"127.0.0.1:0\"").await;
+    let b = instance(&redis, &fake, &users, "b", "state.on_error.concurrency = \"closed\"").await;
+    let metrics = a.metrics.unwrap();
+    wait_readyz(metrics, "ready\n").await;
+
+    let (mut open, code) = connect_from("127.0.0.24", mx(&a)).await;
+    assert_eq!(code, 220);
+    open.expect("EHLO client.example", 250).await;
+    redis.kill();
+
+    // The session in progress goes on: a message relays.
+    open.expect("MAIL FROM:<s@example.org>", 250).await;
+    open.expect("RCPT TO:<x@example.test>", 250).await;
+    open.expect("DATA", 354).await;
+    open.expect("Subject: t\r\n\r\nhi\r\n.", 250).await;
+    // New connections: A admits (open), B refuses for now (closed).
+    let (mut ca, code) = connect_from("127.0.0.24", mx(&a)).await;
+    assert_eq!(code, 220);
+    let (_cb, code) = connect_from("127.0.0.24", mx(&b)).await;
+    assert_eq!(code, 421);
+    // TOTP: the replay guard cannot be asked, the attempt is refused for now; a password-only user is fine.
+    ca.expect("EHLO client.example", 250).await;
+    let text = ca.expect(&format!("AUTH PLAIN {}", plain("carol", &format!("carolpw{}", carol_code()))), 454).await;
+    assert!(text.contains("4.7.0"), "{text}");
+    ca.expect(&format!("AUTH PLAIN {}", plain("alice", "alicepw")), 235).await;
+    wait_readyz(metrics, "ready, degraded: state store unreachable\n").await;
+    let (_, m) = http_get(metrics, "/metrics").await;
+    let errors: f64 = m
+        .lines()
+        .filter(|l| l.starts_with("moat_state_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(errors >= 1.0, "{m}");
+
+    redis.restart();
+    wait_readyz(metrics, "ready\n").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_c, code) = connect_from("127.0.0.24", mx(&b)).await;
+        if code == 220 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never admitted again after Redis returned");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (mut c, _) = connect_from("127.0.0.24", mx(&b)).await;
+    c.expect("EHLO client.example", 250).await;
+    c.expect(&format!("AUTH PLAIN {}", plain("carol", &format!("carolpw{}", carol_code()))), 235).await;
+    a.stop().await;
+    b.stop().await;
+}
