@@ -14,6 +14,8 @@
 #              IDLE_CONNS (default 500), BENCH_REVERSE_DNS=true (moat looks up 127.0.0.1; default off),
 #              BENCH_SHAPES="a b c" (which shapes to run), BENCH_RULES=off (no rule files),
 #              BENCH_CONFIG (default config/moat.toml: the config the bench copy is made from),
+#              BENCH_STATE=redis: moat keeps its state in a redis-server started on a free loopback port
+#              (docs/fleet.md); the Redis commands each shape cost are printed after it (INFO commandstats),
 #              BENCH_PIN=1: smtp-source and smtp-sink share CPU 0 and moat gets CPU 1 (taskset). On a 2-core
 #              machine the default run is CPU-bound: source and sink alone keep both cores busy, so every
 #              cycle moat uses is taken from them. Pinned, the direct path has one core and the moat path
@@ -56,9 +58,10 @@ WORK=$(mktemp -d /tmp/moat-bench.XXXXXX)
 SINK_PID=""
 MOAT_PID=""
 IDLE_PID=""
+REDIS_PID=""
 cleanup() {
     # shellcheck disable=SC2086 # empty ones vanish
-    stop_pids $IDLE_PID $MOAT_PID $SINK_PID
+    stop_pids $IDLE_PID $MOAT_PID $SINK_PID $REDIS_PID
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -100,6 +103,14 @@ if [ "$DIRECT_ONLY" = 0 ]; then
     # upstream = smtp-sink without client identity, metrics off, connection limits above IDLE_CONNS.
     RULES_KEY=()
     [ "${BENCH_RULES:-on}" = off ] && RULES_KEY=('rules.directory=""')
+    if [ "${BENCH_STATE:-memory}" = redis ]; then
+        command -v redis-server >/dev/null || die "BENCH_STATE=redis needs redis-server"
+        REDIS_PORT=$(free_port)
+        redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >"$WORK/redis.log" 2>&1 &
+        REDIS_PID=$!
+        wait_listening "$REDIS_PORT" "$REDIS_PID" redis-server
+        RULES_KEY+=('state.backend="redis"' "state.url=\"redis://127.0.0.1:$REDIS_PORT/0\"")
+    fi
     "$PY" "$ROOT/scripts/bench-config.py" "$CONFIG_SRC" "$WORK/moat.toml" "$MOAT_PORT" \
         "upstream.address=\"127.0.0.1:$SINK_PORT\"" 'upstream.identity="none"' 'metrics.address=""' \
         "server.reverse_dns=${BENCH_REVERSE_DNS:-false}" "limits.max_connections=$((IDLE_CONNS + 1000))" \
@@ -164,6 +175,16 @@ idle_mem() { # N -> prints one line
 }
 
 # ---------------------------------------------------------------- runs
+# Redis commands since the last call (INFO commandstats, reset after reading), per message.
+redis_calls() { # messages
+    local stats
+    stats=$(redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r')
+    redis-cli -p "$REDIS_PORT" config resetstat >/dev/null
+    echo "$stats" | awk -F'[:=,]' -v n="$1" '/^cmdstat_/ && $1 != "cmdstat_info" && $1 != "cmdstat_config" {
+        sub(/^cmdstat_/, "", $1); total += $3; list = list sprintf(" %s=%d", $1, $3) }
+        END { printf "    redis: %d commands for %d messages (%.2f per message):%s\n", total, n, total / n, list }'
+}
+
 # run LABEL PORT COUNT SIZE SESSIONS EXTRA_FLAGS -> sets R_WALL R_MOAT_CPU R_SINK_CPU
 run() {
     local port=$2 count=$3 size=$4 sessions=$5 flags=$6 t0 t1 m0=0 m1=0 s0 s1 rc=0
@@ -208,6 +229,7 @@ shape() { # label count size sessions flags
         # Throughput ratio moat/direct (1.00 = as fast as without moat).
         ratio=$(awk -v d="$d_wall" -v m="$R_WALL" 'BEGIN { printf "%.2f", d / m }')
         report "$label" moat "$count" "$size" "$R_WALL" "$R_MOAT_CPU" "$R_SINK_CPU" "$ratio"
+        [ -n "$REDIS_PID" ] && redis_calls "$count"
         kill -0 "$MOAT_PID" 2>/dev/null || die "moat died; log: $(tail -n 20 "$WORK/moat.log")"
     fi
 }
@@ -215,6 +237,7 @@ shape() { # label count size sessions flags
 if [ -n "$MOAT_PID" ]; then
     # Measured first, on a fresh process, so memory freed by the load runs does not hide the cost.
     idle_mem "$IDLE_CONNS" >"$WORK/idle.txt"
+    [ -n "$REDIS_PID" ] && redis-cli -p "$REDIS_PORT" config resetstat >/dev/null
 fi
 
 wanted() { case " $SHAPES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }

@@ -60,6 +60,13 @@ async fn redis_keys_carry_the_prefix_and_a_lifetime() {
         let pttl: i64 = redis::cmd("PTTL").arg(k).query(&mut con).unwrap();
         assert!(pttl > 0 && pttl <= 600_000, "{k}: pttl {pttl}");
     }
+    // The stored formats (scripts/bench-redis-memory.sh writes the same to measure memory per key).
+    let raw = |k: &str| -> String { redis::cmd("GET").arg(k).query::<String>(&mut redis.client()).unwrap() };
+    assert!(raw("fleet7:r").starts_with("t:1700000060000:1700000060000"), "{}", raw("fleet7:r"));
+    assert_eq!(raw("fleet7:c"), "c:1700000600000:1");
+    assert_eq!(raw("fleet7:i"), "v:1700000600000:x");
+    let t: String = redis::cmd("TYPE").arg("fleet7:l").query(&mut con).unwrap();
+    assert_eq!(t, "zset");
 }
 
 #[tokio::test]
