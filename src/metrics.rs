@@ -22,8 +22,8 @@ use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, Promet
 
 pub use self::http::{serve, HttpAuth};
 pub use self::labels::{
-    AuthMechanism, AuthResult, ConnResult, Limit, MessageVerdict, RcptResult, ReloadResult, TlsResult, TlsVersion,
-    UpstreamErrorKind, UpstreamPhase, Verb,
+    AuthMechanism, AuthResult, ConnResult, GreylistResult, Limit, MessageVerdict, RcptResult, ReloadResult, TlsResult,
+    TlsVersion, UpstreamErrorKind, UpstreamPhase, Verb,
 };
 pub use self::labels::{ProxyRefusal, StateError};
 use crate::smtp::session::CloseReason;
@@ -50,6 +50,14 @@ pub const RECEIVED_BYTES_TOTAL: &str = "moat_received_bytes_total";
 pub const RECIPIENTS_TOTAL: &str = "moat_recipients_total";
 /// Times a configured limit was reached.
 pub const LIMIT_HITS_TOTAL: &str = "moat_limit_hits_total";
+/// Times a rule-file `[[limit]]` was exceeded, by limit id (ids come from the loaded rules).
+pub const LIMIT_EXCEEDED_TOTAL: &str = "moat_limit_exceeded_total";
+/// Keys held by the in-memory state store (rate counters, leases, greylist triplets, account baselines).
+pub const STATE_ENTRIES: &str = "moat_state_entries";
+/// Greylisting decisions, by result.
+pub const GREYLIST_TOTAL: &str = "moat_greylist_total";
+/// Accounts whose sending was suspended (compromised-account detection).
+pub const ACCOUNT_SUSPENSIONS_TOTAL: &str = "moat_account_suspensions_total";
 /// Time to open a connection to the upstream, up to its greeting and EHLO.
 pub const UPSTREAM_CONNECT_SECONDS: &str = "moat_upstream_connect_seconds";
 /// Time from upstream DATA to its final reply for one message.
@@ -179,6 +187,10 @@ fn initialise_series() {
     counter!(SPOOL_SPILLED_TOTAL).absolute(0);
     counter!(AUDIT_RECORDS_DROPPED_TOTAL).absolute(0);
     counter!(AUTH_LOCKOUTS_TOTAL).absolute(0);
+    counter!(ACCOUNT_SUSPENSIONS_TOTAL).absolute(0);
+    for &result in GreylistResult::ALL {
+        counter!(GREYLIST_TOTAL, "result" => result.as_str()).absolute(0);
+    }
     for &mechanism in AuthMechanism::ALL {
         for &result in AuthResult::ALL {
             counter!(AUTH_ATTEMPTS_TOTAL, "mechanism" => mechanism.as_str(), "result" => result.as_str()).absolute(0);
@@ -250,6 +262,20 @@ const FAMILIES: &[(&str, Kind, Unit, &str)] = &[
     (RECEIVED_BYTES_TOTAL, Kind::Counter, Unit::Bytes, "Message bytes received from clients."),
     (RECIPIENTS_TOTAL, Kind::Counter, Unit::Count, "RCPT TO commands, by whether the recipient was accepted."),
     (LIMIT_HITS_TOTAL, Kind::Counter, Unit::Count, "Times a configured limit was reached."),
+    (
+        LIMIT_EXCEEDED_TOTAL,
+        Kind::Counter,
+        Unit::Count,
+        "Times a [[limit]] of the rule files was exceeded, by limit id.",
+    ),
+    (STATE_ENTRIES, Kind::Gauge, Unit::Count, "Keys held by the in-memory state store."),
+    (GREYLIST_TOTAL, Kind::Counter, Unit::Count, "Greylisting decisions on recipients, by result."),
+    (
+        ACCOUNT_SUSPENSIONS_TOTAL,
+        Kind::Counter,
+        Unit::Count,
+        "Accounts suspended for sending far out of their baseline.",
+    ),
     (UPSTREAM_CONNECT_SECONDS, Kind::Histogram, Unit::Seconds, "Time to connect to the upstream and greet it."),
     (UPSTREAM_TRANSACTION_SECONDS, Kind::Histogram, Unit::Seconds, "Time from upstream DATA to its final reply."),
     (UPSTREAM_ERRORS_TOTAL, Kind::Counter, Unit::Count, "Upstream failures, by kind."),
@@ -385,6 +411,26 @@ pub fn recipient(listener: &str, result: RcptResult) {
 /// Counts a limit being reached.
 pub fn limit_hit(limit: Limit) {
     counter!(LIMIT_HITS_TOTAL, "limit" => limit.as_str()).increment(1);
+}
+
+/// Counts a rule-file limit being exceeded (ids come from the loaded rules, never from mail).
+pub fn limit_exceeded(id: &str) {
+    counter!(LIMIT_EXCEEDED_TOTAL, "limit" => id.to_string()).increment(1);
+}
+
+/// Sets the state store's key count.
+pub fn state_entries(n: usize) {
+    gauge!(STATE_ENTRIES).set(n as f64);
+}
+
+/// Counts a greylisting decision.
+pub fn greylist(result: GreylistResult) {
+    counter!(GREYLIST_TOTAL, "result" => result.as_str()).increment(1);
+}
+
+/// Counts an account suspension.
+pub fn account_suspended() {
+    counter!(ACCOUNT_SUSPENSIONS_TOTAL).increment(1);
 }
 
 /// Records how long opening an upstream connection took.

@@ -266,12 +266,15 @@ async fn probe_upstream(pool: &Pool, limit: Duration) {
 fn build_pipeline(
     config: &Config,
     shutdown: &Shutdown,
-    _store: &crate::state::SharedStore,
+    store: &crate::state::SharedStore,
 ) -> Result<(Option<Arc<crate::rules::Rules>>, Pipeline), ServerError> {
     let mut stages: Vec<Arc<dyn crate::pipeline::Stage>> = Vec::new();
     let mut rules = None;
+    crate::pipeline::limits::spawn_size_gauge(store.clone(), shutdown.soft.clone());
     if let Some((handle, stage)) = rules_stage(config, shutdown)? {
+        stages.push(Arc::new(crate::pipeline::limits::LimitsStage::new(handle.clone(), store.clone())));
         stages.push(stage);
+        stages.push(Arc::new(crate::pipeline::greylist::GreylistStage::new(handle.clone(), store.clone())));
         rules = Some(handle);
     }
     Ok((rules, Pipeline::new(stages)))

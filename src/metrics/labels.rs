@@ -268,3 +268,15 @@ label_enum! {
         Timeout => "timeout",
     }
 }
+
+label_enum! {
+    /// `result` of [`super::GREYLIST_TOTAL`].
+    GreylistResult {
+        /// A new or too early triplet: the recipient got `451 4.7.1`.
+        Deferred => "deferred",
+        /// A retry after the delay passed (the triplet is remembered as passed).
+        Passed => "passed",
+        /// The client network passed often enough to be allowed outright.
+        AutoAllowed => "auto_allowed",
+    }
+}

@@ -20,6 +20,8 @@ use crate::smtp::Reply;
 
 mod context;
 pub mod ext;
+pub mod greylist;
+pub mod limits;
 pub mod lookup;
 pub mod rules;
 pub mod stage;

@@ -14,15 +14,15 @@ use super::{field, Action, Cond, Leaf, ListField, Rule, RuleSet, WordField};
 use crate::smtp::Reply;
 
 /// Where a spanned item came from, to report errors.
-struct Src<'a> {
-    path: &'a Path,
-    text: &'a str,
+pub(super) struct Src<'a> {
+    pub(super) path: &'a Path,
+    pub(super) text: &'a str,
 }
 
 /// Regexes collected per field before compilation: the pattern and where its rule's id is; likewise the
 /// literal words per [`WordField`], each distinct word (ASCII case aside) once.
 #[derive(Default)]
-struct Pool {
+pub(super) struct Pool {
     patterns: Vec<Vec<(String, usize)>>,
     header_names: Vec<String>,
     words: [Vec<String>; 2],
@@ -107,6 +107,10 @@ pub fn compile(
             }
         }
     }
+    for (path, text, f) in &parsed {
+        let src = Src { path, text };
+        behaviour(&src, f, &mut pool, &list_index, &mut origins, &mut ids, &mut set, &mut errors);
+    }
     build_sets(&mut set, pool, &origins, &mut errors);
     if !errors.is_empty() {
         return Err(errors);
@@ -115,8 +119,44 @@ pub fn compile(
     Ok(set)
 }
 
-fn err<T>(src: &Src<'_>, at: &Spanned<T>, message: impl Into<String>) -> RuleError {
+pub(super) fn err<T>(src: &Src<'_>, at: &Spanned<T>, message: impl Into<String>) -> RuleError {
     RuleError::at(src.path, src.text, at.span().start, message)
+}
+
+/// The file's `[[limit]]` tables and `[greylist]` (`super::limits`); limit ids share the rules' namespace.
+#[allow(clippy::too_many_arguments)]
+fn behaviour<'a>(
+    src: &Src<'a>,
+    f: &FileSpec,
+    pool: &mut Pool,
+    lists: &HashMap<String, (usize, ListKind)>,
+    origins: &mut Vec<(&'a Path, &'a str, usize)>,
+    ids: &mut HashSet<String>,
+    set: &mut RuleSet,
+    errors: &mut Vec<RuleError>,
+) {
+    for l in &f.limits {
+        if !ids.insert(l.id.get_ref().clone()) {
+            errors.push(err(src, &l.id, format!("duplicate rule or limit id {:?}", l.id.get_ref())));
+            continue;
+        }
+        origins.push((src.path, src.text, l.id.span().start));
+        match super::limits::limit(src, l, pool, lists, origins.len() - 1) {
+            Ok(limit) => set.limits.push(limit),
+            Err(e) => errors.push(e),
+        }
+    }
+    if let Some(g) = &f.greylist {
+        if set.greylist.is_some() {
+            errors.push(err(src, g, "a second [greylist] table (only one file may have one)"));
+            return;
+        }
+        origins.push((src.path, src.text, g.span().start));
+        match super::limits::greylist(src, g, pool, lists, origins.len() - 1) {
+            Ok(gl) => set.greylist = Some(gl),
+            Err(e) => errors.push(e),
+        }
+    }
 }
 
 fn load_lists(
@@ -231,7 +271,7 @@ fn parse_reply(text: &str, kind: ActionKind) -> Result<Reply, String> {
     Ok(Reply::new(code, if rest.is_empty() { "5.7.1 refused by policy" } else { rest }))
 }
 
-fn cond(
+pub(super) fn cond(
     src: &Src<'_>,
     spec: &Spanned<CondSpec>,
     pool: &mut Pool,

@@ -40,6 +40,14 @@ impl RuleSet {
     }
 }
 
+impl RuleSet {
+    /// Whether a condition compiled into this set (a limit's `when`/`unless`) holds.
+    pub fn holds(&self, cond: &Cond, facts: &Facts<'_>) -> bool {
+        let cache: Vec<OnceCell<Vec<bool>>> = (0..self.sets.len()).map(|_| OnceCell::new()).collect();
+        Eval { set: self, facts, cache, word_cache: Default::default() }.cond(cond)
+    }
+}
+
 struct Eval<'a, 'f> {
     set: &'a RuleSet,
     facts: &'a Facts<'f>,

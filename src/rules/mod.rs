@@ -9,6 +9,7 @@
 pub mod compile;
 pub mod content;
 pub mod eval;
+pub mod limits;
 pub mod lists;
 pub mod parse;
 pub mod sniff;
@@ -258,6 +259,9 @@ pub struct RuleSet {
     pub reject_at: f64,
     /// `[scores] subject_prefix`: the Subject prefix of a message that reaches `tag_at`.
     pub tag_subject_prefix: Option<String>,
+    /// Behaviour limits (`[[limit]]`, in file order) and greylisting (`[greylist]`), see [`limits`].
+    pub limits: Vec<limits::Limit>,
+    pub greylist: Option<limits::Greylist>,
     /// Increases with every set built in this process, so tests and logs can tell versions apart.
     pub version: u64,
 }

@@ -58,6 +58,11 @@ pub struct FileSpec {
     #[serde(default, rename = "list")]
     pub lists: Vec<Spanned<ListSpec>>,
     pub scores: Option<ScoresSpec>,
+    /// Behaviour limits (`super::limits`).
+    #[serde(default, rename = "limit")]
+    pub limits: Vec<super::limits::LimitSpec>,
+    /// Greylisting (`super::limits`); at most one file may have it.
+    pub greylist: Option<Spanned<super::limits::GreylistSpec>>,
 }
 
 /// `[scores]`: thresholds compared with a message's summed score at end of data.

@@ -415,3 +415,27 @@ fn body_texts_are_each_part_once_as_sent() {
         alt.texts.iter().any(|t| t.contains("plain part")) && alt.texts.iter().any(|t| t.contains("<b>html part</b>"))
     );
 }
+
+/// The limit and greylist examples work as documented when copied next to the shipped rules.
+#[test]
+fn behaviour_examples_compile_next_to_the_shipped_rules() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("rules");
+    let dir = tempfile::tempdir().unwrap();
+    let copy = |from: &Path, to: &Path| std::fs::copy(from, to).unwrap();
+    copy(&root.join("00-defaults.toml"), &dir.path().join("00-defaults.toml"));
+    std::fs::create_dir(dir.path().join("lists")).unwrap();
+    for e in std::fs::read_dir(root.join("lists")).unwrap() {
+        let e = e.unwrap();
+        copy(&e.path(), &dir.path().join("lists").join(e.file_name()));
+    }
+    copy(&root.join("examples/rate-limits.toml"), &dir.path().join("rate-limits.toml"));
+    copy(&root.join("examples/greylist.toml"), &dir.path().join("greylist.toml"));
+    let set = RuleSet::load_dir(dir.path(), &["example.test".into()])
+        .unwrap_or_else(|e| panic!("{}", super::format_errors(&e)));
+    let l = &set.limits[0];
+    assert_eq!(&*l.id, "mx-messages-per-ip");
+    assert_eq!(l.measure, super::limits::Measure::Fixed { count: 10, per: std::time::Duration::from_secs(60) });
+    let g = set.greylist.as_ref().expect("greylist");
+    assert_eq!(g.delay, std::time::Duration::from_secs(60));
+    assert_eq!(g.role, Some(crate::config::Role::Mx));
+}

@@ -227,6 +227,10 @@ impl Store for MemoryStore {
             Ok(())
         }))
     }
+
+    fn entries(&self) -> Option<usize> {
+        Some(self.len())
+    }
 }
 
 #[cfg(test)]

@@ -165,6 +165,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn probe(&self) -> StoreFuture<'_, ()> {
         Box::pin(std::future::ready(Ok(())))
     }
+
+    /// How many keys the store holds, when it can tell cheaply (the `moat_state_entries` gauge); `None`
+    /// for a store whose size is watched elsewhere (Redis' own `INFO keyspace`).
+    fn entries(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A shared handle to the configured store.
