@@ -201,3 +201,86 @@ async fn redis_killed_mid_run_follows_the_configured_choices_and_recovers() {
     a.stop().await;
     b.stop().await;
 }
+
+/// A rules directory holding only `files` (name, text).
+fn rules_dir(files: &[(&str, String)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).unwrap();
+    }
+    dir
+}
+
+fn shipped(rel: &str) -> String {
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)).unwrap()
+}
+
+/// The shipped example limit (10 messages per minute per client IP) holds across the fleet: 12 messages
+/// split 6/6 over A and B, the 11th and 12th get 4xx.
+#[tokio::test]
+async fn the_example_rate_limit_is_shared_by_the_fleet() {
+    if !require_redis() {
+        return;
+    }
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = users_file(dir.path());
+    let rules = rules_dir(&[("rate-limits.toml", shipped("rules/examples/rate-limits.toml"))]);
+    let extra = format!("rules.directory = \"{}\"", rules.path().display());
+    let a = instance(&redis, &fake, &users, "a", &extra).await;
+    let b = instance(&redis, &fake, &users, "b", &extra).await;
+    let (mut ca, _) = connect_from("127.0.0.31", mx(&a)).await;
+    let (mut cb, _) = connect_from("127.0.0.31", mx(&b)).await;
+    ca.expect("EHLO client.example", 250).await;
+    cb.expect("EHLO client.example", 250).await;
+    let mut codes = Vec::new();
+    for i in 0..12 {
+        let c = if i % 2 == 0 { &mut ca } else { &mut cb };
+        let (code, _) = c.cmd("MAIL FROM:<s@example.org>").await;
+        codes.push(code);
+        if code == 250 {
+            c.expect("RCPT TO:<x@example.test>", 250).await;
+            c.expect("DATA", 354).await;
+            c.expect("Subject: t\r\n\r\nhi\r\n.", 250).await;
+        }
+    }
+    assert!(codes[..10].iter().all(|c| *c == 250), "{codes:?}");
+    assert!(codes[10..].iter().all(|c| (400..500).contains(c)), "{codes:?}");
+    assert_eq!(fake.wait_for(10).await.len(), 10);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// Greylisted on A, retried through B after the delay: passes at once (B sees A's first attempt). The
+/// shipped example's delay is one minute; here it is one second, the rest as shipped.
+#[tokio::test]
+async fn greylisting_retried_through_the_other_instance_passes() {
+    if !require_redis() {
+        return;
+    }
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = users_file(dir.path());
+    let greylist = shipped("rules/examples/greylist.toml").replace("delay = \"1m\"", "delay = \"1s\"");
+    assert!(greylist.contains("delay = \"1s\""));
+    let rules = rules_dir(&[("greylist.toml", greylist)]);
+    let extra = format!("rules.directory = \"{}\"", rules.path().display());
+    let a = instance(&redis, &fake, &users, "a", &extra).await;
+    let b = instance(&redis, &fake, &users, "b", &extra).await;
+    let (mut ca, _) = connect_from("127.0.0.32", mx(&a)).await;
+    ca.expect("EHLO client.example", 250).await;
+    ca.expect("MAIL FROM:<s@example.org>", 250).await;
+    let (code, text) = ca.cmd("RCPT TO:<x@example.test>").await;
+    assert_eq!(code, 451, "{text}");
+    // Past the delay, the first and only attempt through B passes: a B with its own state would see a
+    // new triplet and defer it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (mut cb, _) = connect_from("127.0.0.32", mx(&b)).await;
+    cb.expect("EHLO client.example", 250).await;
+    cb.expect("MAIL FROM:<s@example.org>", 250).await;
+    cb.expect("RCPT TO:<x@example.test>", 250).await;
+    a.stop().await;
+    b.stop().await;
+}
