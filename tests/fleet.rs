@@ -17,11 +17,11 @@ use moat::server::Running;
 
 /// One in-process instance on a plain mx listener offering AUTH without TLS, state in `redis`.
 async fn instance(redis: &Redis, fake: &FakeUpstream, users: &std::path::Path, name: &str, extra: &str) -> Running {
+    let url = if extra.contains("state.url") { String::new() } else { format!("state.url = \"{}\"\n", redis.url()) };
     let extra = format!(
-        "auth.users_file = \"{}\"\nauth.failure_delay = \"1ms\"\nstate.backend = \"redis\"\nstate.url = \"{}\"\n\
+        "auth.users_file = \"{}\"\nauth.failure_delay = \"1ms\"\nstate.backend = \"redis\"\n{url}\
          state.instance_id = \"{name}\"\nstate.command_timeout = \"200ms\"\n{extra}",
         users.display(),
-        redis.url()
     );
     let listeners = "[[listener]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nmode = \"plain\"\nauth_without_tls = true\n";
     let mut cfg = config_from(fake.addr, &extra.replace("metrics.address = \"127.0.0.1:0\"", ""), listeners);
@@ -283,4 +283,94 @@ async fn greylisting_retried_through_the_other_instance_passes() {
     cb.expect("RCPT TO:<x@example.test>", 250).await;
     a.stop().await;
     b.stop().await;
+}
+
+/// `config/examples/fleet/`: both instance configs load and differ only where they must, their rules load,
+/// and HAProxy accepts its config.
+#[tokio::test]
+async fn the_shipped_fleet_example_parses() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("config/examples/fleet");
+    let a = moat::config::Config::load(&dir.join("moat-a.toml")).unwrap();
+    let b = moat::config::Config::load(&dir.join("moat-b.toml")).unwrap();
+    for (c, id, port) in [(&a, "a", 2625), (&b, "b", 2626)] {
+        assert_eq!(c.state.backend, moat::config::StateBackend::Redis);
+        assert_eq!(c.state.url, "redis://127.0.0.1:6390/0");
+        assert_eq!(c.state.instance_id, id);
+        assert_eq!(c.listeners[0].address.port(), port);
+        assert_eq!(c.listeners[0].proxy_protocol, moat::config::proxy::ProxyProtocol::V2);
+        assert_eq!(c.upstream.address.port(), 10025);
+    }
+    let rules = moat::rules::Rules::load(&root.join(&a.rules.directory), &a.relay.local_domains).unwrap();
+    assert_eq!(rules.snapshot().limits.len(), 1);
+    if common::postfix::require_peer("haproxy") {
+        let out = std::process::Command::new("haproxy").arg("-c").arg("-f").arg(dir.join("haproxy.cfg")).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+/// Round trips to Redis, counted on the wire: per connection (the fleet-wide per-client lease, taken and
+/// given back) and per message with the shipped fleet example's rate limit. Printed for docs/fleet.md.
+#[tokio::test]
+async fn redis_round_trips_per_connection_and_message() {
+    if !require_redis() {
+        return;
+    }
+    let redis = Redis::start();
+    let relay = common::redis::CountingRelay::start(redis.addr()).await;
+    let fake = FakeUpstream::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = users_file(dir.path());
+    let limit = shipped("config/examples/fleet/rules/10-rate-limits.toml").replace("10/1m", "1000/1m");
+    let rules = rules_dir(&[("rate-limits.toml", limit)]);
+    let extra = format!("rules.directory = \"{}\"\nstate.url = \"redis://{}/0\"", rules.path().display(), relay.addr);
+    let a = instance(&redis, &fake, &users, "a", &extra).await;
+    let mut con = redis.client();
+    let session = |messages: usize| {
+        let addr = mx(&a);
+        async move {
+            let (mut c, code) = connect_from("127.0.0.33", addr).await;
+            assert_eq!(code, 220);
+            c.expect("EHLO client.example", 250).await;
+            for _ in 0..messages {
+                c.expect("MAIL FROM:<s@example.org>", 250).await;
+                c.expect("RCPT TO:<x@example.test>", 250).await;
+                c.expect("DATA", 354).await;
+                c.expect("Subject: t\r\n\r\nhi\r\n.", 250).await;
+            }
+            c.expect("QUIT", 221).await;
+        }
+    };
+    async fn released(con: &mut redis::Connection) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let n: i64 = redis::cmd("EXISTS").arg("moat:conn:127.0.0.33").query(con).unwrap();
+            if n == 0 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "the connection lease was never released");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // Warm up: the scripts are loaded once (EVALSHA, NOSCRIPT, SCRIPT LOAD, EVALSHA).
+    session(1).await;
+    released(&mut con).await;
+    relay.take();
+    session(1).await;
+    released(&mut con).await;
+    let one = relay.take();
+    session(11).await;
+    released(&mut con).await;
+    let eleven = relay.take();
+    let per_message = (eleven.len() - one.len()) as f64 / 10.0;
+    let per_connection = one.len() as f64 - per_message;
+    println!(
+        "redis round trips: {per_connection} per connection, {per_message} per message (example rate limit); \
+         1 message: {one:?}; 11 messages: {} commands",
+        eleven.len()
+    );
+    assert!(one.iter().all(|c| c == "EVALSHA"), "{one:?}");
+    assert_eq!(per_connection, 2.0, "lease taken and given back");
+    assert_eq!(per_message, 1.0, "one counter per message");
+    a.stop().await;
 }

@@ -102,3 +102,80 @@ impl Drop for Redis {
         self.kill();
     }
 }
+
+/// A TCP relay in front of Redis that counts the commands (round trips) clients send, by name. Commands a
+/// script runs inside Redis never cross it, so this counts exactly what a client pays for.
+#[derive(Clone)]
+pub struct CountingRelay {
+    pub addr: SocketAddr,
+    pub commands: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl CountingRelay {
+    /// Relays 127.0.0.1:<free port> to `redis`.
+    pub async fn start(redis: SocketAddr) -> CountingRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let relay = CountingRelay { addr: listener.local_addr().unwrap(), commands: Default::default() };
+        let commands = relay.commands.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(redis).await else { continue };
+                let commands = commands.clone();
+                tokio::spawn(async move {
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                    });
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 16384];
+                    loop {
+                        let n = match cr.read(&mut chunk).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        buf.extend_from_slice(&chunk[..n]);
+                        while let Some((name, used)) = parse_command(&buf) {
+                            commands.lock().unwrap().push(name);
+                            buf.drain(..used);
+                        }
+                        if sw.write_all(&chunk[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        relay
+    }
+
+    /// Commands seen so far, other than `PING` (the readiness probe), and forgets them.
+    pub fn take(&self) -> Vec<String> {
+        let mut c = self.commands.lock().unwrap();
+        std::mem::take(&mut *c).into_iter().filter(|n| n != "PING").collect()
+    }
+}
+
+/// One RESP command (an array of bulk strings) at the start of `buf`: its upper-cased name and length.
+fn parse_command(buf: &[u8]) -> Option<(String, usize)> {
+    fn line(buf: &[u8], at: usize) -> Option<(&[u8], usize)> {
+        let end = buf[at..].windows(2).position(|w| w == b"\r\n")? + at;
+        Some((&buf[at..end], end + 2))
+    }
+    let (head, mut at) = line(buf, 0)?;
+    let n: usize = std::str::from_utf8(head.strip_prefix(b"*")?).ok()?.parse().ok()?;
+    let mut name = String::new();
+    for i in 0..n {
+        let (len, next) = line(buf, at)?;
+        let len: usize = std::str::from_utf8(len.strip_prefix(b"$")?).ok()?.parse().ok()?;
+        if buf.len() < next + len + 2 {
+            return None;
+        }
+        if i == 0 {
+            name = String::from_utf8_lossy(&buf[next..next + len]).to_uppercase();
+        }
+        at = next + len + 2;
+    }
+    Some((name, at))
+}
