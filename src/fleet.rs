@@ -11,7 +11,7 @@ use tracing::{debug, warn};
 use crate::config::state::Failure;
 use crate::config::{ListenerConfig, StateBackend, StateConfig};
 use crate::metrics::ProxyRefusal;
-use crate::proxy_protocol::{self, Accept, ProxyError, ReadError};
+use crate::proxy_protocol::{self, Accept, ReadError};
 use crate::rules::lists::CidrSet;
 use crate::state::lease::Lease;
 use crate::state::SharedStore;
@@ -60,8 +60,7 @@ impl ProxySettings {
             Err(e) => {
                 let reason = match &e {
                     ReadError::Timeout(_) | ReadError::Io(_) => ProxyRefusal::Timeout,
-                    ReadError::Proxy(ProxyError::Missing | ProxyError::Version(_))
-                    | ReadError::Proxy(ProxyError::Malformed(_) | ProxyError::TooLong) => ProxyRefusal::Malformed,
+                    ReadError::Proxy(_) => ProxyRefusal::Malformed,
                 };
                 warn!(balancer.addr = %peer, error = %e, "bad PROXY protocol header; connection closed");
                 crate::metrics::proxy_header_refused(reason);

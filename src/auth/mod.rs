@@ -8,6 +8,7 @@ pub mod cli;
 pub mod gate;
 pub mod lockout;
 pub mod sasl;
+pub mod shared_lockout;
 pub mod store;
 pub mod totp;
 
