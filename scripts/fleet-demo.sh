@@ -113,7 +113,7 @@ start() {
     if ! pid_of haproxy >/dev/null; then
         listening 2725 && die "127.0.0.1:2725 is in use by another process"
         say "starting HAProxy on 127.0.0.1:2725"
-        haproxy -D -p "$FLEET/haproxy.pid" -f "$EX/haproxy.cfg" 2>>"$FLEET/haproxy.log"
+        haproxy -D -p "$FLEET/haproxy.pid" -f "$EX/haproxy.cfg" 2>>"$FLEET/haproxy.log" || die "haproxy failed: $(tail -n 3 "$FLEET/haproxy.log")"
         wait_port 2725 haproxy
     fi
 
