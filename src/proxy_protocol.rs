@@ -105,7 +105,11 @@ fn parse_v1(buf: &[u8]) -> Result<Option<(Header, usize)>, ProxyError> {
             };
             let port = |s: &str| -> Result<u16, ProxyError> {
                 // No sign, no leading zeros (the spec's grammar), at most 5 digits.
-                if s.is_empty() || s.len() > 5 || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0')) {
+                if s.is_empty()
+                    || s.len() > 5
+                    || !s.bytes().all(|b| b.is_ascii_digit())
+                    || (s.len() > 1 && s.starts_with('0'))
+                {
                     return Err(ProxyError::Malformed("v1 bad port"));
                 }
                 s.parse().map_err(|_| ProxyError::Malformed("v1 bad port"))

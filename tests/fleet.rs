@@ -23,7 +23,8 @@ async fn instance(redis: &Redis, fake: &FakeUpstream, users: &std::path::Path, n
          state.instance_id = \"{name}\"\nstate.command_timeout = \"200ms\"\n{extra}",
         users.display(),
     );
-    let listeners = "[[listener]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nmode = \"plain\"\nauth_without_tls = true\n";
+    let listeners =
+        "[[listener]]\nname = \"mx\"\naddress = \"127.0.0.1:0\"\nmode = \"plain\"\nauth_without_tls = true\n";
     let mut cfg = config_from(fake.addr, &extra.replace("metrics.address = \"127.0.0.1:0\"", ""), listeners);
     if extra.contains("metrics.address = \"127.0.0.1:0\"") {
         cfg.metrics.address = "127.0.0.1:0".into();
@@ -304,7 +305,8 @@ async fn the_shipped_fleet_example_parses() {
     let rules = moat::rules::Rules::load(&root.join(&a.rules.directory), &a.relay.local_domains).unwrap();
     assert_eq!(rules.snapshot().limits.len(), 1);
     if common::postfix::require_peer("haproxy") {
-        let out = std::process::Command::new("haproxy").arg("-c").arg("-f").arg(dir.join("haproxy.cfg")).output().unwrap();
+        let out =
+            std::process::Command::new("haproxy").arg("-c").arg("-f").arg(dir.join("haproxy.cfg")).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
 }

@@ -135,9 +135,10 @@ mod tests {
         assert_eq!(c.on_error.concurrency, Failure::Closed);
         assert_eq!(c.on_error.auth_lockout, Failure::Closed);
         assert!(c.problems().is_empty(), "{:?}", c.problems());
-        let bad: StateConfig =
-            toml::from_str("backend = \"redis\"\nurl = \"http://x\"\ncommand_timeout = \"0ms\"\ninstance_id = \"a b\"\n")
-                .unwrap();
+        let bad: StateConfig = toml::from_str(
+            "backend = \"redis\"\nurl = \"http://x\"\ncommand_timeout = \"0ms\"\ninstance_id = \"a b\"\n",
+        )
+        .unwrap();
         let keys: Vec<_> = bad.problems().into_iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["url", "command_timeout", "instance_id"]);
         assert!(toml::from_str::<StateConfig>("bogus = 1").is_err());

@@ -84,7 +84,10 @@ fn v2_table() {
     let (got, _) = parse(&v2(0, 0x11, &[0; 12]), Accept::Any).unwrap().unwrap();
     assert_eq!(got.source, None, "LOCAL ignores its addresses");
 
-    assert_eq!(parse(&v2(1, 0x11, &[0; 11]), Accept::Any).unwrap_err(), ProxyError::Malformed("v2 IPv4 block too short"));
+    assert_eq!(
+        parse(&v2(1, 0x11, &[0; 11]), Accept::Any).unwrap_err(),
+        ProxyError::Malformed("v2 IPv4 block too short")
+    );
     assert!(matches!(parse(&v2(1, 0x21, &[0; 12]), Accept::Any), Err(ProxyError::Malformed(_))));
     assert!(matches!(parse(&v2(2, 0x11, &[0; 12]), Accept::Any), Err(ProxyError::Malformed(_))));
     assert!(matches!(parse(&v2(1, 0x12, &[0; 12]), Accept::Any), Err(ProxyError::Malformed(_))), "UDP");

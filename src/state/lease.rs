@@ -47,7 +47,8 @@ impl Lease {
 impl Drop for Lease {
     fn drop(&mut self) {
         self.renewal.abort();
-        let (store, key, holder) = (self.store.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.holder));
+        let (store, key, holder) =
+            (self.store.clone(), std::mem::take(&mut self.key), std::mem::take(&mut self.holder));
         // Released off the dropping task (a drop cannot wait); without a runtime (process exit) the lease
         // simply expires.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {

@@ -8,6 +8,7 @@
 pub mod conformance;
 pub mod fake;
 pub mod fleet;
+pub mod haproxy;
 pub mod moat;
 pub mod postfix;
 pub mod process;
