@@ -139,3 +139,26 @@ async fn redis_down_or_frozen_fails_fast_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// `rediss://` with the test CA: the store talks TLS to a real `redis-server --tls-port`.
+#[tokio::test]
+async fn redis_over_tls() {
+    if !require_redis() {
+        return;
+    }
+    let fixture = |f: &str| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls").join(f);
+    let redis = Redis::start_tls(&fixture("server.pem"), &fixture("server.key"));
+    let text = format!(
+        "backend = \"redis\"\nurl = \"redis://127.0.0.1:{}/0\"\ntls = true\ntls_ca_file = \"{}\"\n",
+        redis.port,
+        fixture("ca.pem").display()
+    );
+    let cfg: StateConfig = toml::from_str(&text).unwrap();
+    let store = RedisStore::new(&cfg, Arc::new(moat::state::SystemClock)).unwrap();
+    assert_eq!(store.incr("n", 2, Duration::from_secs(60)).await.unwrap(), 2);
+    store.probe().await.unwrap();
+    // Without the CA the server is not trusted.
+    let untrusted: StateConfig = toml::from_str(&text.replace("tls_ca_file", "key_prefix")).unwrap();
+    let store = RedisStore::new(&untrusted, Arc::new(moat::state::SystemClock)).unwrap();
+    assert!(store.incr("n", 1, Duration::from_secs(60)).await.is_err());
+}

@@ -19,6 +19,8 @@ pub struct StateConfig {
     pub password: String,
     /// TLS to Redis (the same as a `rediss://` URL); the server certificate is checked against the system roots.
     pub tls: bool,
+    /// With TLS: a PEM file of the CA(s) that sign Redis' certificate, instead of the system roots.
+    pub tls_ca_file: std::path::PathBuf,
     /// Put in front of every key, so several applications (or fleets) can share one Redis.
     pub key_prefix: String,
     /// The longest a single store operation may take before it counts as failed (then the feature's
@@ -81,6 +83,7 @@ impl Default for StateConfig {
             url: "redis://127.0.0.1:6379/0".into(),
             password: String::new(),
             tls: false,
+            tls_ca_file: std::path::PathBuf::new(),
             key_prefix: "moat:".into(),
             command_timeout: Span(std::time::Duration::from_millis(250)),
             lease_ttl: Span(std::time::Duration::from_secs(60)),

@@ -163,8 +163,16 @@ impl std::fmt::Debug for RedisStore {
 
 /// Why the Redis store could not be set up.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid redis settings")]
-pub struct RedisSetupError(#[source] RedisError);
+pub enum RedisSetupError {
+    #[error("invalid redis settings")]
+    Settings(#[source] RedisError),
+    #[error("cannot read state.tls_ca_file {}", path.display())]
+    CaFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 fn ms(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
@@ -172,7 +180,8 @@ fn ms(d: Duration) -> u64 {
 
 impl RedisStore {
     /// A store for `[state]` (no connection yet: it is made on first use and remade whenever it breaks,
-    /// so moat starts and serves while Redis is down). Must be called inside a tokio runtime.
+    /// so moat starts and serves while Redis is down). Must be called inside a tokio runtime; reads
+    /// `tls_ca_file` (blocking: call it at start-up).
     pub fn new(cfg: &StateConfig, clock: Arc<dyn Clock>) -> Result<RedisStore, RedisSetupError> {
         let mut url = cfg.url.clone();
         if cfg.tls {
@@ -180,12 +189,20 @@ impl RedisStore {
                 url = format!("rediss://{rest}");
             }
         }
-        let mut info = redis::IntoConnectionInfo::into_connection_info(url.as_str()).map_err(RedisSetupError)?;
+        let mut info =
+            redis::IntoConnectionInfo::into_connection_info(url.as_str()).map_err(RedisSetupError::Settings)?;
         if !cfg.password.is_empty() {
             let settings = info.redis_settings().clone().set_password(&cfg.password);
             info = info.set_redis_settings(settings);
         }
-        let client = redis::Client::open(info).map_err(RedisSetupError)?;
+        let client = if cfg.tls_ca_file.as_os_str().is_empty() {
+            redis::Client::open(info)
+        } else {
+            let pem = std::fs::read(&cfg.tls_ca_file)
+                .map_err(|source| RedisSetupError::CaFile { path: cfg.tls_ca_file.clone(), source })?;
+            redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls: None, root_cert: Some(pem) })
+        }
+        .map_err(RedisSetupError::Settings)?;
         let timeout = cfg.command_timeout.get();
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout.max(Duration::from_millis(500))))
@@ -193,7 +210,7 @@ impl RedisStore {
             .set_number_of_retries(2)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager).map_err(RedisSetupError)?;
+        let conn = ConnectionManager::new_lazy_with_config(client, manager).map_err(RedisSetupError::Settings)?;
         Ok(RedisStore {
             conn,
             prefix: cfg.key_prefix.clone(),

@@ -19,6 +19,8 @@ pub fn require_redis() -> bool {
 pub struct Redis {
     pub port: u16,
     child: Option<Child>,
+    /// `--tls-port` with this certificate and key (no plain port).
+    tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 fn free_port() -> u16 {
@@ -28,7 +30,14 @@ fn free_port() -> u16 {
 impl Redis {
     /// Starts one on a free port and waits until it answers.
     pub fn start() -> Redis {
-        let mut r = Redis { port: free_port(), child: None };
+        let mut r = Redis { port: free_port(), child: None, tls: None };
+        r.restart();
+        r
+    }
+
+    /// Starts one that speaks only TLS, with `cert` and `key` (PEM); clients need not present certificates.
+    pub fn start_tls(cert: &std::path::Path, key: &std::path::Path) -> Redis {
+        let mut r = Redis { port: free_port(), child: None, tls: Some((cert.to_owned(), key.to_owned())) };
         r.restart();
         r
     }
@@ -54,8 +63,18 @@ impl Redis {
     /// Starts it again on the same port (empty: there is no persistence) and waits until it answers.
     pub fn restart(&mut self) {
         self.kill();
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        let mut cmd = Command::new("redis-server");
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some((cert, key)) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string(), "--tls-auth-clients", "no"])
+                .arg("--tls-cert-file")
+                .arg(cert)
+                .arg("--tls-key-file")
+                .arg(key),
+        };
+        let child = cmd
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -63,7 +82,11 @@ impl Redis {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self.ping() {
+            let up = match self.tls {
+                None => self.ping(),
+                Some(_) => std::net::TcpStream::connect(self.addr()).is_ok(),
+            };
+            if up {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
