@@ -2,12 +2,13 @@
 //! load balancer's PROXY protocol header ([`ProxySettings::client`]), and the per-client concurrency limit
 //! counted across the fleet with leases in the shared store ([`FleetAdmission::lease`]).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
 use tracing::{debug, warn};
 
+use crate::client_key::ClientKey;
 use crate::config::state::Failure;
 use crate::config::{ListenerConfig, StateBackend, StateConfig};
 use crate::metrics::ProxyRefusal;
@@ -101,14 +102,15 @@ impl FleetAdmission {
         }
     }
 
-    /// Takes one of the client's `max` leases for connection `holder`. `Ok(None)`: admitted without a lease
-    /// (memory store, or the store failed and concurrency fails open).
-    pub async fn lease(&self, ip: IpAddr, holder: &str, max: usize) -> Result<Option<Lease>, Refusal> {
+    /// Takes one of the client's `max` leases for connection `holder` (the client: its [`ClientKey`], an
+    /// IPv6 client per prefix). `Ok(None)`: admitted without a lease (memory store, or the store failed
+    /// and concurrency fails open).
+    pub async fn lease(&self, client: ClientKey, holder: &str, max: usize) -> Result<Option<Lease>, Refusal> {
         if !self.shared {
             return Ok(None);
         }
         let max = u32::try_from(max).unwrap_or(u32::MAX);
-        match Lease::take(self.store.clone(), format!("conn:{ip}"), holder.to_string(), max, self.ttl).await {
+        match Lease::take(self.store.clone(), format!("conn:{client}"), holder.to_string(), max, self.ttl).await {
             Ok(Some(l)) => Ok(Some(l)),
             Ok(None) => Err(Refusal::Full),
             Err(e) => match self.on_error {

@@ -18,6 +18,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod client_key;
 pub mod config;
 pub mod fleet;
 pub mod health;

@@ -70,9 +70,13 @@ pub const UPSTREAM_REPLIES_TOTAL: &str = "moat_upstream_replies_total";
 pub const UPSTREAM_UP: &str = "moat_upstream_up";
 /// Idle upstream connections in the pool.
 pub const UPSTREAM_POOL_IDLE: &str = "moat_upstream_pool_idle";
+/// Open upstream connections (in use or idle in the pool), under `upstream.max_connections`.
+pub const UPSTREAM_CONNECTIONS: &str = "moat_upstream_connections";
+/// Clients that waited `upstream.connection_wait` for an upstream connection and got `451 4.3.2`.
+pub const UPSTREAM_CONNECTION_WAIT_TIMEOUTS_TOTAL: &str = "moat_upstream_connection_wait_timeouts_total";
 /// AUTH attempts, by mechanism and result.
 pub const AUTH_ATTEMPTS_TOTAL: &str = "moat_auth_attempts_total";
-/// Client IPs or login names locked out after too many AUTH failures.
+/// Clients locked out, or login names throttled for unknown clients, after too many AUTH failures.
 pub const AUTH_LOCKOUTS_TOTAL: &str = "moat_auth_lockouts_total";
 /// Time each pipeline stage took, per hook call.
 pub const STAGE_SECONDS: &str = "moat_stage_seconds";
@@ -191,6 +195,7 @@ fn initialise_series() {
     for &result in GreylistResult::ALL {
         counter!(GREYLIST_TOTAL, "result" => result.as_str()).absolute(0);
     }
+    counter!(UPSTREAM_CONNECTION_WAIT_TIMEOUTS_TOTAL).absolute(0);
     for &mechanism in AuthMechanism::ALL {
         for &result in AuthResult::ALL {
             counter!(AUTH_ATTEMPTS_TOTAL, "mechanism" => mechanism.as_str(), "result" => result.as_str()).absolute(0);
@@ -282,6 +287,13 @@ const FAMILIES: &[(&str, Kind, Unit, &str)] = &[
     (UPSTREAM_REPLIES_TOTAL, Kind::Counter, Unit::Count, "Upstream replies, by phase and reply class."),
     (UPSTREAM_UP, Kind::Gauge, Unit::Count, "1 when the upstream answered its last check, else 0."),
     (UPSTREAM_POOL_IDLE, Kind::Gauge, Unit::Count, "Idle upstream connections in the pool."),
+    (UPSTREAM_CONNECTIONS, Kind::Gauge, Unit::Count, "Open upstream connections, in use or idle."),
+    (
+        UPSTREAM_CONNECTION_WAIT_TIMEOUTS_TOTAL,
+        Kind::Counter,
+        Unit::Count,
+        "Clients refused with 451 4.3.2 after waiting for an upstream connection.",
+    ),
     (AUTH_ATTEMPTS_TOTAL, Kind::Counter, Unit::Count, "AUTH attempts, by mechanism and result."),
     (AUTH_LOCKOUTS_TOTAL, Kind::Counter, Unit::Count, "Lockouts after too many AUTH failures."),
     (STAGE_SECONDS, Kind::Histogram, Unit::Seconds, "Time a pipeline stage took for one hook call."),
@@ -471,7 +483,7 @@ pub fn auth_attempt(mechanism: &str, result: AuthResult) {
     counter!(AUTH_ATTEMPTS_TOTAL, "mechanism" => mechanism.as_str(), "result" => result.as_str()).increment(1);
 }
 
-/// Counts a lockout (a client IP or login name locked after too many AUTH failures).
+/// Counts a lockout (a client locked, or a login name throttled, after too many AUTH failures).
 pub fn auth_lockout() {
     counter!(AUTH_LOCKOUTS_TOTAL).increment(1);
 }
@@ -479,6 +491,16 @@ pub fn auth_lockout() {
 /// Sets the number of idle pooled upstream connections.
 pub fn upstream_pool_idle(idle: usize) {
     gauge!(UPSTREAM_POOL_IDLE).set(idle as f64);
+}
+
+/// Sets the number of open upstream connections.
+pub fn upstream_connections(open: usize) {
+    gauge!(UPSTREAM_CONNECTIONS).set(open as f64);
+}
+
+/// Counts a client that waited too long for an upstream connection.
+pub fn upstream_connection_wait_timeout() {
+    counter!(UPSTREAM_CONNECTION_WAIT_TIMEOUTS_TOTAL).increment(1);
 }
 
 /// Records one stage hook's duration. `stage` is the stage's static name (closed by the code, not by input).

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::audit::{AuditDestination, AuditSink};
+use crate::client_key::{ClientKey, ClientKeys};
 use crate::config::{Config, ListenerConfig, ListenerMode};
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
@@ -84,36 +85,43 @@ impl Running {
     }
 }
 
-/// Per-IP connection counts; a [`IpSlot`] gives its count back when dropped.
+/// Per-client connection counts, by [`ClientKey`] (IPv6 per prefix); a [`IpSlot`] gives its count back
+/// when dropped.
 #[derive(Default)]
 struct PerIp {
-    counts: Mutex<HashMap<IpAddr, usize>>,
+    keys: ClientKeys,
+    counts: Mutex<HashMap<ClientKey, usize>>,
 }
 
 struct IpSlot {
-    ip: IpAddr,
+    key: ClientKey,
     table: Arc<PerIp>,
 }
 
 impl PerIp {
+    fn new(keys: ClientKeys) -> PerIp {
+        PerIp { keys, counts: Mutex::default() }
+    }
+
     fn acquire(self: &Arc<Self>, ip: IpAddr, max: usize) -> Option<IpSlot> {
+        let key = self.keys.key(ip);
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counts.entry(ip).or_insert(0);
+        let n = counts.entry(key).or_insert(0);
         if *n >= max {
             return None;
         }
         *n += 1;
-        Some(IpSlot { ip, table: self.clone() })
+        Some(IpSlot { key, table: self.clone() })
     }
 }
 
 impl Drop for IpSlot {
     fn drop(&mut self) {
         let mut counts = self.table.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.get_mut(&self.ip) {
+        if let Some(n) = counts.get_mut(&self.key) {
             *n -= 1;
             if *n == 0 {
-                counts.remove(&self.ip);
+                counts.remove(&self.key);
             }
         }
     }
@@ -158,7 +166,7 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     let store = crate::state::open(&config.state).map_err(ServerError::State)?;
     spawn_state_probe(store.clone(), ready.clone(), shutdown.soft.clone());
     if let Some(a) = &auth {
-        a.use_state(store.clone(), &config.state);
+        a.use_state(store.clone(), &config.state, &config.auth);
     }
     let (rules, pipeline) = build_pipeline(config, &shutdown, &store)?;
     let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
@@ -169,10 +177,10 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     probe_upstream(&pool, config.upstream.connect_timeout.get().min(Duration::from_secs(2))).await;
     tokio::spawn(pool.clone().reap(shutdown.soft.clone()));
     // One bound for the whole server: the blocking threads that hanging lookups hold are shared too.
-    let reverse_dns = config
-        .server
-        .reverse_dns
-        .then(|| ReverseDns::new(config.server.reverse_dns_timeout.get(), config.server.max_reverse_dns_lookups));
+    let reverse_dns = config.server.reverse_dns.then(|| {
+        let keys = ClientKeys::new(config.limits.ipv6_client_prefix);
+        ReverseDns::new(config.server.reverse_dns_timeout.get(), config.server.max_reverse_dns_lookups, keys)
+    });
     let spool_dir = (!config.spool.directory.as_os_str().is_empty()).then(|| config.spool.directory.clone());
     let spool = SpoolBudget::new(config.spool.memory_budget.bytes(), config.spool.memory_threshold.bytes(), spool_dir);
     // The audit writer outlives the drain (records of transactions finishing in the grace period must be
@@ -181,7 +189,7 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
         AuditSink::start(audit_destination(&config.audit.destination), config.audit.queue, shutdown.hard.clone());
     let admission = Arc::new(Admission {
         global: Arc::new(Semaphore::new(config.limits.max_connections)),
-        per_ip: Arc::new(PerIp::default()),
+        per_ip: Arc::new(PerIp::new(ClientKeys::new(config.limits.ipv6_client_prefix))),
         max_per_ip: config.limits.max_connections_per_ip,
         ids: crate::state::ids::ConnIds::new(&config.state.instance_id),
         fleet: crate::fleet::FleetAdmission::new(store.clone(), &config.state),
@@ -357,6 +365,7 @@ fn listener_context(
         implicit_tls: l.mode == ListenerMode::ImplicitTls,
         tls: acceptor,
         received_header: config.trace.received_header,
+        client_keys: ClientKeys::new(lim.ipv6_client_prefix),
         reverse_dns,
         pool,
         spool,
@@ -461,7 +470,7 @@ fn admit(
                 (None, None) => return,
             };
             tracing::Span::current().record("client.addr", tracing::field::display(peer));
-            let lease = match adm.fleet.lease(peer.ip(), &id, adm.max_per_ip).await {
+            let lease = match adm.fleet.lease(adm.per_ip.keys.key(peer.ip()), &id, adm.max_per_ip).await {
                 Ok(lease) => lease,
                 Err(refusal) => {
                     debug!(?refusal, "refused by the fleet's per-client limit");
@@ -510,4 +519,24 @@ fn refuse(mut stream: TcpStream, reply: Reply, adm: &Admission, shutdown: &Shutd
         })
         .await;
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_per_ip_cap_counts_ipv6_per_client_key() {
+        let table = Arc::new(PerIp::default());
+        let a = table.acquire("2001:db8:1:2::1".parse().unwrap(), 2);
+        let b = table.acquire("2001:db8:1:2::2".parse().unwrap(), 2);
+        assert!(a.is_some() && b.is_some());
+        assert!(table.acquire("2001:db8:1:2::3".parse().unwrap(), 2).is_none(), "a third address of the /64");
+        assert!(table.acquire("2001:db8:1:3::1".parse().unwrap(), 2).is_some(), "another /64");
+        let mapped = table.acquire("::ffff:192.0.2.1".parse().unwrap(), 1);
+        assert!(mapped.is_some());
+        assert!(table.acquire("192.0.2.1".parse().unwrap(), 1).is_none(), "IPv4-mapped is IPv4");
+        drop(a);
+        assert!(table.acquire("2001:db8:1:2::4".parse().unwrap(), 2).is_some(), "a slot came back");
+    }
 }

@@ -214,18 +214,52 @@ async fn lockout_per_ip_across_connections_and_expiry() {
     s.running.stop().await;
 }
 
+/// One AUTH PLAIN from `from` on a fresh connection: the reply code and text.
+async fn auth_from(s: &Setup, from: &str, user: &str, pw: &str) -> (u16, String) {
+    let mut c = ehlo(s, from).await;
+    c.cmd(&format!("AUTH PLAIN {}", plain(user, pw))).await
+}
+
 #[tokio::test]
-async fn lockout_per_name_from_many_addresses() {
-    let s = setup("auth.lockout_threshold = 3").await;
-    for i in 1..=3 {
-        let mut c = ehlo(&s, &format!("127.0.1.{i}")).await;
+async fn a_stranger_cannot_lock_the_owner_out_and_a_name_lock_looks_like_an_unknown_name() {
+    let s = setup("auth.lockout_threshold = 5").await;
+    // Alice has authenticated from 127.0.0.2 before: a known good client for her name.
+    assert_eq!(auth_from(&s, "127.0.0.2", ALICE, ALICE_PW).await.0, 235);
+    // A stranger at 127.0.0.3 guesses five times: that address is locked hard...
+    let mut c = ehlo(&s, "127.0.0.3").await;
+    for _ in 0..5 {
         c.expect(&format!("AUTH PLAIN {}", plain(ALICE, "guess")), 535).await;
     }
-    let mut c = ehlo(&s, "127.0.1.9").await;
-    c.expect(&format!("AUTH PLAIN {}", plain(ALICE, ALICE_PW)), 454).await;
-    // The address itself is fine for other names.
+    assert_eq!(auth_from(&s, "127.0.0.3", ALICE, ALICE_PW).await.0, 454);
+    // ...but alice from her known address still gets in.
+    assert_eq!(auth_from(&s, "127.0.0.2", ALICE, ALICE_PW).await.0, 235);
+    // A never-seen address gets, for alice's right password during the name lock, exactly what an unknown
+    // name gets: nothing tells that alice exists or is locked.
+    let throttled = auth_from(&s, "127.0.0.4", ALICE, ALICE_PW).await;
+    let unknown = auth_from(&s, "127.0.0.5", "nobody@example.test", "guess").await;
+    assert_eq!(throttled, unknown);
+    assert_eq!(throttled.0, 535);
+    assert!(throttled.1.contains("5.7.8"), "{}", throttled.1);
+    s.running.stop().await;
+}
+
+#[tokio::test]
+async fn a_distributed_guesser_is_stopped_after_the_per_name_cap() {
+    let s = setup("auth.lockout_threshold = 3").await;
+    assert_eq!(auth_from(&s, "127.0.1.100", ALICE, ALICE_PW).await.0, 235);
+    // One guess each from many addresses: no address reaches its own threshold.
+    for i in 1..=3 {
+        assert_eq!(auth_from(&s, &format!("127.0.1.{i}"), ALICE, "guess").await.0, 535);
+    }
+    // Past the per-name cap, even the right password from a new address is refused, as a wrong one.
+    for i in 4..=8 {
+        assert_eq!(auth_from(&s, &format!("127.0.1.{i}"), ALICE, ALICE_PW).await.0, 535, "127.0.1.{i}");
+    }
+    // The owner from the address she used before is not affected.
+    assert_eq!(auth_from(&s, "127.0.1.100", ALICE, ALICE_PW).await.0, 235);
+    // Those addresses are not locked for other names.
     let code = totp::code_now(CAROL_TOTP, now());
-    c.expect(&format!("AUTH PLAIN {}", plain("carol", &format!("carolpw{code}"))), 235).await;
+    assert_eq!(auth_from(&s, "127.0.1.9", "carol", &format!("carolpw{code}")).await.0, 235);
     s.running.stop().await;
 }
 
@@ -461,8 +495,11 @@ async fn simultaneous_attempts_get_no_more_guesses_than_the_threshold() {
         clients.push(ehlo(&s, &format!("127.0.2.{i}")).await);
     }
     let codes = simultaneous_failures(&mut clients, |_| "carol".to_string()).await;
-    assert_eq!(codes.iter().filter(|&&c| c == 535).count(), 3, "verified past the name threshold: {codes:?}");
-    assert!(codes.iter().all(|&c| c == 535 || c == 454), "{codes:?}");
+    // A name is never answered 454 (that would tell it exists); past its threshold it is throttled: even
+    // the right password from a new address fails, as a wrong one.
+    assert!(codes.iter().all(|&c| c == 535), "{codes:?}");
+    let code = totp::code_now(CAROL_TOTP, now());
+    assert_eq!(auth_from(&s, "127.0.2.13", "carol", &format!("carolpw{code}")).await.0, 535);
     let auth = s.running.auth.as_ref().unwrap();
     assert_eq!(auth.turns_in_use(), 0, "turns left held after every attempt was answered");
     s.running.stop().await;

@@ -1,8 +1,8 @@
 //! A fleet (issue #12): two moat instances sharing one real Redis. A TOTP code used on A is refused on B;
 //! the per-client connection limit holds across the fleet and the leases of a killed instance expire;
-//! Redis killed mid-run: no session hangs, each feature follows its `state.on_error` choice, `/readyz`
-//! says degraded, and everything recovers when Redis returns. Shared rate limits and greylisting wait for
-//! the behaviour stages (see the ignored tests at the end).
+//! AUTH failures split over A and B lock the client; the shipped example rate limit and greylisting hold
+//! across the fleet; Redis killed mid-run: no session hangs, each feature follows its `state.on_error`
+//! choice, `/readyz` says degraded, and everything recovers when Redis returns.
 
 mod common;
 
@@ -171,11 +171,12 @@ async fn redis_killed_mid_run_follows_the_configured_choices_and_recovers() {
     assert_eq!(code, 220);
     let (_cb, code) = connect_from("127.0.0.24", mx(&b)).await;
     assert_eq!(code, 421);
-    // TOTP: the replay guard cannot be asked, the attempt is refused for now; a password-only user is fine.
+    // AUTH: the fleet's lockout counters (and the TOTP replay guard) cannot be asked: refused for now.
     ca.expect("EHLO client.example", 250).await;
     let text = ca.expect(&format!("AUTH PLAIN {}", plain("carol", &format!("carolpw{}", carol_code()))), 454).await;
     assert!(text.contains("4.7.0"), "{text}");
-    ca.expect(&format!("AUTH PLAIN {}", plain("alice", "alicepw")), 235).await;
+    let text = ca.expect(&format!("AUTH PLAIN {}", plain("alice", "alicepw")), 454).await;
+    assert!(text.contains("4.7.0"), "{text}");
     wait_readyz(metrics, "ready, degraded: state store unreachable\n").await;
     let (_, m) = http_get(metrics, "/metrics").await;
     let errors: f64 = m
@@ -375,4 +376,40 @@ async fn redis_round_trips_per_connection_and_message() {
     assert_eq!(per_connection, 2.0, "lease taken and given back");
     assert_eq!(per_message, 1.0, "one counter per message");
     a.stop().await;
+}
+
+/// AUTH failures split over A and B lock the client (threshold 4: two on each). With Redis down, AUTH
+/// fails closed (`454 4.7.0`): see `redis_killed_mid_run_follows_the_configured_choices_and_recovers`.
+#[tokio::test]
+async fn auth_failures_split_over_the_fleet_lock_the_client() {
+    if !require_redis() {
+        return;
+    }
+    let redis = Redis::start();
+    let fake = FakeUpstream::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let users = users_file(dir.path());
+    let extra = "auth.lockout_threshold = 4";
+    let a = instance(&redis, &fake, &users, "a", extra).await;
+    let b = instance(&redis, &fake, &users, "b", extra).await;
+    let wrong = format!("AUTH PLAIN {}", plain("alice", "wrong"));
+    for (i, inst) in [&a, &b, &a, &b].into_iter().enumerate() {
+        let (mut c, _) = connect_from("127.0.0.41", mx(inst)).await;
+        c.expect("EHLO client.example", 250).await;
+        let (code, text) = c.cmd(&wrong).await;
+        assert_eq!(code, 535, "failure {}: {text}", i + 1);
+    }
+    // Each instance saw two failures; together four: the client is locked on both.
+    for inst in [&a, &b] {
+        let (mut c, _) = connect_from("127.0.0.41", mx(inst)).await;
+        c.expect("EHLO client.example", 250).await;
+        let (code, text) = c.cmd(&format!("AUTH PLAIN {}", plain("alice", "alicepw"))).await;
+        assert_eq!(code, 454, "{text}");
+    }
+    // Another client is not affected.
+    let (mut c, _) = connect_from("127.0.0.42", mx(&b)).await;
+    c.expect("EHLO client.example", 250).await;
+    c.expect(&format!("AUTH PLAIN {}", plain("carol", &format!("carolpw{}", carol_code()))), 235).await;
+    a.stop().await;
+    b.stop().await;
 }

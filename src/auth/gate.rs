@@ -1,4 +1,4 @@
-//! Turns: one password verification at a time per client IP and per login name.
+//! Turns: one password verification at a time per client key (IPv4 address, IPv6 prefix) and per login name.
 //!
 //! Attempts from one address (or for one name) queue here before the shared verification semaphore, and
 //! the lockout is checked again once it is their turn. Without this, N connections from one address that
@@ -10,15 +10,17 @@
 //! number of AUTH exchanges in progress (at most one per connection).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::client_key::ClientKey;
+
 /// What a turn is taken for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum TurnKey {
-    Ip(IpAddr),
+    /// A client: every address of one IPv6 prefix shares one turn.
+    Client(ClientKey),
     /// A login name, lower-cased.
     Name(String),
 }
@@ -82,18 +84,20 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+    fn ip() -> ClientKey {
+        ClientKey::of("192.0.2.1".parse().unwrap())
+    }
 
     #[tokio::test]
     async fn one_turn_per_key_and_the_table_empties() {
         let turns = Arc::new(Turns::default());
-        let first = turns.take(TurnKey::Ip(IP)).await.unwrap();
+        let first = turns.take(TurnKey::Client(ip())).await.unwrap();
         let other = turns.take(TurnKey::Name("alice".into())).await.unwrap();
         let got = Arc::new(AtomicBool::new(false));
         let waiter = {
             let (turns, got) = (Arc::clone(&turns), Arc::clone(&got));
             tokio::spawn(async move {
-                let _t = turns.take(TurnKey::Ip(IP)).await.unwrap();
+                let _t = turns.take(TurnKey::Client(ip())).await.unwrap();
                 got.store(true, Ordering::SeqCst);
             })
         };
@@ -112,11 +116,11 @@ mod tests {
     #[tokio::test]
     async fn a_cancelled_wait_leaves_nothing_behind() {
         let turns = Arc::new(Turns::default());
-        let held = turns.take(TurnKey::Ip(IP)).await.unwrap();
+        let held = turns.take(TurnKey::Client(ip())).await.unwrap();
         let waiter = {
             let turns = Arc::clone(&turns);
             tokio::spawn(async move {
-                let _t = turns.take(TurnKey::Ip(IP)).await;
+                let _t = turns.take(TurnKey::Client(ip())).await;
             })
         };
         for _ in 0..10 {

@@ -1,17 +1,29 @@
-//! Brute-force protection: failed AUTH attempts counted per client IP and per login name in a sliding
-//! window. Past the threshold the key is locked for a while, and every failure is answered after a delay
-//! that grows with the failures in the window. In memory and bounded: past [`MAX_ENTRIES`] keys the oldest
-//! is evicted.
+//! Brute-force protection, in two parts that answer differently:
 //!
-//! A success clears the failures of the name it authenticated, never those of the IP: an address that
-//! tries many names stays counted even if it guesses one right.
+//! - **The client** (its [`ClientKey`]: the IPv4 address, or the IPv6 prefix) is locked hard once it
+//!   collects `threshold` failures in the window, whatever names it tried. A locked client is refused with
+//!   `454`/`421` before anything is verified; that says nothing about any name.
+//! - **A login name** counts only failures from clients that never authenticated as it ([`known`]). Past
+//!   `threshold` of those in the window, the name is throttled for such clients: their attempts are verified
+//!   against the dummy hash (whatever the password) and answered as a wrong password. Known good clients
+//!   are not affected, so a stranger who knows a login name cannot lock its owner out, while a distributed
+//!   guesser gets at most `threshold` guesses per name per lock. Names are counted the same way whether the
+//!   user exists or not, so the throttle, its reply and its delay tell nothing about which names exist.
+//!
+//! Every failure is answered after a delay that grows with the failures in the window (of the client, and
+//! for unknown clients of the name too). In memory and bounded: past [`MAX_ENTRIES`] keys the oldest is
+//! evicted, and [`known`] has its own bounds.
+//!
+//! [`known`]: super::known
 
 use std::collections::{HashMap, VecDeque};
-use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Most keys (IPs plus names) tracked at once.
+use super::known::KnownClients;
+use crate::client_key::ClientKey;
+
+/// Most keys (clients plus names) tracked at once.
 pub const MAX_ENTRIES: usize = 65_536;
 /// The growing delay never exceeds this.
 pub const MAX_DELAY: Duration = Duration::from_secs(8);
@@ -19,22 +31,10 @@ pub const MAX_DELAY: Duration = Duration::from_secs(8);
 /// What is counted.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 enum Key {
-    Ip(IpAddr),
+    /// A client (IPv6 per prefix, [`ClientKey`]).
+    Client(ClientKey),
+    /// A login name, lower-cased: failures from clients not known for it.
     Name(String),
-}
-
-impl Key {
-    /// IPv6 clients are counted per /64, the block one host or subscriber usually holds (an attacker with
-    /// one /64 has 2^64 addresses); IPv4-mapped addresses as IPv4.
-    fn ip(ip: IpAddr) -> Key {
-        match ip {
-            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-                Some(v4) => Key::Ip(IpAddr::V4(v4)),
-                None => Key::Ip(IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1)))),
-            },
-            v4 => Key::Ip(v4),
-        }
-    }
 }
 
 #[derive(Debug, Default)]
@@ -48,7 +48,7 @@ struct Entry {
 /// Lockout settings.
 #[derive(Clone, Copy, Debug)]
 pub struct LockoutSettings {
-    /// Failures within `window` that lock a key.
+    /// Failures within `window` that lock a client, or throttle a name for unknown clients.
     pub threshold: u32,
     pub window: Duration,
     /// How long a lock lasts.
@@ -69,14 +69,25 @@ struct Table {
     entries: HashMap<Key, Entry>,
     /// Insertion order, for eviction; may hold keys already removed.
     order: VecDeque<Key>,
+    /// Clients that authenticated as a name lately.
+    known: KnownClients,
 }
 
-/// Whether an attempt may go ahead.
+/// Whether a client may attempt at all.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Check {
     Allowed,
     /// Locked until then.
     Locked(Instant),
+}
+
+/// What a counted failure means for its answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// How long to wait before answering.
+    pub delay: Duration,
+    /// This failure locked the client, or throttled the name.
+    pub locked: bool,
 }
 
 // === impl Lockout ===
@@ -86,28 +97,37 @@ impl Lockout {
         Lockout { settings, inner: Mutex::new(Table::default()) }
     }
 
-    /// Whether the client IP (and, when known, the name) may attempt now.
-    pub fn check(&self, ip: IpAddr, name: Option<&str>, now: Instant) -> Check {
+    /// Whether `client` may attempt now (a locked client gets `454`, nothing is verified).
+    pub fn check(&self, client: ClientKey, now: Instant) -> Check {
         let t = self.lock();
-        let mut keys = vec![Key::ip(ip)];
-        if let Some(n) = name {
-            keys.push(Key::Name(normalize(n)));
+        match t.entries.get(&Key::Client(client)).and_then(|e| e.locked_until) {
+            Some(until) if until > now => Check::Locked(until),
+            _ => Check::Allowed,
         }
-        let until =
-            keys.iter().filter_map(|k| t.entries.get(k).and_then(|e| e.locked_until)).filter(|u| *u > now).max();
-        until.map_or(Check::Allowed, Check::Locked)
     }
 
-    /// Records a failure; returns how long to wait before answering and whether a key just got locked.
-    pub fn failure(&self, ip: IpAddr, name: Option<&str>, now: Instant) -> (Duration, bool) {
+    /// Whether attempts for `name` from `client` are throttled: the name is locked for unknown clients and
+    /// `client` did not authenticate as it lately. A throttled attempt is verified against the dummy hash
+    /// and answered exactly as a wrong password for an unknown name.
+    pub fn name_throttled(&self, client: ClientKey, name: &str, now: Instant) -> bool {
+        let name = normalize(name);
+        let t = self.lock();
+        let locked = t.entries.get(&Key::Name(name.clone())).and_then(|e| e.locked_until).is_some_and(|u| u > now);
+        locked && !t.known.is_known(&name, client, now)
+    }
+
+    /// Records a failure of `client` (for `name`, when one was given).
+    pub fn failure(&self, client: ClientKey, name: Option<&str>, now: Instant) -> Failure {
         let s = self.settings;
         let mut t = self.lock();
-        let mut worst = 0usize;
-        let mut locked = false;
-        let mut keys = vec![Key::ip(ip)];
-        if let Some(n) = name {
-            keys.push(Key::Name(normalize(n)));
+        let mut keys = vec![Key::Client(client)];
+        if let Some(n) = name.map(normalize) {
+            // A known good client's typo does not count against the name: only the client is counted.
+            if !t.known.is_known(&n, client, now) {
+                keys.push(Key::Name(n));
+            }
         }
+        let (mut worst, mut locked) = (0usize, false);
         for key in keys {
             let e = t.entry(key, now);
             while e.failures.front().is_some_and(|f| now.duration_since(*f) >= s.window) {
@@ -119,21 +139,26 @@ impl Lockout {
             }
             e.last = Some(now);
             worst = worst.max(e.failures.len());
+            // Failures stay counted through the lock: further ones keep the delay at its height, and one
+            // more within the window after the lock ends locks again.
             if e.failures.len() >= s.threshold as usize && e.locked_until.is_none_or(|u| u <= now) {
                 e.locked_until = Some(now + s.duration);
-                e.failures.clear();
                 locked = true;
             }
         }
         let exp = u32::try_from(worst.saturating_sub(1)).unwrap_or(u32::MAX).min(16);
-        let delay = s.failure_delay.saturating_mul(1 << exp).min(MAX_DELAY);
-        (delay, locked)
+        Failure { delay: s.failure_delay.saturating_mul(1 << exp).min(MAX_DELAY), locked }
     }
 
-    /// Records a success for `name`: clears that name's failures (not the IP's).
-    pub fn success(&self, name: &str) {
-        let mut t = self.lock();
-        t.entries.remove(&Key::Name(normalize(name)));
+    /// Records a success of `client` as `name`: the client becomes known good for the name. The failures of
+    /// the client and of the name stay counted (a guesser that also holds one account is still counted).
+    pub fn success(&self, client: ClientKey, name: &str, now: Instant) {
+        self.lock().known.remember(&normalize(name), client, now);
+    }
+
+    /// Whether `client` authenticated as `name` lately (its failures then do not count against the name).
+    pub fn is_known(&self, client: ClientKey, name: &str, now: Instant) -> bool {
+        self.lock().known.is_known(&normalize(name), client, now)
     }
 
     /// Keys tracked now (for tests).
@@ -200,53 +225,93 @@ mod tests {
         })
     }
 
-    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+    fn k(s: &str) -> ClientKey {
+        ClientKey::of(s.parse().unwrap())
+    }
+
+    fn ip() -> ClientKey {
+        k("192.0.2.1")
+    }
+
+    fn fail(l: &Lockout, client: ClientKey, name: Option<&str>, at: Instant) -> (Duration, bool) {
+        let f = l.failure(client, name, at);
+        (f.delay, f.locked)
+    }
 
     #[test]
-    fn locks_after_threshold_and_expires() {
+    fn a_client_locks_after_threshold_and_expires() {
         let l = lockout();
         let t0 = Instant::now();
-        assert_eq!(l.failure(IP, Some("alice"), t0), (Duration::from_millis(100), false));
-        assert_eq!(l.failure(IP, Some("alice"), t0), (Duration::from_millis(200), false));
-        assert_eq!(l.check(IP, Some("alice"), t0), Check::Allowed);
-        let (_, locked) = l.failure(IP, Some("alice"), t0);
-        assert!(locked);
-        assert!(matches!(l.check(IP, None, t0), Check::Locked(_)));
-        assert!(matches!(l.check("192.0.2.9".parse().unwrap(), Some("ALICE"), t0), Check::Locked(_)));
-        let later = t0 + Duration::from_secs(301);
-        assert_eq!(l.check(IP, Some("alice"), later), Check::Allowed);
+        assert_eq!(fail(&l, ip(), Some("a"), t0), (Duration::from_millis(100), false));
+        assert_eq!(fail(&l, ip(), Some("b"), t0), (Duration::from_millis(200), false));
+        assert_eq!(l.check(ip(), t0), Check::Allowed);
+        assert!(fail(&l, ip(), Some("c"), t0).1);
+        assert!(matches!(l.check(ip(), t0), Check::Locked(_)));
+        assert_eq!(l.check(k("192.0.2.9"), t0), Check::Allowed, "another client");
+        assert_eq!(l.check(ip(), t0 + Duration::from_secs(301)), Check::Allowed);
     }
 
     #[test]
     fn window_slides() {
         let l = lockout();
         let t0 = Instant::now();
-        l.failure(IP, Some("a"), t0);
-        l.failure(IP, Some("b"), t0);
-        let (_, locked) = l.failure(IP, Some("c"), t0 + Duration::from_secs(61));
-        assert!(!locked, "the first two fell out of the window");
+        fail(&l, ip(), Some("a"), t0);
+        fail(&l, ip(), Some("b"), t0);
+        assert!(!fail(&l, ip(), Some("c"), t0 + Duration::from_secs(61)).1, "the first two fell out of the window");
     }
 
     #[test]
-    fn success_keeps_the_ip_count() {
+    fn success_keeps_the_client_count() {
         let l = lockout();
         let t0 = Instant::now();
-        l.failure(IP, Some("a"), t0);
-        l.failure(IP, Some("b"), t0);
-        l.success("c");
-        let (_, locked) = l.failure(IP, Some("d"), t0);
-        assert!(locked, "a success for another name did not reset the IP");
+        fail(&l, ip(), Some("a"), t0);
+        fail(&l, ip(), Some("b"), t0);
+        l.success(ip(), "c", t0);
+        assert!(fail(&l, ip(), Some("d"), t0).1, "a success for another name did not reset the client");
     }
 
     #[test]
-    fn one_name_from_many_ips() {
+    fn a_name_is_throttled_for_unknown_clients_only() {
         let l = lockout();
         let t0 = Instant::now();
-        for i in 1..=3u8 {
-            l.failure(IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, i)), Some("bob"), t0);
+        l.success(k("127.0.0.2"), "Bob", t0);
+        for i in 3..=5u8 {
+            fail(&l, k(&format!("127.0.0.{i}")), Some("bob"), t0);
         }
-        assert!(matches!(l.check("127.0.0.9".parse().unwrap(), Some("bob"), t0), Check::Locked(_)));
-        assert_eq!(l.check("127.0.0.9".parse().unwrap(), Some("carol"), t0), Check::Allowed);
+        assert!(l.name_throttled(k("127.0.0.9"), "BOB", t0), "a distributed guesser is stopped");
+        assert!(!l.name_throttled(k("127.0.0.2"), "bob", t0), "the known good client is not");
+        assert!(!l.name_throttled(k("127.0.0.9"), "carol", t0), "other names are not");
+        assert_eq!(l.check(k("127.0.0.9"), t0), Check::Allowed, "no client reached its own threshold");
+        assert!(!l.name_throttled(k("127.0.0.9"), "bob", t0 + Duration::from_secs(301)), "the throttle expires");
+    }
+
+    #[test]
+    fn a_known_clients_typos_do_not_count_against_the_name() {
+        let l = lockout();
+        let t0 = Instant::now();
+        l.success(ip(), "bob", t0);
+        for _ in 0..5 {
+            fail(&l, ip(), Some("bob"), t0);
+        }
+        assert!(matches!(l.check(ip(), t0), Check::Locked(_)), "the client itself is still counted");
+        assert!(!l.name_throttled(k("127.0.0.9"), "bob", t0));
+    }
+
+    #[test]
+    fn a_throttled_name_and_an_unknown_name_get_the_same_delays() {
+        // "alice" exists (someone authenticated as her), "nobody" does not: the counters and so the
+        // delays and the throttle do not depend on that.
+        let l = lockout();
+        let t0 = Instant::now();
+        l.success(k("10.0.0.1"), "alice", t0);
+        for i in 1..=6u8 {
+            let a = fail(&l, k(&format!("127.0.1.{i}")), Some("alice"), t0);
+            let b = fail(&l, k(&format!("127.0.2.{i}")), Some("nobody"), t0);
+            assert_eq!(a, b, "attempt {i}");
+            let (ta, tb) = (k(&format!("127.0.3.{i}")), k(&format!("127.0.4.{i}")));
+            assert_eq!(l.name_throttled(ta, "alice", t0), l.name_throttled(tb, "nobody", t0), "attempt {i}");
+        }
+        assert!(l.name_throttled(k("127.0.9.9"), "nobody", t0));
     }
 
     #[test]
@@ -260,11 +325,11 @@ mod tests {
         let t0 = Instant::now();
         let mut last = Duration::ZERO;
         for _ in 0..50 {
-            last = l.failure(IP, None, t0).0;
+            last = fail(&l, ip(), None, t0).0;
         }
         assert_eq!(last, MAX_DELAY);
         for i in 0..(MAX_ENTRIES + 10) {
-            l.failure(IP, Some(&format!("user{i}")), t0);
+            fail(&l, ip(), Some(&format!("user{i}")), t0);
         }
         assert!(l.len() <= MAX_ENTRIES);
     }
@@ -274,16 +339,17 @@ mod tests {
         let l = lockout();
         let t0 = Instant::now();
         for _ in 0..3 {
-            l.failure(IP, Some("victim"), t0);
+            fail(&l, ip(), Some("victim"), t0);
         }
-        assert!(matches!(l.check(IP, Some("victim"), t0), Check::Locked(_)));
+        assert!(matches!(l.check(ip(), t0), Check::Locked(_)));
         // Fill the table with single failures of other addresses (no name), past its bound.
         for i in 0..(MAX_ENTRIES as u32 + 10) {
-            let ip = IpAddr::V6(std::net::Ipv6Addr::from((0x2001_0db8_u128 << 96) | (u128::from(i) << 64)));
-            l.failure(ip, None, t0);
+            let v6 = std::net::Ipv6Addr::from((0x2001_0db8_u128 << 96) | (u128::from(i) << 64));
+            fail(&l, ClientKey::of(v6.into()), None, t0);
         }
         assert!(l.len() <= MAX_ENTRIES);
-        assert!(matches!(l.check(IP, None, t0), Check::Locked(_)), "the locked address survived the flood");
+        assert!(matches!(l.check(ip(), t0), Check::Locked(_)), "the locked address survived the flood");
+        assert!(l.name_throttled(k("127.0.0.1"), "victim", t0), "so did the name's");
     }
 
     #[test]
@@ -291,9 +357,9 @@ mod tests {
         let l = lockout();
         let t0 = Instant::now();
         for host in 1..=3u16 {
-            l.failure(format!("2001:db8:1:2::{host:x}").parse().unwrap(), None, t0);
+            fail(&l, k(&format!("2001:db8:1:2::{host:x}")), None, t0);
         }
-        assert!(matches!(l.check("2001:db8:1:2::ffff".parse().unwrap(), None, t0), Check::Locked(_)));
-        assert_eq!(l.check("2001:db8:1:3::1".parse().unwrap(), None, t0), Check::Allowed, "another /64");
+        assert!(matches!(l.check(k("2001:db8:1:2::ffff"), t0), Check::Locked(_)));
+        assert_eq!(l.check(k("2001:db8:1:3::1"), t0), Check::Allowed, "another /64");
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod gate;
+pub mod known;
 pub mod lockout;
 pub mod sasl;
 pub mod shared_lockout;
@@ -13,7 +14,6 @@ pub mod store;
 pub mod totp;
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -28,16 +28,18 @@ use self::gate::{TurnKey, Turns};
 use self::lockout::{Check, Lockout, LockoutSettings};
 use self::sasl::Credentials;
 use self::store::{Matched, StoreError, UserStore};
+use crate::client_key::ClientKey;
 use crate::config::AuthConfig;
 
 /// Why a verification did not succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
-    /// Wrong credentials, or an unknown or disabled user. The failure is already counted: answer after
-    /// `delay`; `locked` says this failure locked the client IP or the name.
+    /// Wrong credentials, or an unknown or disabled user, or a name throttled for this client (see
+    /// [`lockout`]; `throttled`, for the audit trail only: the client must get the same answer). The failure
+    /// is already counted: answer after `delay`; `locked` says this failure locked the client or the name.
     #[error("invalid credentials")]
-    Invalid { delay: Duration, locked: bool },
-    /// The client IP or the name was locked (found once it was this attempt's turn): nothing was verified.
+    Invalid { delay: Duration, locked: bool, throttled: bool },
+    /// The client was locked (found once it was this attempt's turn): nothing was verified.
     #[error("locked out")]
     Locked,
     #[error("verification failed internally")]
@@ -122,9 +124,12 @@ impl Authenticator {
     }
 
     /// Keeps the cross-connection AUTH state in `store` too (a fleet's Redis): with it a TOTP code used on
-    /// one instance is refused on every other. `on_error`: what a store failure does to an attempt.
-    pub fn use_state(&self, store: crate::state::SharedStore, cfg: &crate::config::StateConfig) {
-        let _ = self.state.set(SharedState { store, totp_replay: cfg.on_error.totp_replay });
+    /// one instance is refused on every other, and failures on every instance count towards the lockout
+    /// of a client or name. `state.on_error` says what a store failure does to an attempt.
+    pub fn use_state(&self, store: crate::state::SharedStore, cfg: &crate::config::StateConfig, auth: &AuthConfig) {
+        let lockout = (store.backend() != "memory")
+            .then(|| shared_lockout::SharedLockout::new(store.clone(), auth, cfg.on_error.auth_lockout));
+        let _ = self.state.set(SharedState { store, totp_replay: cfg.on_error.totp_replay, lockout });
     }
 
     /// The brute-force counters.
@@ -132,28 +137,61 @@ impl Authenticator {
         &self.lockout
     }
 
-    /// Verifies the credentials of a client at `ip` and counts the outcome in the lockout. Attempts wait
-    /// their turn per IP and per name ([`gate`]), then the lockout is checked again, then the password is
-    /// verified on the blocking pool, at most `max_concurrent_verifications` at once. Returns the user's
-    /// canonical name.
-    pub async fn verify(&self, creds: Credentials, listener: &str, ip: IpAddr) -> Result<String, AuthError> {
+    /// Verifies the credentials of `client` and counts the outcome in the lockout. Attempts wait their turn
+    /// per client key and per name ([`gate`]), then the lockout is checked again, then the password is
+    /// verified on the blocking pool, at most `max_concurrent_verifications` at once. A name throttled for
+    /// this client costs the same verification (against the dummy hash, as an unknown name does) and fails.
+    /// Returns the user's canonical name.
+    pub async fn verify(&self, creds: Credentials, listener: &str, client: ClientKey) -> Result<String, AuthError> {
         let name = creds.user.clone();
-        let _ip_turn = self.turns.take(TurnKey::Ip(ip)).await.ok_or(AuthError::Internal)?;
+        let _client_turn = self.turns.take(TurnKey::Client(client)).await.ok_or(AuthError::Internal)?;
         let _name_turn = self.turns.take(TurnKey::Name(name.to_lowercase())).await.ok_or(AuthError::Internal)?;
-        if let Check::Locked(_) = self.lockout.check(ip, Some(&name), Instant::now()) {
+        if let Check::Locked(_) = self.lockout.check(client, Instant::now()) {
             return Err(AuthError::Locked);
         }
-        // Counted while the turns are held, so the next attempt of this IP or name sees this failure.
-        match self.check(creds, listener).await? {
+        let shared = self.state.get().and_then(|s| s.lockout.as_ref());
+        let client_id = client.to_string();
+        // The fleet's view: a store that fails makes the attempt fail closed (454) unless configured open.
+        if let Some(sh) = shared {
+            if sh.client_locked(&client_id).await.map_err(|_| AuthError::Internal)? {
+                return Err(AuthError::Locked);
+            }
+        }
+        let known = self.lockout.is_known(client, &name, Instant::now());
+        let mut throttled = self.lockout.name_throttled(client, &name, Instant::now());
+        if let (Some(sh), false, false) = (shared, throttled, known) {
+            throttled = sh.name_locked(&name).await.map_err(|_| AuthError::Internal)?;
+        }
+        let verified = if throttled { self.check_dummy(creds).await? } else { self.check(creds, listener).await? };
+        // Counted while the turns are held, so the next attempt of this client or name sees this outcome.
+        match verified {
             Some(user) => {
-                self.lockout.success(&user);
+                self.lockout.success(client, &name, Instant::now());
                 Ok(user)
             }
             None => {
-                let (delay, locked) = self.lockout.failure(ip, Some(&name), Instant::now());
-                Err(AuthError::Invalid { delay, locked })
+                let mut f = self.lockout.failure(client, Some(&name), Instant::now());
+                if let Some(sh) = shared {
+                    let counted = sh
+                        .failure(&client_id, (!known).then_some(name.as_str()))
+                        .await
+                        .map_err(|_| AuthError::Internal)?;
+                    f.locked |= counted.locked;
+                    f.delay = f.delay.max(counted.delay);
+                }
+                Err(AuthError::Invalid { delay: f.delay, locked: f.locked, throttled })
             }
         }
+    }
+
+    /// What an unknown name costs: one verification against the dummy hash, behind the semaphore. Always
+    /// `None`.
+    async fn check_dummy(&self, creds: Credentials) -> Result<Option<String>, AuthError> {
+        let _permit = self.permits.acquire().await.map_err(|_| AuthError::Internal)?;
+        tokio::task::spawn_blocking(move || store::check_password(dummy_hash(), &creds.password))
+            .await
+            .map_err(|_| AuthError::Internal)?;
+        Ok(None)
     }
 
     /// The password check itself, behind the verification semaphore; `None` for invalid credentials.
@@ -256,6 +294,9 @@ impl Authenticator {
 struct SharedState {
     store: crate::state::SharedStore,
     totp_replay: crate::config::state::Failure,
+    /// The fleet's lockout counters; `None` with the memory store (the instance's own lockout is the
+    /// whole story then).
+    lockout: Option<shared_lockout::SharedLockout>,
 }
 
 /// How long a used TOTP step is remembered: a code is accepted up to one step late, so after three steps
@@ -333,6 +374,9 @@ pub fn from_addresses(head: &[u8]) -> Option<Vec<String>> {
     // A From header the parser did not see would reach the upstream unchecked.
     (headers == raw_count).then_some(out)
 }
+
+#[cfg(test)]
+mod verify_tests;
 
 #[cfg(test)]
 mod tests {

@@ -22,6 +22,7 @@ pub struct SharedLockout {
     threshold: u32,
     window: Duration,
     duration: Duration,
+    failure_delay: Duration,
     on_error: Failure,
 }
 
@@ -36,11 +37,21 @@ pub struct Counted {
     pub client: i64,
     /// This failure locked the client or the name.
     pub locked: bool,
+    /// The delay before answering, from the fleet-wide count (as the instance's own lockout computes it).
+    pub delay: Duration,
 }
 
 impl SharedLockout {
-    pub fn new(store: SharedStore, threshold: u32, window: Duration, duration: Duration, on_error: Failure) -> Self {
-        SharedLockout { store, threshold, window, duration, on_error }
+    /// From `[auth]` (threshold, window, lock duration, failure delay) and the store's failure choice.
+    pub fn new(store: SharedStore, auth: &crate::config::AuthConfig, on_error: Failure) -> Self {
+        SharedLockout {
+            store,
+            threshold: auth.lockout_threshold,
+            window: auth.lockout_window.get(),
+            duration: auth.lockout_duration.get(),
+            failure_delay: auth.failure_delay.get(),
+            on_error,
+        }
     }
 
     fn or_open<T>(&self, r: Result<T, StoreError>, open: T) -> Result<T, Unavailable> {
@@ -72,6 +83,8 @@ impl SharedLockout {
             let n = self.or_open(r, 0)?;
             if kind == "c" {
                 out.client = n;
+                let exp = u32::try_from(n.saturating_sub(1)).unwrap_or(0).min(16);
+                out.delay = self.failure_delay.saturating_mul(1 << exp).min(super::lockout::MAX_DELAY);
             }
             // Exactly at the threshold: the failure that reaches it locks, later ones find the lock.
             if n == i64::from(self.threshold.max(1)) {
@@ -96,12 +109,17 @@ mod tests {
     async fn failures_lock_the_client_and_the_name_then_expire() {
         let clock = ManualClock::at(1_000_000);
         let store: SharedStore = Arc::new(MemoryStore::new(1000, clock.clone()));
-        let l = SharedLockout::new(store, 3, Duration::from_secs(60), Duration::from_secs(300), Failure::Closed);
+        let auth: crate::config::AuthConfig = toml::from_str(
+            "lockout_threshold = 3\nlockout_window = \"60s\"\nlockout_duration = \"300s\"\nfailure_delay = \"1s\"\n",
+        )
+        .unwrap();
+        let l = SharedLockout::new(store, &auth, Failure::Closed);
         assert!(!l.client_locked("192.0.2.7").await.unwrap());
-        assert_eq!(l.failure("192.0.2.7", Some("Alice")).await.unwrap(), Counted { client: 1, locked: false });
+        let first = l.failure("192.0.2.7", Some("Alice")).await.unwrap();
+        assert_eq!((first.client, first.locked, first.delay), (1, false, Duration::from_secs(1)));
         assert_eq!(l.failure("192.0.2.7", None).await.unwrap().client, 2);
         let third = l.failure("192.0.2.7", Some("alice")).await.unwrap();
-        assert_eq!(third, Counted { client: 3, locked: true });
+        assert_eq!((third.client, third.locked, third.delay), (3, true, Duration::from_secs(4)));
         assert!(l.client_locked("192.0.2.7").await.unwrap());
         assert!(!l.name_locked("alice").await.unwrap(), "the name has two failures");
         assert!(l.failure("198.51.100.1", Some("ALICE")).await.unwrap().locked, "the third for the name");

@@ -91,7 +91,8 @@ pub struct AuthConfig {
     pub users_file: PathBuf,
     /// Password verifications running at once; 0 means the number of cores.
     pub max_concurrent_verifications: usize,
-    /// Failures per client IP or per login name within `lockout_window` that lock it.
+    /// Failures per client key within `lockout_window` that lock it; failures per login name from unknown
+    /// clients that throttle the name for them (`auth::lockout`).
     pub lockout_threshold: u32,
     pub lockout_window: Span,
     pub lockout_duration: Span,
@@ -259,6 +260,10 @@ pub struct UpstreamConfig {
     pub helo_name: String,
     pub pool_size: usize,
     pub pool_idle_timeout: Span,
+    /// Most upstream connections open at once (pooled ones included); below Postfix's process limit.
+    pub max_connections: usize,
+    /// How long a client waits for an upstream connection when all are in use (then `451 4.3.2`).
+    pub connection_wait: Span,
     pub connect_timeout: Span,
     pub command_timeout: Span,
     pub data_timeout: Span,
@@ -313,6 +318,8 @@ pub enum BareLineEndings {
 pub struct Limits {
     pub max_connections: usize,
     pub max_connections_per_ip: usize,
+    /// IPv6 clients are counted per prefix of this many bits by every per-client bound (`client_key`).
+    pub ipv6_client_prefix: u8,
     pub max_message_size: ByteSize,
     pub max_recipients: usize,
     pub max_errors: u32,
@@ -447,6 +454,8 @@ impl Default for UpstreamConfig {
             helo_name: String::new(),
             pool_size: 32,
             pool_idle_timeout: secs(30),
+            max_connections: 80,
+            connection_wait: secs(10),
             connect_timeout: secs(10),
             command_timeout: secs(60),
             data_timeout: secs(300),
@@ -463,6 +472,7 @@ impl Default for Limits {
         Limits {
             max_connections: 1000,
             max_connections_per_ip: 50,
+            ipv6_client_prefix: crate::client_key::DEFAULT_IPV6_PREFIX,
             max_message_size: ByteSize(50 << 20),
             max_recipients: 100,
             max_errors: 10,
@@ -703,6 +713,10 @@ impl Config {
                 bad(key, format!("limits.{key} must be at least 1"));
             }
         }
+        if !(32..=128).contains(&lim.ipv6_client_prefix) {
+            let p = lim.ipv6_client_prefix;
+            bad("ipv6_client_prefix", format!("limits.ipv6_client_prefix must be between 32 and 128, not {p}"));
+        }
         if lim.max_recipients < 100 {
             // RFC 5321 4.5.3.1.8 asks servers to accept at least 100; allowed, but worth knowing.
             tracing::debug!("limits.max_recipients is below the RFC 5321 minimum of 100");
@@ -734,6 +748,9 @@ impl Config {
             if d.get().is_zero() {
                 bad(key, format!("upstream.{key} must be positive"));
             }
+        }
+        if up.max_connections == 0 {
+            bad("max_connections", "upstream.max_connections must be at least 1".into());
         }
         if self.listeners.iter().any(|l| l.address == up.address) {
             bad(
@@ -926,6 +943,18 @@ mod tests {
             assert_eq!(e.problems()[0].line, Some(3), "{e}");
             assert!(e.problems()[0].message.contains("between 1 and 256"), "{e}");
         }
+    }
+
+    #[test]
+    fn client_prefix_and_upstream_cap_are_checked() {
+        let c = parse("").unwrap();
+        assert_eq!((c.limits.ipv6_client_prefix, c.upstream.max_connections), (64, 80));
+        assert_eq!(c.upstream.connection_wait.get(), Duration::from_secs(10));
+        let e = parse("[limits]\nipv6_client_prefix = 16\n[upstream]\nmax_connections = 0\n").unwrap_err();
+        let text = e.to_string();
+        assert_eq!(e.problems().len(), 2, "{text}");
+        assert!(text.contains("ipv6_client_prefix must be between 32 and 128"), "{text}");
+        assert!(text.contains("upstream.max_connections must be at least 1"), "{text}");
     }
 
     #[test]

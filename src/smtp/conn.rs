@@ -51,6 +51,8 @@ pub struct ListenerContext {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub implicit_tls: bool,
     pub received_header: bool,
+    /// How clients are counted by the per-client bounds (IPv6 per `limits.ipv6_client_prefix`).
+    pub client_keys: crate::client_key::ClientKeys,
     /// Reverse DNS of clients (bounded, shared by all listeners); `None` with `server.reverse_dns = false`.
     pub reverse_dns: Option<ReverseDns>,
     pub pool: Arc<Pool>,
@@ -444,6 +446,11 @@ impl Driver {
     }
 
     fn upstream_failure(&self, e: UpstreamError, reply: Reply) -> Reply {
+        if let UpstreamError::Busy(wait) = e {
+            // Not an upstream fault: moat's own cap (counted in moat_upstream_connection_wait_timeouts_total).
+            debug!(?wait, "all upstream connections in use");
+            return Reply::upstream_busy();
+        }
         crate::metrics::upstream_error(e.kind());
         warn!(error = %e, source = ?std::error::Error::source(&e), upstream.addr = %self.ctx.pool.settings().address, "upstream failure");
         reply
@@ -538,9 +545,20 @@ impl Driver {
     async fn read_command_input(&mut self) -> Result<(), Stop> {
         let idle = self.ctx.idle_timeout;
         let shutdown = self.ctx.shutdown.clone();
+        let pool = Arc::clone(&self.ctx.pool);
+        let holding = self.txn.is_none() && self.upstream.is_some();
         tokio::select! {
             biased;
             _ = shutdown.cancelled(), if self.txn.is_none() => Err(self.close_for_shutdown().await),
+            // Another client waits for an upstream connection (all `upstream.max_connections` open): the one
+            // held here between transactions goes back (closed, its slot to the waiter).
+            _ = pool.connection_wanted(), if holding => {
+                if let Some(conn) = self.upstream.take() {
+                    debug!("giving the idle upstream connection back to a waiting client");
+                    self.ctx.pool.checkin(conn).await;
+                }
+                Ok(())
+            }
             r = self.read_some(idle, crate::metrics::Limit::IdleTimeout) => r,
         }
     }

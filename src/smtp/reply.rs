@@ -205,6 +205,11 @@ impl Reply {
     pub fn upstream_unavailable() -> Reply {
         Reply::new(451, "4.4.1 Upstream server unavailable, try again later")
     }
+    /// `451 4.3.2` when every upstream connection (`upstream.max_connections`) stayed in use for the whole
+    /// `upstream.connection_wait`.
+    pub fn upstream_busy() -> Reply {
+        Reply::new(451, "4.3.2 Too many connections to the upstream server, try again later")
+    }
     /// `451 4.4.2` when the upstream failed during a transaction.
     pub fn upstream_failed() -> Reply {
         Reply::new(451, "4.4.2 Upstream server failed, try again later")

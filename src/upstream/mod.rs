@@ -10,6 +10,7 @@
 //! per [`Pool`], and says EHLO again over TLS; everything after that, XCLIENT included, is encrypted.
 
 mod identity;
+pub mod limit;
 mod pool;
 mod splice;
 #[cfg(test)]
@@ -85,6 +86,9 @@ pub enum UpstreamError {
     /// `upstream.tls = "required"` and the upstream's EHLO reply has no STARTTLS.
     #[error("upstream does not offer STARTTLS and upstream.tls = \"required\"")]
     TlsNotOffered,
+    /// Every upstream connection was in use (`upstream.max_connections`) for the whole wait.
+    #[error("all upstream connections in use; waited {0:?}")]
+    Busy(Duration),
     /// The TLS handshake failed, the upstream's certificate among other things (chain, name, expiry).
     #[error("tls handshake with upstream {server_name} failed")]
     Tls {
@@ -100,7 +104,8 @@ impl UpstreamError {
         use crate::metrics::UpstreamErrorKind as K;
         match self {
             UpstreamError::Connect { .. } => K::Connect,
-            UpstreamError::Timeout(_) => K::Timeout,
+            // A wait that ran out (counted on its own too, `moat_upstream_connection_wait_timeouts_total`).
+            UpstreamError::Timeout(_) | UpstreamError::Busy(_) => K::Timeout,
             UpstreamError::Io { .. } => K::Io,
             UpstreamError::Tls { .. }
             | UpstreamError::TlsNotOffered
@@ -130,6 +135,10 @@ pub struct UpstreamSettings {
     pub helo_name: String,
     pub pool_size: usize,
     pub pool_idle_timeout: Duration,
+    /// Most upstream connections open at once, pooled ones included ([`limit`]).
+    pub max_connections: usize,
+    /// How long a client waits for a connection when all are in use.
+    pub connection_wait: Duration,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
     pub data_timeout: Duration,
@@ -184,6 +193,8 @@ impl UpstreamSettings {
             helo_name: if c.helo_name.is_empty() { hostname.to_string() } else { c.helo_name.clone() },
             pool_size: c.pool_size,
             pool_idle_timeout: c.pool_idle_timeout.get(),
+            max_connections: c.max_connections,
+            connection_wait: c.connection_wait.get(),
             connect_timeout: c.connect_timeout.get(),
             command_timeout: c.command_timeout.get(),
             data_timeout: c.data_timeout.get(),
@@ -243,6 +254,8 @@ pub struct Connection {
     /// Whether STARTTLS succeeded.
     tls: bool,
     line: Vec<u8>,
+    /// Its slot under `upstream.max_connections`, given back when the connection is dropped.
+    slot: Option<limit::ConnectionSlot>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -276,6 +289,7 @@ impl Connection {
             in_transaction: false,
             tls: false,
             line: Vec::with_capacity(256),
+            slot: None,
         };
         if conn.settings.identity == Identity::ProxyV2 {
             // Without a client (the start-up probe, `Pool::probe`) a LOCAL header: "the proxy itself".

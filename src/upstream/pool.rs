@@ -2,6 +2,9 @@
 //! EHLO each time. A borrowed connection is re-introduced as its new client (XCLIENT); connections carrying
 //! a PROXY v2 header are bound to one client and never pooled.
 //!
+//! Every open connection, idle or in use, holds a slot of [`ConnectionLimit`] (`upstream.max_connections`):
+//! a new connection waits for one at most `upstream.connection_wait`.
+//!
 //! The pool also remembers what the upstream offered in its latest EHLO reply ([`Pool::offers`]), so the
 //! client sessions advertise DSN and SMTPUTF8 only when the upstream supports them. [`Pool::probe`] learns it
 //! at start-up, before the first client; every new or re-introduced connection refreshes it.
@@ -13,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
+use super::limit::{Acquired, ConnectionLimit, ConnectionSlot};
 use super::{ClientIdentity, Connection, Extensions, UpstreamError, UpstreamSettings};
 use crate::config::Identity;
 use crate::metrics::{Readiness, UpstreamErrorKind};
@@ -31,12 +35,16 @@ pub struct Pool {
     health: OnceLock<Readiness>,
     /// What the latest EHLO reply offered (`OFFERS_*` bits); none until one was seen.
     offers: AtomicU8,
+    /// The cap on open connections.
+    limit: ConnectionLimit,
 }
 
 impl Pool {
     /// An empty pool.
     pub fn new(settings: UpstreamSettings) -> Arc<Pool> {
+        let limit = ConnectionLimit::new(settings.max_connections, settings.connection_wait);
         Arc::new(Pool {
+            limit,
             settings: Arc::new(settings),
             idle: Mutex::new(VecDeque::new()),
             health: OnceLock::new(),
@@ -63,12 +71,21 @@ impl Pool {
     /// Opens one connection to learn the upstream's extensions before the first client says EHLO, and keeps
     /// it in the pool (when pooling) for the first session. With PROXY v2 it sends a `LOCAL` header.
     pub async fn probe(&self) -> Result<UpstreamOffers, UpstreamError> {
+        let slot = match self.limit.acquire(|| None::<Connection>).await? {
+            Acquired::Slot(s) => s,
+            Acquired::Found(c) => return Ok(self.keep_offers(c).await),
+        };
         let conn = Connection::connect(self.settings.clone(), None).await;
         self.report(&conn);
-        let conn = conn?;
+        let mut conn = conn?;
+        conn.slot = Some(slot);
+        Ok(self.keep_offers(conn).await)
+    }
+
+    async fn keep_offers(&self, conn: Connection) -> UpstreamOffers {
         self.learn(conn.own_extensions());
         self.checkin(conn).await;
-        Ok(self.offers())
+        self.offers()
     }
 
     /// The upstream settings.
@@ -88,30 +105,60 @@ impl Pool {
 
     /// A connection ready for a transaction on behalf of `ident`. Returns it and whether it was reused.
     pub async fn checkout(&self, ident: &ClientIdentity) -> Result<(Connection, bool), UpstreamError> {
-        while let Some(mut conn) = self.take_idle() {
-            // XCLIENT re-introduces the client and proves the connection alive in one round trip. Without
-            // an identity there is nothing to send: a connection that died while pooled fails at MAIL, and
-            // the driver retries that once on a fresh connection (`Driver::upstream_mail`).
-            let probe = match self.settings.identity {
-                Identity::Xclient => conn.introduce(ident).await,
-                _ => Ok(()),
-            };
-            match probe {
-                Ok(()) => return Ok((conn, true)),
-                // A pooled connection that fails its probe (gone, or answering 421/503) is dropped; only a
-                // slow upstream ends the search, since a fresh connection would wait the same.
-                Err(super::UpstreamError::Timeout(p)) => return Err(super::UpstreamError::Timeout(p)),
-                Err(_) => continue,
+        while let Some(conn) = self.take_idle() {
+            if let Some(conn) = self.reuse(conn, ident).await? {
+                return Ok((conn, true));
             }
         }
-        Ok((self.connect(ident).await?, false))
+        let slot = match self.limit.acquire(|| self.take_idle()).await? {
+            Acquired::Slot(s) => s,
+            Acquired::Found(conn) => match self.reuse(conn, ident).await? {
+                Some(conn) => return Ok((conn, true)),
+                // It failed its probe and is gone, its slot freed: one more bounded wait for a slot.
+                None => self.slot().await?,
+            },
+        };
+        Ok((self.connect_with(slot, ident).await?, false))
     }
 
-    /// A new connection, introduced as `ident`.
+    /// Probes a pooled connection for `ident`: `Some` when it can be used, `None` when it was dropped.
+    async fn reuse(&self, mut conn: Connection, ident: &ClientIdentity) -> Result<Option<Connection>, UpstreamError> {
+        // XCLIENT re-introduces the client and proves the connection alive in one round trip. Without
+        // an identity there is nothing to send: a connection that died while pooled fails at MAIL, and
+        // the driver retries that once on a fresh connection (`Driver::upstream_mail`).
+        let probe = match self.settings.identity {
+            Identity::Xclient => conn.introduce(ident).await,
+            _ => Ok(()),
+        };
+        match probe {
+            Ok(()) => Ok(Some(conn)),
+            // A pooled connection that fails its probe (gone, or answering 421/503) is dropped; only a
+            // slow upstream ends the search, since a fresh connection would wait the same.
+            Err(UpstreamError::Timeout(p)) => Err(UpstreamError::Timeout(p)),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// A slot for a new connection, waiting at most `upstream.connection_wait`.
+    async fn slot(&self) -> Result<ConnectionSlot, UpstreamError> {
+        match self.limit.acquire(|| None::<Connection>).await? {
+            Acquired::Slot(s) => Ok(s),
+            Acquired::Found(_) => Err(UpstreamError::Busy(self.settings.connection_wait)),
+        }
+    }
+
+    /// A new connection, introduced as `ident`, once a slot is free (waiting at most
+    /// `upstream.connection_wait`, then [`UpstreamError::Busy`]).
     pub async fn connect(&self, ident: &ClientIdentity) -> Result<Connection, UpstreamError> {
+        let slot = self.slot().await?;
+        self.connect_with(slot, ident).await
+    }
+
+    async fn connect_with(&self, slot: ConnectionSlot, ident: &ClientIdentity) -> Result<Connection, UpstreamError> {
         let connected = Connection::connect(self.settings.clone(), Some(ident)).await;
         self.report(&connected);
         let mut conn = connected?;
+        conn.slot = Some(slot);
         // A new connection: the upstream may have changed what it offers since the last one.
         self.learn(conn.own_extensions());
         conn.introduce(ident).await?;
@@ -130,9 +177,10 @@ impl Pool {
         }
     }
 
-    /// Gives a connection back: an open transaction is reset first; past the pool size it is closed.
+    /// Gives a connection back: an open transaction is reset first; past the pool size, or while a client
+    /// waits for a slot (which the closed connection gives back), it is closed.
     pub async fn checkin(&self, mut conn: Connection) {
-        if !self.pooling() {
+        if !self.pooling() || self.limit.has_waiters() {
             conn.quit().await;
             return;
         }
@@ -141,6 +189,13 @@ impl Pool {
         }
         let extra = {
             let mut idle = self.lock();
+            // Checked again under the lock a waiter takes to look for idle connections
+            // (`ConnectionLimit::acquire`), so a connection is never pooled while someone waits.
+            if self.limit.has_waiters() {
+                drop(idle);
+                conn.quit().await;
+                return;
+            }
             idle.push_back((Instant::now(), conn));
             let over = idle.len().saturating_sub(self.settings.pool_size);
             idle.drain(..over).map(|(_, c)| c).collect::<Vec<_>>()
@@ -149,6 +204,18 @@ impl Pool {
             c.quit().await;
         }
         crate::metrics::upstream_pool_idle(self.lock().len());
+    }
+
+    /// Whether a client waits for a connection slot now: a connection held between transactions should be
+    /// given back ([`Pool::checkin`]), which frees its slot for the waiter.
+    pub fn has_waiters(&self) -> bool {
+        self.limit.has_waiters()
+    }
+
+    /// Completes when a client starts waiting for a connection slot (one wake-up per waiter): a session that
+    /// holds a connection between transactions gives it back then ([`Pool::checkin`]). Cancel-safe.
+    pub async fn connection_wanted(&self) {
+        self.limit.wanted().await;
     }
 
     fn take_idle(&self) -> Option<Connection> {

@@ -39,8 +39,8 @@ impl Driver {
             self.queue(&Reply::bad_sequence("authentication not enabled"));
             return Ok(None);
         };
-        let ip = self.info.peer.ip();
-        if let Check::Locked(_) = auth.lockout().check(ip, None, Instant::now()) {
+        let client = self.ctx.client_keys.key(self.info.peer.ip());
+        if let Check::Locked(_) = auth.lockout().check(client, Instant::now()) {
             return Ok(self.auth_locked(mechanism, ""));
         }
         let (mut ex, mut step) = Exchange::start(mechanism, initial.as_ref().map(|i| i.0.as_str()));
@@ -68,12 +68,9 @@ impl Driver {
             }
         };
         let name = creds.user.clone();
-        if let Check::Locked(_) = auth.lockout().check(ip, Some(&name), Instant::now()) {
-            return Ok(self.auth_locked(mechanism, &name));
-        }
         // The wait for a turn and a verification permit is bounded like any other wait: behind a flood the
         // client gets 454 (try again) after the idle timeout rather than an unbounded delay.
-        let verified = tokio::time::timeout(self.ctx.idle_timeout, auth.verify(creds, &self.ctx.name, ip))
+        let verified = tokio::time::timeout(self.ctx.idle_timeout, auth.verify(creds, &self.ctx.name, client))
             .await
             .unwrap_or_else(|_| {
                 debug!(mechanism = mechanism.as_str(), "authentication waited too long for a verification slot");
@@ -106,13 +103,15 @@ impl Driver {
                 self.queue(&Reply::auth_temporary());
                 Ok(None)
             }
-            Err(AuthError::Invalid { delay, locked }) => {
+            Err(AuthError::Invalid { delay, locked, throttled }) => {
                 if locked {
                     crate::metrics::auth_lockout();
                 }
-                self.auth_record(mechanism, &name, "failure");
+                // A throttled name is answered exactly as a wrong password for an unknown name (same reply,
+                // same verification cost, same delay); only the audit trail tells them apart.
+                self.auth_record(mechanism, &name, if throttled { "throttled" } else { "failure" });
                 self.ctx.pipeline.auth(&self.info, AuthEvent { login: &name, success: false }).await;
-                debug!(mechanism = mechanism.as_str(), delay = ?delay, "authentication failed");
+                debug!(mechanism = mechanism.as_str(), delay = ?delay, throttled, "authentication failed");
                 tokio::time::sleep(delay).await;
                 let s = self.session.auth_failed(Reply::auth_invalid());
                 Ok(self.auth_reply(s))

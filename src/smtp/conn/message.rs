@@ -220,6 +220,13 @@ impl Driver {
             TxnEnd { reply: Some(&reply), relayed: verdict == MessageVerdict::Accepted, size: txn.size, rcpts: &rcpts };
         self.ctx.pipeline.txn_end(&self.info, &mut txn.ctx, end).await;
         self.queue(&reply);
+        if self.ctx.pool.has_waiters() {
+            // Someone waits for an upstream connection (all `upstream.max_connections` open): give this one
+            // back between transactions (closed, its slot to the waiter) rather than hold it while idle.
+            if let Some(conn) = self.upstream.take() {
+                self.ctx.pool.checkin(conn).await;
+            }
+        }
     }
 
     /// Decides and, if accepted, relays. Returns the client's reply, the verdict label and the upstream reply.
