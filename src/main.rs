@@ -15,6 +15,18 @@ const USAGE: &str = "usage: moat <serve|check> [--config FILE] | moat user ... (
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("user") && args.get(1).map(String::as_str) == Some("resume") {
+        return match moat::pipeline::accounts::resume::run(&args[2..]) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(msg) => {
+                eprintln!("moat user resume: {msg}\n{}", moat::pipeline::accounts::resume::USAGE);
+                ExitCode::FAILURE
+            }
+        };
+    }
     if args.first().map(String::as_str) == Some("user") {
         return match moat::auth::cli::run(&args[1..]) {
             Ok(out) => {
@@ -71,7 +83,9 @@ fn check(path: &std::path::Path) -> ExitCode {
             Ok(_) if !config.rules.directory.as_os_str().is_empty() => {
                 match moat::rules::RuleSet::load_dir(&config.rules.directory, &config.relay.local_domains) {
                     Ok(set) => {
-                        println!("{}: configuration ok, {} rules", path.display(), set.rules.len());
+                        let grey = if set.greylist.is_some() { ", greylisting" } else { "" };
+                        let n = (set.rules.len(), set.limits.len());
+                        println!("{}: configuration ok, {} rules, {} limits{grey}", path.display(), n.0, n.1);
                         ExitCode::SUCCESS
                     }
                     Err(errors) => {

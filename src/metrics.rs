@@ -20,7 +20,7 @@ use std::time::Duration;
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Gauge, Unit};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
-pub use self::http::{serve, HttpAuth};
+pub use self::http::{serve, serve_with_admin, HttpAuth};
 pub use self::labels::{
     AuthMechanism, AuthResult, ConnResult, GreylistResult, Limit, MessageVerdict, RcptResult, ReloadResult, TlsResult,
     TlsVersion, UpstreamErrorKind, UpstreamPhase, Verb,

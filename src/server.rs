@@ -146,6 +146,12 @@ const MAX_PENDING_REFUSALS: usize = 64;
 
 /// Binds everything and starts serving. Blocking file reads (certificates) happen here, at start-up.
 pub async fn start(config: &Config) -> Result<Running, ServerError> {
+    let store = crate::state::open(&config.state).map_err(ServerError::State)?;
+    start_with_store(config, store).await
+}
+
+/// [`start`] with a given state store (tests pass one with a [`crate::state::ManualClock`]).
+pub async fn start_with_store(config: &Config, store: crate::state::SharedStore) -> Result<Running, ServerError> {
     let hostname = config.hostname();
     let shutdown = Shutdown::new();
     let metrics_handle = crate::metrics::install().ok();
@@ -163,12 +169,15 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
     if let Some(a) = &auth {
         a.spawn_watcher(Duration::from_secs(5), shutdown.soft.clone());
     }
-    let store = crate::state::open(&config.state).map_err(ServerError::State)?;
     spawn_state_probe(store.clone(), ready.clone(), shutdown.soft.clone());
     if let Some(a) = &auth {
         a.use_state(store.clone(), &config.state, &config.auth);
     }
-    let (rules, pipeline) = build_pipeline(config, &shutdown, &store)?;
+    let accounts = config
+        .accounts
+        .enabled
+        .then(|| Arc::new(crate::pipeline::accounts::Accounts::new(store.clone(), &config.accounts)));
+    let (rules, pipeline) = build_pipeline(config, &shutdown, &store, accounts.clone())?;
     let settings = UpstreamSettings::from_config(&config.upstream, &hostname).map_err(ServerError::Tls)?;
     let pool = Pool::new(settings);
     pool.report_health(ready.clone());
@@ -235,7 +244,10 @@ pub async fn start(config: &Config) -> Result<Running, ServerError> {
             };
             let every = config.metrics.upstream_check_interval.get();
             crate::health::spawn(check, every, ready.clone(), shutdown.soft.clone());
-            tokio::spawn(crate::metrics::serve(l, handle.clone(), ready, metrics_auth, shutdown.soft.clone()));
+            let admin = accounts.map(|a| a as crate::pipeline::accounts::SharedAdmin);
+            let serve =
+                crate::metrics::serve_with_admin(l, handle.clone(), ready, metrics_auth, admin, shutdown.soft.clone());
+            tokio::spawn(serve);
             info!(address = %local, "metrics listening");
             Some(local)
         }
@@ -275,12 +287,19 @@ fn build_pipeline(
     config: &Config,
     shutdown: &Shutdown,
     store: &crate::state::SharedStore,
+    accounts: Option<Arc<crate::pipeline::accounts::Accounts>>,
 ) -> Result<(Option<Arc<crate::rules::Rules>>, Pipeline), ServerError> {
     let mut stages: Vec<Arc<dyn crate::pipeline::Stage>> = Vec::new();
     let mut rules = None;
     crate::pipeline::limits::spawn_size_gauge(store.clone(), shutdown.soft.clone());
-    if let Some((handle, stage)) = rules_stage(config, shutdown)? {
+    let loaded = rules_stage(config, shutdown)?;
+    if let Some((handle, _)) = &loaded {
         stages.push(Arc::new(crate::pipeline::limits::LimitsStage::new(handle.clone(), store.clone())));
+    }
+    if let Some(a) = accounts {
+        stages.push(a);
+    }
+    if let Some((handle, stage)) = loaded {
         stages.push(stage);
         stages.push(Arc::new(crate::pipeline::greylist::GreylistStage::new(handle.clone(), store.clone())));
         rules = Some(handle);

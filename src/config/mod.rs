@@ -4,6 +4,7 @@
 //! must not silently fall back to a default). [`Config::validate`] reports every problem at once, each
 //! with the file and line it came from when known, as `moat check` prints them.
 
+pub mod accounts;
 pub mod proxy;
 pub mod state;
 pub mod units;
@@ -14,6 +15,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use accounts::AccountsConfig;
 pub use state::{StateBackend, StateConfig};
 pub use units::{ByteSize, Span};
 
@@ -40,6 +42,7 @@ pub struct Config {
     pub relay: RelayConfig,
     pub rules: RulesConfig,
     pub state: StateConfig,
+    pub accounts: AccountsConfig,
 }
 
 /// `[rules]`: the rule files and content scanning (docs/rules.md).
@@ -422,6 +425,7 @@ impl Default for Config {
             relay: RelayConfig::default(),
             rules: RulesConfig::default(),
             state: StateConfig::default(),
+            accounts: AccountsConfig::default(),
         }
     }
 }
@@ -654,6 +658,9 @@ impl Config {
             bad("listener", "at least one [[listener]] is required".into());
         }
         for (key, message) in self.state.problems() {
+            bad(key, message);
+        }
+        for (key, message) in self.accounts.problems() {
             bad(key, message);
         }
         for l in &self.listeners {

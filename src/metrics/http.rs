@@ -1,5 +1,6 @@
 //! The metrics listener: a deliberately small HTTP/1.1 server (no hyper) for `/metrics`, `/healthz` and
-//! `/readyz`.
+//! `/readyz`, and the administrator's `POST /admin/users/NAME/resume` (`moat user resume NAME`; only when
+//! the listener has credentials configured).
 //!
 //! It answers one request per connection and closes (`Connection: close`), reads at most [`MAX_HEAD`] bytes of
 //! request head within [`READ_TIMEOUT`], ignores any body, and serves at most [`MAX_CONNECTIONS`] clients at
@@ -102,6 +103,7 @@ struct Shared {
     handle: PrometheusHandle,
     ready: Readiness,
     auth: Option<HttpAuth>,
+    admin: Option<crate::pipeline::accounts::SharedAdmin>,
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until `shutdown` fires.
@@ -117,7 +119,19 @@ pub async fn serve(
     auth: Option<HttpAuth>,
     shutdown: CancellationToken,
 ) {
-    let shared = Arc::new(Shared { handle, ready, auth });
+    serve_with_admin(listener, handle, ready, auth, None, shutdown).await;
+}
+
+/// [`serve`], also answering `POST /admin/users/NAME/resume` with `admin` (credentials required).
+pub async fn serve_with_admin(
+    listener: TcpListener,
+    handle: PrometheusHandle,
+    ready: Readiness,
+    auth: Option<HttpAuth>,
+    admin: Option<crate::pipeline::accounts::SharedAdmin>,
+    shutdown: CancellationToken,
+) {
+    let shared = Arc::new(Shared { handle, ready, auth, admin });
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
@@ -150,7 +164,10 @@ pub async fn serve(
 /// Reads one request head, writes one response, closes.
 async fn answer(mut stream: TcpStream, shared: &Shared) {
     let response = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-        Ok(Ok(Head::Complete(head))) => respond(&head, shared),
+        Ok(Ok(Head::Complete(head))) => match admin(&head, shared).await {
+            Some(r) => r,
+            None => respond(&head, shared),
+        },
         Ok(Ok(Head::TooLarge)) => Response::text(431, "Request Header Fields Too Large", "request head too large\n"),
         Ok(Ok(Head::Closed)) | Ok(Err(_)) => return,
         Err(_) => Response::text(408, "Request Timeout", "request timeout\n"),
@@ -281,6 +298,43 @@ fn respond(head: &[u8], shared: &Shared) -> Response {
     let mut response = route(&req, shared);
     response.head_only = head_only;
     response
+}
+
+/// The admin route (`/admin/users/NAME/resume`), or `None` for other paths. It changes state, so it takes
+/// POST only and always needs credentials: with none configured it is refused (`403`), never open.
+async fn admin(head: &[u8], shared: &Shared) -> Option<Response> {
+    let req = parse(head)?;
+    let name = req.path.strip_prefix("/admin/users/")?.strip_suffix("/resume")?;
+    if req.method != "POST" {
+        let mut r = Response::text(405, "Method Not Allowed", "method not allowed\n");
+        r.extra = Some(("Allow", "POST"));
+        return Some(r);
+    }
+    let Some(auth) = &shared.auth else {
+        return Some(Response::text(
+            403,
+            "Forbidden",
+            "admin endpoints need metrics credentials (bearer_token or basic auth)\n",
+        ));
+    };
+    if !auth.allows(req.authorization) {
+        let mut r = Response::text(401, "Unauthorized", "unauthorized\n");
+        r.extra = Some(("WWW-Authenticate", auth.challenge()));
+        return Some(r);
+    }
+    let Some(admin) = &shared.admin else {
+        return Some(Response::text(404, "Not Found", "account detection is off ([accounts] enabled = false)\n"));
+    };
+    let name = name.replace("%40", "@");
+    let valid = |c: char| c.is_ascii_alphanumeric() || "@._+-".contains(c);
+    if name.is_empty() || name.len() > 256 || !name.chars().all(valid) {
+        return Some(Response::text(400, "Bad Request", "bad user name\n"));
+    }
+    Some(match admin.resume(&name).await {
+        Ok(true) => Response::text(200, "OK", format!("resumed {name}\n")),
+        Ok(false) => Response::text(200, "OK", format!("{name} was not suspended\n")),
+        Err(e) => Response::text(503, "Service Unavailable", format!("state store: {e}\n")),
+    })
 }
 
 fn route(req: &Request<'_>, shared: &Shared) -> Response {

@@ -183,4 +183,18 @@ mod tests {
         clock.advance(Duration::from_secs(5 * 3600));
         assert_eq!(code(stage.on_rcpt(&other, &mut txn, &rcpt("d@example.test")).await), 451);
     }
+
+    #[tokio::test]
+    async fn min_score_greylists_only_doubtful_transactions() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("g.toml"), "[greylist]\nmin_score = 3.0\n").unwrap();
+        let rules = Arc::new(Rules::load(dir.path(), &[]).unwrap());
+        let clock = ManualClock::at(1_000_000);
+        let stage = GreylistStage::new(rules, Arc::new(MemoryStore::new(10_000, clock)));
+        let c = conn("192.0.2.10", Role::Mx);
+        let mut clean = TxnContext { mail_from: "s@sender.example".into(), score: 1.0, ..TxnContext::default() };
+        assert_eq!(stage.on_rcpt(&c, &mut clean, &rcpt("a@example.test")).await, Verdict::Continue);
+        let mut doubtful = TxnContext { mail_from: "s@sender.example".into(), score: 3.5, ..TxnContext::default() };
+        assert!(stage.on_rcpt(&c, &mut doubtful, &rcpt("a@example.test")).await.refusal().is_some());
+    }
 }

@@ -7,7 +7,9 @@
 //! [`ConnInfo::ext`] and [`TxnContext::ext`], owned by the session, never in a stage. A stage that needs an
 //! answer from the network starts a [`lookup::Lookup`] early and reads it in a later hook.
 //!
-//! Stages today: [`rules::RulesStage`] (the rule files). The phases of a message: MAIL, each RCPT (whose
+//! Stages today, in order: [`limits::LimitsStage`] (rate and concurrency limits), [`accounts::Accounts`]
+//! (compromised-account detection), [`rules::RulesStage`] (the rule files), [`greylist::GreylistStage`]
+//! (docs/limits.md for the three behaviour stages). The phases of a message: MAIL, each RCPT (whose
 //! effects are undone when that recipient ends up refused, see [`TxnContext::mark`]), the end of the header
 //! section during DATA/BDAT ([`Stage::on_headers`]: a refusal there stops spooling), and the end of data
 //! ([`Stage::on_end_of_data`]). [`subject`] rewrites the Subject of a relayed message when a verdict asked.
@@ -18,6 +20,7 @@ use std::time::Instant;
 use crate::smtp::command::{MailFrom, RcptTo};
 use crate::smtp::Reply;
 
+pub mod accounts;
 mod context;
 pub mod ext;
 pub mod greylist;

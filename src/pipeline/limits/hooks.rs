@@ -204,7 +204,8 @@ impl LimitsStage {
         let Some(t) = txn.ext.get_mut::<TxnLimits>() else { return };
         let set = t.set.clone();
         let ours = std::mem::take(&mut t.rcpt_blocked);
-        if outcome.reply.is_positive() || ours {
+        // Only permanent refusals ("no such user"): deferrals (greylisting, other limits) are no harvest.
+        if !outcome.reply.is_permanent() || ours {
             return;
         }
         let sender = txn.mail_from.clone();

@@ -41,10 +41,10 @@ fn rcpt(addr: &str) -> RcptTo {
     RcptTo { address: addr.into(), dsn: Vec::new() }
 }
 
-async fn send(f: &Fixture, c: &ConnInfo, user: Option<&str>) -> (Verdict, TxnContext) {
+async fn send(stage: &LimitsStage, c: &ConnInfo, user: Option<&str>) -> (Verdict, TxnContext) {
     let mut txn = TxnContext { id: "t".into(), auth_user: user.map(Into::into), ..TxnContext::default() };
     txn.mail_from = "a@sender.example".into();
-    let v = f.stage.on_mail(c, &mut txn, &mail("a@sender.example")).await;
+    let v = stage.on_mail(c, &mut txn, &mail("a@sender.example")).await;
     (v, txn)
 }
 
@@ -68,19 +68,19 @@ async fn the_eleventh_message_of_an_ip_within_a_minute_is_deferred() {
     let f = fixture(PER_IP);
     let a = conn("192.0.2.1", Role::Mx);
     for i in 0..10 {
-        assert_eq!(code(&send(&f, &a, None).await.0), 250, "message {i}");
+        assert_eq!(code(&send(&f.stage, &a, None).await.0), 250, "message {i}");
     }
-    let (v, txn) = send(&f, &a, None).await;
+    let (v, txn) = send(&f.stage, &a, None).await;
     let r = v.refusal().expect("refused");
     assert_eq!((r.code, r.to_string().contains("4.7.1 limit ip-msgs exceeded")), (451, true), "{r:?}");
     assert!(txn.records.iter().any(|r| r.stage == "limit:ip-msgs" && r.verdict == "tempfail"), "{:?}", txn.records);
     // Another address, an authenticated user and another role are not limited.
-    assert_eq!(code(&send(&f, &conn("192.0.2.2", Role::Mx), None).await.0), 250);
-    assert_eq!(code(&send(&f, &a, Some("alice")).await.0), 250);
-    assert_eq!(code(&send(&f, &conn("192.0.2.1", Role::Submission), None).await.0), 250);
+    assert_eq!(code(&send(&f.stage, &conn("192.0.2.2", Role::Mx), None).await.0), 250);
+    assert_eq!(code(&send(&f.stage, &a, Some("alice")).await.0), 250);
+    assert_eq!(code(&send(&f.stage, &conn("192.0.2.1", Role::Submission), None).await.0), 250);
     // A minute after the first, the window starts again.
     f.clock.advance(Duration::from_secs(61));
-    assert_eq!(code(&send(&f, &a, None).await.0), 250);
+    assert_eq!(code(&send(&f.stage, &a, None).await.0), 250);
 }
 
 #[tokio::test]
@@ -108,14 +108,14 @@ action = "tag"
 "#,
     );
     let c = conn("198.51.100.9", Role::Submission);
-    let (_, mut txn) = send(&f, &c, Some("bob")).await;
+    let (_, mut txn) = send(&f.stage, &c, Some("bob")).await;
     for (i, want) in [250, 250, 452].into_iter().enumerate() {
         let v = f.stage.on_rcpt(&c, &mut txn, &rcpt(&format!("r{i}@dest.example"))).await;
         assert_eq!(code(&v), want, "{v:?}");
     }
     // Another domain has its own counter.
     assert_eq!(code(&f.stage.on_rcpt(&c, &mut txn, &rcpt("x@other.example")).await), 250);
-    let (v, txn) = send(&f, &conn("198.51.100.200", Role::Submission), Some("bob")).await;
+    let (v, txn) = send(&f.stage, &conn("198.51.100.200", Role::Submission), Some("bob")).await;
     assert_eq!(code(&v), 250);
     assert_eq!(txn.score, 2.5);
     assert_eq!(txn.add_headers, vec!["X-Moat-Limit: tag-sender\r\n".to_string()]);
@@ -169,8 +169,13 @@ rate = "2/10m"
     assert_eq!(f.stage.on_connect(&conn("203.0.113.6", Role::Mx)).await, Verdict::Continue);
     // Refused recipients: the third refusal leaves a block; the next RCPT is refused by moat.
     let c = conn("203.0.113.9", Role::Mx);
-    let (_, mut txn) = send(&f, &c, None).await;
+    let (_, mut txn) = send(&f.stage, &c, None).await;
     let no = Reply::new(550, "5.1.1 no such user");
+    let later = Reply::new(451, "4.7.1 greylisted");
+    for i in 0..5 {
+        let r = rcpt(&format!("g{i}@example.test"));
+        f.stage.on_rcpt_done(&c, &mut txn, RcptOutcome { rcpt: &r, reply: &later }).await;
+    }
     for i in 0..3 {
         let r = rcpt(&format!("u{i}@example.test"));
         assert_eq!(code(&f.stage.on_rcpt(&c, &mut txn, &r).await), 250);
@@ -189,7 +194,7 @@ async fn bytes_are_counted_at_end_of_data() {
     );
     let c = conn("192.0.2.1", Role::Mx);
     let view = |size| crate::pipeline::MessageView { head: b"", data: None, size };
-    let (_, mut txn) = send(&f, &c, None).await;
+    let (_, mut txn) = send(&f.stage, &c, None).await;
     assert_eq!(code(&f.stage.on_end_of_data(&c, &mut txn, &view(600_000)).await), 250);
     assert_eq!(code(&f.stage.on_end_of_data(&c, &mut txn, &view(600_000)).await), 550);
 }
@@ -218,4 +223,28 @@ fn bad_limits_are_refused_with_their_line() {
     assert!(e.contains("max = N"), "{e}");
     let e = errors("[[limit]]\nid = \"a\"\nkey = [\"ip\"]\ncount = \"messages\"\nrate = \"1/1m\"\naction = \"delay\"\ndelay = \"5m\"\n");
     assert!(e.contains("at most 60s"), "{e}");
+}
+
+/// 100,000 distinct client addresses through a per-IP limit: the store stays within its cap (evicting the
+/// oldest state), and the limit keeps working for a client that comes back.
+#[tokio::test]
+async fn memory_is_bounded_under_100k_distinct_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("l.toml"), PER_IP).unwrap();
+    let rules = Arc::new(Rules::load(dir.path(), &[]).unwrap());
+    let clock = ManualClock::at(1_000_000_000);
+    let store = Arc::new(MemoryStore::new(10_000, clock.clone()));
+    let stage = LimitsStage::new(rules, store.clone());
+    for i in 0..100_000u32 {
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 + i);
+        let (v, _) = send(&stage, &conn(&ip.to_string(), Role::Mx), None).await;
+        assert_eq!(code(&v), 250);
+    }
+    let n = crate::state::Store::entries(&*store).unwrap();
+    assert!(n <= 10_000, "{n} entries");
+    let a = conn("192.0.2.1", Role::Mx);
+    for _ in 0..10 {
+        assert_eq!(code(&send(&stage, &a, None).await.0), 250);
+    }
+    assert_eq!(code(&send(&stage, &a, None).await.0), 451);
 }
