@@ -21,6 +21,8 @@
 #              BENCH_BASE=/path/to/other/moat: a third variant, that binary without rules, run right after
 #              "off" each time (before/after comparisons on a busy machine: interleaved, same conditions),
 #              BENCH_REPEAT=N (default 1): every shape N times, BENCH_CONFIG (default config/moat.toml),
+#              BENCH_STATE=redis: every moat variant keeps its state in a redis-server started on a free
+#              loopback port (docs/fleet.md); the Redis commands of the whole run are printed at the end,
 #              BENCH_PIN="0 1" (default: both): 1 = smtp-source and smtp-sink share CPU 0 and moat gets
 #              CPU 1 (taskset, moved per run with taskset -a -p). On a 2-core
 #              machine the default run is CPU-bound: source and sink alone keep both cores busy, so every
@@ -68,9 +70,10 @@ WORK=$(mktemp -d /tmp/moat-bench.XXXXXX)
 SINK_PID=""
 IDLE_PID=""
 declare -A MOAT_PID MOAT_PORT
+REDIS_PID=""
 cleanup() {
     # shellcheck disable=SC2086 # empty ones vanish
-    stop_pids $IDLE_PID ${MOAT_PID[@]+"${MOAT_PID[@]}"} $SINK_PID
+    stop_pids $IDLE_PID ${MOAT_PID[@]+"${MOAT_PID[@]}"} $SINK_PID $REDIS_PID
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -124,10 +127,20 @@ wait_listening "$SINK_PORT" "$SINK_PID" smtp-sink
 # start_moat VARIANT: off = no rule files, on = the shipped rules, base = BENCH_BASE without rules. Each is
 # a copy of config/moat.toml with the shipped listeners replaced by one plain listener on a free port,
 # upstream = smtp-sink without client identity, metrics off, connection limits above IDLE_CONNS.
+STATE_KEYS=()
+if [ "${BENCH_STATE:-memory}" = redis ]; then
+    command -v redis-server >/dev/null || die "BENCH_STATE=redis needs redis-server"
+    REDIS_PORT=$(free_port)
+    redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no >"$WORK/redis.log" 2>&1 &
+    REDIS_PID=$!
+    wait_listening "$REDIS_PORT" "$REDIS_PID" redis-server
+    STATE_KEYS=('state.backend="redis"' "state.url=\"redis://127.0.0.1:$REDIS_PORT/0\"")
+fi
 start_moat() {
     local v=$1 port bin=$MOAT_BIN rules=()
     port=$(free_port)
     [ "$v" = on ] || rules=('rules.directory=""')
+    rules+=(${STATE_KEYS[@]+"${STATE_KEYS[@]}"})
     [ "$v" = base ] && bin=$BENCH_BASE
     "$PY" "$ROOT/scripts/bench-config.py" "$CONFIG_SRC" "$WORK/moat-$v.toml" "$port" \
         "upstream.address=\"127.0.0.1:$SINK_PORT\"" 'upstream.identity="none"' 'metrics.address=""' \
@@ -286,3 +299,7 @@ for v in $VARIANTS; do
 done
 [ -n "$IDLE_LINE" ] && echo "$IDLE_LINE"
 echo "CPU in seconds of utime+stime over each run (CLK_TCK=$HZ), per message in microseconds"
+if [ -n "$REDIS_PID" ]; then
+    echo "Redis commands over the whole run (INFO commandstats; evalsha = one script round trip):"
+    redis-cli -p "$REDIS_PORT" info commandstats | tr -d '\r' | grep '^cmdstat_' | sed 's/^/  /'
+fi

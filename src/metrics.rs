@@ -30,6 +30,7 @@ pub use self::labels::{
     ArchiveMode, AuthMechanism, AuthResult, ConnResult, CopyResult, ExpiryReason, GreylistResult, Limit,
     MessageVerdict, RcptResult, ReloadResult, TlsResult, TlsVersion, UpstreamErrorKind, UpstreamPhase, Verb,
 };
+pub use self::labels::{ProxyRefusal, StateError};
 use crate::smtp::session::CloseReason;
 
 // === names ===
@@ -118,6 +119,10 @@ pub const ARCHIVE_COPIES_TOTAL: &str = "moat_archive_copies_total";
 pub const ARCHIVE_BYTES: &str = "moat_archive_bytes";
 /// Archive files expired, by reason.
 pub const ARCHIVE_EXPIRED_TOTAL: &str = "moat_archive_expired_total";
+/// State store operations that failed, by kind (docs/fleet.md).
+pub const STATE_ERRORS_TOTAL: &str = "moat_state_errors_total";
+/// PROXY protocol headers refused, by reason.
+pub const PROXY_HEADERS_REFUSED_TOTAL: &str = "moat_proxy_headers_refused_total";
 /// Always 1; the `version` label carries the build's version.
 pub const BUILD_INFO: &str = "moat_build_info";
 
@@ -229,6 +234,12 @@ fn initialise_series() {
     for &limit in Limit::ALL {
         counter!(LIMIT_HITS_TOTAL, "limit" => limit.as_str()).absolute(0);
     }
+    for &kind in StateError::ALL {
+        counter!(STATE_ERRORS_TOTAL, "kind" => kind.as_str()).absolute(0);
+    }
+    for &reason in ProxyRefusal::ALL {
+        counter!(PROXY_HEADERS_REFUSED_TOTAL, "reason" => reason.as_str()).absolute(0);
+    }
     for &reason in ReverseDnsSkip::ALL {
         counter!(REVERSE_DNS_SKIPPED_TOTAL, "reason" => reason.as_str()).absolute(0);
     }
@@ -335,6 +346,8 @@ const FAMILIES: &[(&str, Kind, Unit, &str)] = &[
     (ARCHIVE_COPIES_TOTAL, Kind::Counter, Unit::Count, "Archive copies, by mode and result."),
     (ARCHIVE_BYTES, Kind::Gauge, Unit::Bytes, "Bytes the archive directory holds."),
     (ARCHIVE_EXPIRED_TOTAL, Kind::Counter, Unit::Count, "Archive files expired, by reason."),
+    (STATE_ERRORS_TOTAL, Kind::Counter, Unit::Count, "State store operations that failed, by kind."),
+    (PROXY_HEADERS_REFUSED_TOTAL, Kind::Counter, Unit::Count, "PROXY protocol headers refused, by reason."),
     (BUILD_INFO, Kind::Gauge, Unit::Count, "Always 1; the version label carries the build version."),
     (DNS_QUERIES_TOTAL, Kind::Counter, Unit::Count, "DNS list queries, by zone and result."),
     (DNS_CACHE_TOTAL, Kind::Counter, Unit::Count, "DNS cache lookups, by cache and hit or miss."),
@@ -374,6 +387,16 @@ impl ReverseDnsSkip {
             ReverseDnsSkip::Timeout => "timeout",
         }
     }
+}
+
+/// Counts a failed state store operation.
+pub fn state_error(kind: StateError) {
+    counter!(STATE_ERRORS_TOTAL, "kind" => kind.as_str()).increment(1);
+}
+
+/// Counts a connection closed because of its PROXY protocol header.
+pub fn proxy_header_refused(reason: ProxyRefusal) {
+    counter!(PROXY_HEADERS_REFUSED_TOTAL, "reason" => reason.as_str()).increment(1);
 }
 
 /// Counts a connection that went on without a reverse DNS name.
@@ -622,6 +645,9 @@ struct Flags {
     listeners_bound: AtomicBool,
     rules_loaded: AtomicBool,
     upstream_ok: AtomicBool,
+    /// The shared state store answers; when it does not, moat still serves (each feature follows
+    /// `state.on_error`) and `/readyz` says it is degraded.
+    state_ok: AtomicBool,
 }
 
 impl Default for Readiness {
@@ -631,6 +657,7 @@ impl Default for Readiness {
                 listeners_bound: AtomicBool::new(false),
                 rules_loaded: AtomicBool::new(true),
                 upstream_ok: AtomicBool::new(true),
+                state_ok: AtomicBool::new(true),
             }),
         }
     }
@@ -660,6 +687,24 @@ impl Readiness {
             (true, false) => tracing::warn!("upstream unreachable; /readyz reports not ready"),
             (false, true) => tracing::info!("upstream reachable again"),
             _ => {}
+        }
+    }
+
+    /// Whether the state store answers; logs when that changes.
+    pub fn set_state_ok(&self, ok: bool) {
+        match (self.flags.state_ok.swap(ok, Ordering::Relaxed), ok) {
+            (true, false) => tracing::warn!("state store unreachable; /readyz reports degraded"),
+            (false, true) => tracing::info!("state store reachable again"),
+            _ => {}
+        }
+    }
+
+    /// What works less well than configured while moat still serves (empty when nothing).
+    pub fn degraded(&self) -> Vec<&'static str> {
+        if self.flags.state_ok.load(Ordering::Relaxed) {
+            Vec::new()
+        } else {
+            vec!["state store unreachable"]
         }
     }
 

@@ -4,13 +4,13 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::audit::{AuditDestination, AuditSink};
@@ -47,6 +47,8 @@ pub enum ServerError {
     Auth(#[source] crate::auth::store::StoreError),
     #[error("cannot load the rules:\n{}", crate::rules::format_errors(.0))]
     Rules(Vec<crate::rules::RuleError>),
+    #[error("cannot set up the state store")]
+    State(#[source] crate::state::redis::RedisSetupError),
 }
 
 /// A started server: its bound addresses and the means to stop it.
@@ -143,7 +145,10 @@ struct Admission {
     global: Arc<Semaphore>,
     per_ip: Arc<PerIp>,
     max_per_ip: usize,
-    next_id: AtomicU64,
+    /// Connection ids unique across the fleet and restarts.
+    ids: crate::state::ids::ConnIds,
+    /// The per-client limit across the fleet (leases in a shared store).
+    fleet: crate::fleet::FleetAdmission,
     hostname: String,
     /// Refusals being written; a flood past this is closed without a reply rather than queueing tasks.
     refusals: Arc<Semaphore>,
@@ -154,7 +159,8 @@ const MAX_PENDING_REFUSALS: usize = 64;
 
 /// Binds everything and starts serving. Blocking file reads (certificates) happen here, at start-up.
 pub async fn start(config: &Config) -> Result<Running, ServerError> {
-    start_with_store(config, crate::state::open(&config.state)).await
+    let store = crate::state::open(&config.state).map_err(ServerError::State)?;
+    start_with_store(config, store).await
 }
 
 /// [`start`] with a given state store (tests pass one with a [`crate::state::ManualClock`]).
@@ -175,6 +181,10 @@ pub async fn start_with_store(config: &Config, store: crate::state::SharedStore)
     let auth = crate::auth::Authenticator::load(&config.auth).map_err(ServerError::Auth)?;
     if let Some(a) = &auth {
         a.spawn_watcher(Duration::from_secs(5), shutdown.soft.clone());
+    }
+    spawn_state_probe(store.clone(), ready.clone(), shutdown.soft.clone());
+    if let Some(a) = &auth {
+        a.use_state(store.clone(), &config.state, &config.auth);
     }
     let accounts = config
         .accounts
@@ -206,7 +216,8 @@ pub async fn start_with_store(config: &Config, store: crate::state::SharedStore)
         global: Arc::new(Semaphore::new(config.limits.max_connections)),
         per_ip: Arc::new(PerIp::new(ClientKeys::new(config.limits.ipv6_client_prefix))),
         max_per_ip: config.limits.max_connections_per_ip,
-        next_id: AtomicU64::new(1),
+        ids: crate::state::ids::ConnIds::new(&config.state.instance_id),
+        fleet: crate::fleet::FleetAdmission::new(store.clone(), &config.state),
         hostname: hostname.clone(),
         refusals: Arc::new(Semaphore::new(MAX_PENDING_REFUSALS)),
     });
@@ -237,7 +248,8 @@ pub async fn start_with_store(config: &Config, store: crate::state::SharedStore)
         info!(listener = %l.name, address = %addr, mode = ?l.mode, role = ?l.role, "listening");
         crate::metrics::listener_started(&l.name);
         bound.push((l.name.clone(), addr));
-        tokio::spawn(accept_loop(listener, ctx, admission.clone(), shutdown.clone()));
+        let proxy = crate::fleet::ProxySettings::from_listener(l).map(Arc::new);
+        tokio::spawn(accept_loop(listener, ctx, proxy, admission.clone(), shutdown.clone()));
     }
     let metrics = match (&metrics_handle, config.metrics.address.parse::<SocketAddr>()) {
         (Some(handle), Ok(addr)) => {
@@ -405,8 +417,31 @@ fn listener_context(
     }
 }
 
+/// Probes the state store every second (a Redis store: `PING`, bounded by its command timeout) and tells
+/// `/readyz`, so an outage and the recovery show without traffic.
+fn spawn_state_probe(store: crate::state::SharedStore, ready: crate::metrics::Readiness, stop: CancellationToken) {
+    if store.backend() == "memory" {
+        return;
+    }
+    tokio::spawn(async move {
+        loop {
+            ready.set_state_ok(store.probe().await.is_ok());
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    });
+}
+
 /// Accepts until shutdown; each connection gets a task, or a `421` when a limit is reached.
-async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>, adm: Arc<Admission>, shutdown: Shutdown) {
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<ListenerContext>,
+    proxy: Option<Arc<crate::fleet::ProxySettings>>,
+    adm: Arc<Admission>,
+    shutdown: Shutdown,
+) {
     loop {
         let accepted = tokio::select! {
             biased;
@@ -422,12 +457,19 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<ListenerContext>, adm: Arc<
                 continue;
             }
         };
-        admit(stream, peer, &ctx, &adm, &shutdown);
+        admit(stream, peer, &ctx, proxy.clone(), &adm, &shutdown);
     }
     debug!(listener = %ctx.name, "listener closed");
 }
 
-fn admit(stream: TcpStream, peer: SocketAddr, ctx: &Arc<ListenerContext>, adm: &Arc<Admission>, shutdown: &Shutdown) {
+fn admit(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    ctx: &Arc<ListenerContext>,
+    proxy: Option<Arc<crate::fleet::ProxySettings>>,
+    adm: &Arc<Admission>,
+    shutdown: &Shutdown,
+) {
     let permit: Option<OwnedSemaphorePermit> = adm.global.clone().try_acquire_owned().ok();
     let Some(permit) = permit else {
         crate::metrics::connection(&ctx.name, crate::metrics::ConnResult::RejectedLimit);
@@ -435,21 +477,49 @@ fn admit(stream: TcpStream, peer: SocketAddr, ctx: &Arc<ListenerContext>, adm: &
         refuse(stream, Reply::too_many_connections(&adm.hostname), adm, shutdown);
         return;
     };
-    let Some(slot) = adm.per_ip.acquire(peer.ip(), adm.max_per_ip) else {
-        crate::metrics::connection(&ctx.name, crate::metrics::ConnResult::RejectedLimit);
-        crate::metrics::limit_hit(crate::metrics::Limit::MaxConnectionsPerIp);
-        refuse(stream, Reply::too_many_connections(&adm.hostname), adm, shutdown);
-        return;
+    // Behind a balancer the TCP peer is the balancer: the per-client count waits for the real address.
+    let slot = if proxy.is_some() {
+        None
+    } else {
+        let Some(slot) = adm.per_ip.acquire(peer.ip(), adm.max_per_ip) else {
+            crate::metrics::connection(&ctx.name, crate::metrics::ConnResult::RejectedLimit);
+            crate::metrics::limit_hit(crate::metrics::Limit::MaxConnectionsPerIp);
+            refuse(stream, Reply::too_many_connections(&adm.hostname), adm, shutdown);
+            return;
+        };
+        Some(slot)
     };
-    crate::metrics::connection(&ctx.name, crate::metrics::ConnResult::Accepted);
-    let id = format!("{:08X}", adm.next_id.fetch_add(1, Ordering::Relaxed));
+    let id = adm.ids.next_id();
     let local = stream.local_addr().unwrap_or(peer);
-    let span = tracing::info_span!("conn", id = %id, listener = %ctx.name, client.addr = %peer);
+    let span = tracing::info_span!("conn", id = %id, listener = %ctx.name, client.addr = tracing::field::Empty);
     let ctx = ctx.clone();
+    let adm = adm.clone();
     let hard = shutdown.hard.clone();
     shutdown.tasks.spawn(
         async move {
-            let _permits = (permit, slot);
+            let (peer, local, slot) = match (proxy, slot) {
+                (Some(proxy), _) => {
+                    let Some((client, local)) = proxy.client(&mut stream, peer, local).await else {
+                        return;
+                    };
+                    let Some(slot) = adm.per_ip.acquire(client.ip(), adm.max_per_ip) else {
+                        return refuse_now(stream, &ctx, &adm, crate::metrics::Limit::MaxConnectionsPerIp).await;
+                    };
+                    (client, local, slot)
+                }
+                (None, Some(slot)) => (peer, local, slot),
+                (None, None) => return,
+            };
+            tracing::Span::current().record("client.addr", tracing::field::display(peer));
+            let lease = match adm.fleet.lease(adm.per_ip.keys.key(peer.ip()), &id, adm.max_per_ip).await {
+                Ok(lease) => lease,
+                Err(refusal) => {
+                    debug!(?refusal, "refused by the fleet's per-client limit");
+                    return refuse_now(stream, &ctx, &adm, crate::metrics::Limit::MaxConnectionsPerIp).await;
+                }
+            };
+            crate::metrics::connection(&ctx.name, crate::metrics::ConnResult::Accepted);
+            let _permits = (permit, slot, lease);
             let _active = crate::metrics::connection_active(&ctx.name);
             debug!("connected");
             let reason = tokio::select! {
@@ -461,6 +531,19 @@ fn admit(stream: TcpStream, peer: SocketAddr, ctx: &Arc<ListenerContext>, adm: &
         }
         .instrument(span),
     );
+}
+
+/// Answers `421` and closes, from the connection's own task (a limit found after accepting: behind a
+/// balancer, or across the fleet).
+async fn refuse_now(mut stream: TcpStream, ctx: &ListenerContext, adm: &Admission, limit: crate::metrics::Limit) {
+    crate::metrics::connection(&ctx.name, crate::metrics::ConnResult::RejectedLimit);
+    crate::metrics::limit_hit(limit);
+    let reply = Reply::too_many_connections(&adm.hostname);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(&reply.render()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// Answers `421` and closes, without holding a connection permit; at most [`MAX_PENDING_REFUSALS`] at once,

@@ -156,6 +156,11 @@ impl Lockout {
         self.lock().known.remember(&normalize(name), client, now);
     }
 
+    /// Whether `client` authenticated as `name` lately (its failures then do not count against the name).
+    pub fn is_known(&self, client: ClientKey, name: &str, now: Instant) -> bool {
+        self.lock().known.is_known(&normalize(name), client, now)
+    }
+
     /// Keys tracked now (for tests).
     pub fn len(&self) -> usize {
         self.lock().entries.len()

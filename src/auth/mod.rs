@@ -9,6 +9,7 @@ pub mod gate;
 pub mod known;
 pub mod lockout;
 pub mod sasl;
+pub mod shared_lockout;
 pub mod store;
 pub mod totp;
 
@@ -57,6 +58,8 @@ pub struct Authenticator {
     lockout: Lockout,
     /// Last TOTP step used per user (lower-cased), so a code works once.
     totp_used: Mutex<HashMap<String, u64>>,
+    /// The shared store (a fleet): TOTP steps used anywhere in the fleet ([`Authenticator::use_state`]).
+    state: OnceLock<SharedState>,
     reloads_ok: AtomicU64,
     reloads_refused: AtomicU64,
 }
@@ -114,9 +117,19 @@ impl Authenticator {
                 failure_delay: cfg.failure_delay.get(),
             }),
             totp_used: Mutex::new(HashMap::new()),
+            state: OnceLock::new(),
             reloads_ok: AtomicU64::new(0),
             reloads_refused: AtomicU64::new(0),
         })))
+    }
+
+    /// Keeps the cross-connection AUTH state in `store` too (a fleet's Redis): with it a TOTP code used on
+    /// one instance is refused on every other, and failures on every instance count towards the lockout
+    /// of a client or name. `state.on_error` says what a store failure does to an attempt.
+    pub fn use_state(&self, store: crate::state::SharedStore, cfg: &crate::config::StateConfig, auth: &AuthConfig) {
+        let lockout = (store.backend() != "memory")
+            .then(|| shared_lockout::SharedLockout::new(store.clone(), auth, cfg.on_error.auth_lockout));
+        let _ = self.state.set(SharedState { store, totp_replay: cfg.on_error.totp_replay, lockout });
     }
 
     /// The brute-force counters.
@@ -136,7 +149,19 @@ impl Authenticator {
         if let Check::Locked(_) = self.lockout.check(client, Instant::now()) {
             return Err(AuthError::Locked);
         }
-        let throttled = self.lockout.name_throttled(client, &name, Instant::now());
+        let shared = self.state.get().and_then(|s| s.lockout.as_ref());
+        let client_id = client.to_string();
+        // The fleet's view: a store that fails makes the attempt fail closed (454) unless configured open.
+        if let Some(sh) = shared {
+            if sh.client_locked(&client_id).await.map_err(|_| AuthError::Internal)? {
+                return Err(AuthError::Locked);
+            }
+        }
+        let known = self.lockout.is_known(client, &name, Instant::now());
+        let mut throttled = self.lockout.name_throttled(client, &name, Instant::now());
+        if let (Some(sh), false, false) = (shared, throttled, known) {
+            throttled = sh.name_locked(&name).await.map_err(|_| AuthError::Internal)?;
+        }
         let verified = if throttled { self.check_dummy(creds).await? } else { self.check(creds, listener).await? };
         // Counted while the turns are held, so the next attempt of this client or name sees this outcome.
         match verified {
@@ -145,7 +170,15 @@ impl Authenticator {
                 Ok(user)
             }
             None => {
-                let f = self.lockout.failure(client, Some(&name), Instant::now());
+                let mut f = self.lockout.failure(client, Some(&name), Instant::now());
+                if let Some(sh) = shared {
+                    let counted = sh
+                        .failure(&client_id, (!known).then_some(name.as_str()))
+                        .await
+                        .map_err(|_| AuthError::Internal)?;
+                    f.locked |= counted.locked;
+                    f.delay = f.delay.max(counted.delay);
+                }
                 Err(AuthError::Invalid { delay: f.delay, locked: f.locked, throttled })
             }
         }
@@ -174,6 +207,11 @@ impl Authenticator {
             .map_err(|_| AuthError::Internal)?;
         let Some(verified) = verified else { return Ok(None) };
         if let Matched::Password { totp_step: Some(step) } = verified.matched {
+            if let Some(state) = self.state.get() {
+                if !state.totp_first_use(&key, step).await? {
+                    return Ok(None);
+                }
+            }
             // Check and set under one lock: two sessions racing with the same code cannot both pass.
             let mut used = self.totp_used.lock().unwrap_or_else(|p| p.into_inner());
             if used.get(&key).is_some_and(|l| *l >= step) {
@@ -249,6 +287,39 @@ impl Authenticator {
                 }
             },
         );
+    }
+}
+
+/// The fleet's shared AUTH state.
+struct SharedState {
+    store: crate::state::SharedStore,
+    totp_replay: crate::config::state::Failure,
+    /// The fleet's lockout counters; `None` with the memory store (the instance's own lockout is the
+    /// whole story then).
+    lockout: Option<shared_lockout::SharedLockout>,
+}
+
+/// How long a used TOTP step is remembered: a code is accepted up to one step late, so after three steps
+/// it cannot match any more.
+const TOTP_USED_TTL: Duration = Duration::from_secs(3 * totp::STEP);
+
+impl SharedState {
+    /// Marks `step` used by `user` across the fleet: `false` if it already was. The step before is marked
+    /// too, so an older code is not accepted after a newer one (two different codes racing on two
+    /// instances in the same instant can both pass; the same code cannot). A store failure follows
+    /// `state.on_error.totp_replay`: open passes (the instance's own guard still applies), closed is a
+    /// temporary failure (`454 4.7.0`).
+    async fn totp_first_use(&self, user: &str, step: u64) -> Result<bool, AuthError> {
+        let key = |s: u64| format!("totp:{user}:{s}");
+        let first = self.store.insert_new(&key(step), b"", TOTP_USED_TTL).await;
+        let first = crate::state::or_open(first, self.totp_replay, true).map_err(|e| {
+            debug!(error = %e, "TOTP replay guard unavailable; attempt refused for now");
+            AuthError::Internal
+        })?;
+        if first && step > 0 {
+            let _ = self.store.insert_new(&key(step - 1), b"", TOTP_USED_TTL).await;
+        }
+        Ok(first)
     }
 }
 

@@ -42,6 +42,12 @@ pub struct ListenerConfig {
     /// Offer AUTH before TLS too (loopback tests only: the password would cross the network in clear).
     #[serde(default)]
     pub auth_without_tls: bool,
+    /// Connections start with a PROXY protocol header from a load balancer (docs/fleet.md).
+    #[serde(default)]
+    pub proxy_protocol: super::proxy::ProxyProtocol,
+    /// The balancers' networks (CIDRs): the only sources whose header is believed.
+    #[serde(default)]
+    pub proxy_trusted: Vec<String>,
 }
 
 fn default_mode() -> ListenerMode {
@@ -69,6 +75,9 @@ pub fn problems(listeners: &[ListenerConfig]) -> Vec<(&'static str, String)> {
         }
         if l.address.port() != 0 && listeners[..i].iter().any(|o| o.address == l.address) {
             out.push(("address", format!("listener address {} is used twice", l.address)));
+        }
+        for message in super::proxy::problems(&l.name, l.proxy_protocol, &l.proxy_trusted) {
+            out.push(("proxy_trusted", message));
         }
         if l.mode == ListenerMode::Plain && l.require_tls {
             out.push((

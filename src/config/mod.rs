@@ -12,6 +12,7 @@ pub mod dns;
 pub mod limits;
 pub mod listener;
 pub mod observability;
+pub mod proxy;
 pub mod quarantine;
 pub mod rules;
 pub mod sender_auth;
@@ -121,6 +122,8 @@ impl Default for Config {
                 role: Role::Mx,
                 require_tls: false,
                 auth_without_tls: false,
+                proxy_protocol: proxy::ProxyProtocol::Off,
+                proxy_trusted: Vec::new(),
             }],
             tls: TlsConfig::default(),
             upstream: UpstreamConfig::default(),

@@ -356,7 +356,10 @@ fn route(req: &Request<'_>, shared: &Shared) -> Response {
         }
         "/readyz" => {
             let reasons = shared.ready.reasons();
-            if reasons.is_empty() {
+            let degraded = shared.ready.degraded();
+            if reasons.is_empty() && !degraded.is_empty() {
+                Response::text(200, "OK", format!("ready, degraded: {}\n", degraded.join(", ")))
+            } else if reasons.is_empty() {
                 Response::text(200, "OK", "ready\n")
             } else {
                 Response::text(503, "Service Unavailable", format!("not ready: {}\n", reasons.join(", ")))

@@ -258,6 +258,18 @@ label_enum! {
 }
 
 label_enum! {
+    /// `kind` of [`super::STATE_ERRORS_TOTAL`].
+    StateError {
+        /// No answer within `state.command_timeout`.
+        Timeout => "timeout",
+        /// The store could not be reached or refused the command.
+        Unavailable => "unavailable",
+        /// A key held a value of another kind (a bug).
+        WrongKind => "wrong_kind",
+    }
+}
+
+label_enum! {
     /// `mode` of `moat_archive_copies_total`.
     ArchiveMode {
         /// An extra upstream recipient.
@@ -274,6 +286,18 @@ label_enum! {
         Age => "age",
         /// Removed, oldest first, to bring the store back under its disk budget.
         Budget => "budget",
+    }
+}
+
+label_enum! {
+    /// `reason` of [`super::PROXY_HEADERS_REFUSED_TOTAL`].
+    ProxyRefusal {
+        /// The connection came from outside `proxy_trusted`.
+        Untrusted => "untrusted",
+        /// The header was malformed, of a version the listener does not accept, or too long.
+        Malformed => "malformed",
+        /// The header did not arrive within the header timeout, or the peer closed first.
+        Timeout => "timeout",
     }
 }
 

@@ -11,7 +11,10 @@
 //! instances pass their own wall clocks (kept in step by NTP), which is what makes a rate the same
 //! wherever a client lands.
 
+pub mod ids;
+pub mod lease;
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -158,6 +161,11 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// Removes `key`.
     fn delete<'a>(&'a self, key: &'a str) -> StoreFuture<'a, ()>;
 
+    /// Checks that the store answers (the readiness probe); the memory store always does.
+    fn probe(&self) -> StoreFuture<'_, ()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// How many keys the store holds, when it can tell cheaply (the `moat_state_entries` gauge); `None`
     /// for a store whose size is watched elsewhere (Redis' own `INFO keyspace`).
     fn entries(&self) -> Option<usize> {
@@ -168,12 +176,24 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 /// A shared handle to the configured store.
 pub type SharedStore = Arc<dyn Store>;
 
-/// Opens the configured store.
-pub fn open(cfg: &crate::config::StateConfig) -> SharedStore {
-    match cfg.backend {
+/// Opens the configured store. A Redis store connects lazily (and reconnects by itself), so this only
+/// fails on settings Redis' client refuses; it must run inside a tokio runtime.
+pub fn open(cfg: &crate::config::StateConfig) -> Result<SharedStore, redis::RedisSetupError> {
+    Ok(match cfg.backend {
         crate::config::StateBackend::Memory => {
             Arc::new(memory::MemoryStore::new(cfg.max_entries, Arc::new(SystemClock)))
         }
+        crate::config::StateBackend::Redis => Arc::new(redis::RedisStore::new(cfg, Arc::new(SystemClock))?),
+    })
+}
+
+/// What a feature does with a store failure ([`crate::config::state::Failure`]): `Ok(v)` passes the
+/// store's answer on; a failure becomes `Ok(open)` when the feature fails open, else the error.
+pub fn or_open<T>(r: Result<T, StoreError>, choice: crate::config::state::Failure, open: T) -> Result<T, StoreError> {
+    match (r, choice) {
+        (Ok(v), _) => Ok(v),
+        (Err(_), crate::config::state::Failure::Open) => Ok(open),
+        (Err(e), crate::config::state::Failure::Closed) => Err(e),
     }
 }
 

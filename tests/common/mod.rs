@@ -5,9 +5,13 @@
 // runtime, so `std::thread::sleep` (disallowed in clippy.toml for async code) is deliberate here.
 #![allow(clippy::disallowed_methods)]
 
+pub mod conformance;
 pub mod dnsmasq;
 pub mod fake;
+pub mod fleet;
+pub mod haproxy;
 pub mod moat;
 pub mod moat_process;
 pub mod postfix;
 pub mod process;
+pub mod redis;
