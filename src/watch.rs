@@ -1,5 +1,6 @@
 //! The one polling file watcher behind every hot reload (TLS certificates, the users file, the rules
-//! directory).
+//! directory), and [`spawn_sweep`], the periodic blocking task behind the retention sweeps of the
+//! quarantine store and the archive.
 //!
 //! It polls rather than using inotify: a poll every few seconds costs nothing, works the same on every
 //! filesystem (NFS, bind mounts, configuration management that replaces files by rename), and needs no extra
@@ -66,6 +67,32 @@ where
             previous = current;
         }
     })
+}
+
+/// Spawns a task that runs `sweep` (blocking: it walks directories; run on the blocking pool) every
+/// `interval` until `shutdown` fires. A failure is logged with `what` and the next tick tries again.
+pub fn spawn_sweep<F, T, E>(what: &'static str, interval: Duration, shutdown: CancellationToken, sweep: F)
+where
+    F: Fn() -> Result<T, E> + Clone + Send + 'static,
+    T: Send + 'static,
+    E: std::fmt::Display + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            match tokio::task::spawn_blocking(sweep.clone()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(sweep = what, error = %e, "sweep failed"),
+                Err(e) => tracing::warn!(sweep = what, error = %e, "sweep task failed"),
+            }
+        }
+    });
 }
 
 /// A file's identity and version as far as a poll can tell: modification time, length and inode (a

@@ -108,21 +108,9 @@ impl ArchiveDir {
     /// Starts the retention sweep (every `sweep_interval`, until `shutdown`).
     pub fn spawn_sweeper(&self, config: &ArchiveConfig, shutdown: CancellationToken) {
         let limits = Limits { max_age: config.retention.get().as_secs(), max_bytes: config.max_size.bytes() };
-        let (interval, me) = (config.sweep_interval.get(), self.clone());
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    biased;
-                    () = shutdown.cancelled() => return,
-                    _ = ticker.tick() => {}
-                }
-                let me = me.clone();
-                if let Err(e) = blocking(move || me.sweep(crate::quarantine::now_secs(), limits)).await {
-                    tracing::warn!(error = %e, "archive sweep failed");
-                }
-            }
+        let me = self.clone();
+        crate::watch::spawn_sweep("archive", config.sweep_interval.get(), shutdown, move || {
+            me.sweep(crate::quarantine::now_secs(), limits)
         });
     }
 

@@ -64,23 +64,9 @@ pub fn now_secs() -> u64 {
 
 /// Sweeps the store every `sweep_interval` until `shutdown`, off the async threads.
 pub fn spawn_sweeper(store: Arc<Store>, config: &QuarantineConfig, shutdown: CancellationToken) {
-    let (interval, limits) = (config.sweep_interval.get(), limits(config));
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled() => return,
-                _ = ticker.tick() => {}
-            }
-            let s = Arc::clone(&store);
-            match tokio::task::spawn_blocking(move || s.sweep(now_secs(), limits)).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "quarantine sweep failed"),
-                Err(e) => tracing::warn!(error = %e, "quarantine sweep task failed"),
-            }
-        }
+    let limits = limits(config);
+    crate::watch::spawn_sweep("quarantine", config.sweep_interval.get(), shutdown, move || {
+        store.sweep(now_secs(), limits)
     });
 }
 
