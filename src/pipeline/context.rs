@@ -2,8 +2,9 @@
 //! the message at the end of data ([`MessageView`]) and the events the driver reports ([`AuthEvent`],
 //! [`RcptOutcome`], [`TxnEnd`]).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use super::ext::{Extensions, SharedExtensions};
 use super::rules;
@@ -42,6 +43,23 @@ pub struct StageRecord {
     pub phase: &'static str,
     pub verdict: &'static str,
     pub micros: u64,
+}
+
+impl StageRecord {
+    /// `"<kind>:<id>"` as a `&'static str` for [`StageRecord::stage`] (a rule or limit hit recorded under
+    /// its own id): each distinct label is leaked once, so memory is bounded by the ids ever loaded, not by
+    /// the number of hits or reloads.
+    pub fn label(kind: &str, id: &str) -> &'static str {
+        static LABELS: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+        let label = format!("{kind}:{id}");
+        let mut labels = LABELS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = labels.get(label.as_str()) {
+            return s;
+        }
+        let s: &'static str = Box::leak(label.into_boxed_str());
+        labels.insert(s);
+        s
+    }
 }
 
 /// Per-transaction state owned by the session.

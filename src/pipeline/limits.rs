@@ -10,8 +10,7 @@
 //! end. The connection takes a rule-set snapshot at connect (connect and AUTH limits); a transaction takes
 //! its own at MAIL and keeps it to its end. A store that does not answer fails open (logged at `debug`).
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tracing::debug;
@@ -129,20 +128,6 @@ fn block_key(key: &str) -> String {
     format!("{key}:block")
 }
 
-/// Limit labels as `&'static str` for [`StageRecord`]: each distinct id is leaked once, so memory is bounded
-/// by the ids ever loaded, not by hits or reloads.
-fn intern(id: &str) -> &'static str {
-    static IDS: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let label = format!("limit:{id}");
-    let mut ids = IDS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(s) = ids.get(label.as_str()) {
-        return s;
-    }
-    let s: &'static str = Box::leak(label.into_boxed_str());
-    ids.insert(s);
-    s
-}
-
 /// Whether `limit` applies to this connection and these facts (role, `when`, `unless`).
 fn applies(set: &RuleSet, limit: &Limit, conn: &ConnInfo, facts: &Facts<'_>) -> bool {
     limit.role.is_none_or(|r| r == conn.role)
@@ -244,7 +229,7 @@ impl LimitsStage {
 async fn exceeded(limit: &Limit, hook: Hook, retry: Option<Duration>, effects: &mut Effects, log_key: &str) -> Verdict {
     crate::metrics::limit_exceeded(&limit.id);
     debug!(limit = %limit.id, key = log_key, action = limit.action.as_str(), "limit exceeded");
-    effects.records.push((intern(&limit.id), hook.as_str(), limit.action.as_str()));
+    effects.records.push((StageRecord::label("limit", &limit.id), hook.as_str(), limit.action.as_str()));
     match &limit.action {
         LimitAction::Tempfail | LimitAction::Reject => refusal(limit, hook, retry),
         LimitAction::Score(s) => {

@@ -8,8 +8,7 @@
 //! body rules run at end of data on the scanned part of the message. Parsing and matching run off the async
 //! threads.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tracing::{debug, warn};
@@ -91,27 +90,13 @@ impl RulesStage {
     }
 }
 
-/// Rule ids as `&'static str` for [`StageRecord`]: each distinct id is leaked once, so memory is bounded by
-/// the number of distinct ids ever loaded, not by the number of hits or reloads.
-fn intern(id: &str) -> &'static str {
-    static IDS: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    let label = format!("rule:{id}");
-    let mut ids = IDS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(s) = ids.get(label.as_str()) {
-        return s;
-    }
-    let s: &'static str = Box::leak(label.into_boxed_str());
-    ids.insert(s);
-    s
-}
-
 /// Records and counts the hits of one phase and turns them into a verdict.
 fn apply(set: &RuleSet, hits: &[usize], txn: &mut TxnContext, phase: Phase) -> Verdict {
     for &i in hits {
         let rule = &set.rules[i];
         crate::metrics::rule_hit(&rule.id);
         txn.records.push(StageRecord {
-            stage: intern(&rule.id),
+            stage: StageRecord::label("rule", &rule.id),
             phase: phase.as_str(),
             verdict: rule.action.as_str(),
             micros: 0,
