@@ -165,6 +165,35 @@ impl Spool {
         Ok(())
     }
 
+    /// Lets `fill` append at most `max` bytes straight into the spool's own buffer, saving the copy through
+    /// [`Spool::write`]: in memory when `max` more bytes fit under the threshold and the budget, else into a
+    /// spill file's write buffer (call [`Spool::settle`] afterwards). Returns `None`, without calling
+    /// `fill`, when the bytes might not fit in memory and the spool has not spilled yet: use `write`, which
+    /// spills. A `fill` that appends more than `max` is a bug; in memory the extra bytes are still counted.
+    pub fn append_direct<R>(&mut self, max: usize, fill: impl FnOnce(&mut Vec<u8>) -> R) -> Option<R> {
+        if self.file.is_none() {
+            let want = self.mem.len().saturating_add(max);
+            if want > self.budget.threshold || !self.reserve(want) {
+                return None;
+            }
+        }
+        let before = self.mem.len();
+        // Room for the usual case (about as many bytes out as in) in one allocation, not a doubling series.
+        self.mem.reserve(max / 2);
+        let r = fill(&mut self.mem);
+        debug_assert!(self.mem.len() - before <= max, "append_direct: more than announced");
+        self.len += (self.mem.len() - before) as u64;
+        Some(r)
+    }
+
+    /// After [`Spool::append_direct`]: writes a spill file's buffer out once it holds a block.
+    pub async fn settle(&mut self) -> io::Result<()> {
+        if self.file.is_some() && self.mem.len() >= SPILL_BLOCK {
+            self.flush_buffer().await?;
+        }
+        Ok(())
+    }
+
     /// Makes sure `want` bytes are reserved against the budget; false when the budget is exhausted.
     fn reserve(&mut self, want: usize) -> bool {
         let have = self.reserved() as usize;

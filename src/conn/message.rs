@@ -39,6 +39,30 @@ fn head_complete(head: &[u8], from: usize) -> bool {
     head.starts_with(b"\r\n") || memchr::memmem::find(&head[from.min(head.len())..], b"\r\n\r\n").is_some()
 }
 
+/// Where in `out` (the bytes that follow `head`) the header section ends: the length of `out` up to and
+/// including the empty line, or `None` if it does not end in `out`. A message may start with the empty
+/// line (no header section at all). `head` is known not to hold the end, so only its last three bytes
+/// can be part of it: the search never goes back over what an earlier read searched (which would cost
+/// quadratic time for a client that sends tiny segments).
+fn header_end(head: &[u8], out: &[u8]) -> Option<usize> {
+    if head.len() < 2 {
+        let want = 2 - head.len();
+        if out.len() >= want && [head, &out[..want]].concat() == b"\r\n" {
+            return Some(want);
+        }
+    }
+    let tail = &head[head.len().saturating_sub(3)..];
+    let mut seam = [0u8; 6];
+    let n = tail.len() + out.len().min(3);
+    seam[..tail.len()].copy_from_slice(tail);
+    seam[tail.len()..n].copy_from_slice(&out[..n - tail.len()]);
+    // A match in the seam straddles the two (each side holds at most three bytes of it).
+    if let Some(i) = memchr::memmem::find(&seam[..n], b"\r\n\r\n") {
+        return Some(i + 4 - tail.len());
+    }
+    memchr::memmem::find(out, b"\r\n\r\n").map(|i| i + 4)
+}
+
 /// The reply when the memory budget has no room for a content scan.
 fn scan_budget_exhausted() -> Reply {
     Reply::new(451, "4.3.1 insufficient system resources, try again later")
@@ -99,40 +123,69 @@ impl Driver {
         let Some(txn) = self.txn.as_mut() else { return Ok((self.rbuf.len().min(max), false)) };
         let Some(decoder) = txn.decoder.as_mut() else { return Ok((self.rbuf.len().min(max), false)) };
         let take = self.rbuf.len().min(max);
-        let mut out = Vec::with_capacity(take + 64);
-        let (n, end) = decoder.decode(&self.rbuf[..take], &mut out);
-        txn.size += out.len() as u64;
+        let input = &self.rbuf[..take];
+        let refused_before = txn.too_big || txn.spool_failed || txn.early.is_some() || decoder.refusal().is_some();
+        let (head, head_done) = (&mut txn.head, &mut txn.head_done);
+        let mut headers_ended = false;
+        let mut decode = |out: &mut Vec<u8>| {
+            let from = out.len();
+            let r = decoder.decode(input, out);
+            if !*head_done {
+                headers_ended = Self::track_head(head, head_done, &out[from..]);
+            }
+            (r, out.len() - from)
+        };
+        // Straight into the spool's buffer when it has room (one copy of the bytes, not two); decoded bytes
+        // are at most twice the input (a bare line ending becomes CRLF). A message already refused is not
+        // spooled any further: its bytes are decoded into scratch space and dropped.
+        let direct = if refused_before { None } else { txn.spool.append_direct(take.saturating_mul(2), &mut decode) };
+        let spooled = direct.is_some();
+        let ((n, end), produced) = match direct {
+            Some(r) => r,
+            None => {
+                self.scratch.clear();
+                decode(&mut self.scratch)
+            }
+        };
+        txn.size += produced as u64;
         let limit = self.ctx.session.max_message_size;
         if txn.size > limit && !txn.too_big {
             txn.too_big = true;
             crate::metrics::limit_hit(crate::metrics::Limit::MaxMessageSize);
         }
-        let refused = txn.too_big || txn.spool_failed || decoder.refusal().is_some();
-        let headers_ended = !txn.head_done && Self::track_head(txn, &out);
+        let refused = txn.too_big || txn.spool_failed || txn.decoder.as_ref().and_then(DataDecoder::refusal).is_some();
+        if refused && spooled {
+            // Refused with this read: what it spooled is never relayed; give the memory back now.
+            txn.spool = self.ctx.spool.spool();
+        }
         if headers_ended && !refused {
             self.header_verdict().await;
         }
         let Some(txn) = self.txn.as_mut() else { return Ok((n, end)) };
-        if !refused && txn.early.is_none() {
-            // A message already refused is not spooled any further: its bytes are read and dropped.
-            if let Err(e) = txn.spool.write(&out).await {
-                warn!(error = %e, "cannot spool message");
-                txn.spool_failed = true;
-            }
+        let stored = if spooled || refused || txn.early.is_some() {
+            txn.spool.settle().await
+        } else {
+            txn.spool.write(&self.scratch).await
+        };
+        if let Err(e) = stored {
+            warn!(error = %e, "cannot spool message");
+            txn.spool_failed = true;
+        }
+        if self.scratch.capacity() > 2 * super::READ_CHUNK {
+            self.scratch = Vec::new();
         }
         Ok((n, end))
     }
 
     /// Keeps the start of the message up to the end of its header section, within [`MAX_HEAD`]. Returns
     /// whether the header section just ended within that bound (a longer one is judged at end of data).
-    fn track_head(txn: &mut Txn, out: &[u8]) -> bool {
-        let room = MAX_HEAD - txn.head.len();
-        // Only the new bytes and the three before them can complete "\r\n\r\n": searching the whole kept
-        // header on every read would cost quadratic time for a client that sends tiny segments.
-        let from = txn.head.len().saturating_sub(3);
-        txn.head.extend_from_slice(&out[..out.len().min(room)]);
-        let complete = head_complete(&txn.head, from);
-        txn.head_done = complete || txn.head.len() >= MAX_HEAD;
+    /// Only the header section is copied, not the body bytes that arrive in the same read.
+    fn track_head(head: &mut Vec<u8>, head_done: &mut bool, out: &[u8]) -> bool {
+        let room = MAX_HEAD - head.len();
+        let end = header_end(head, out);
+        head.extend_from_slice(&out[..end.unwrap_or(out.len()).min(room)]);
+        let complete = end.is_some_and(|n| n <= room);
+        *head_done = complete || head.len() >= MAX_HEAD;
         complete
     }
 
@@ -485,5 +538,57 @@ impl Driver {
             ..TransactionRecord::new(txn.started)
         };
         self.ctx.audit.record(&rec);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn header_end_across_reads() {
+        assert_eq!(header_end(b"", b"\r\nbody"), Some(2), "no header section at all");
+        assert_eq!(header_end(b"\r", b"\nbody"), Some(1));
+        assert_eq!(header_end(b"Subject: a\r", b"\n\r\nbody"), Some(3));
+        assert_eq!(header_end(b"Subject: a\r\n\r", b"\nbody"), Some(1));
+        assert_eq!(header_end(b"Subject: a\r\n", b"To: b\r\n\r\nbody"), Some(9));
+        assert_eq!(header_end(b"Subject: a\r\n", b"To: b\r\n"), None);
+        assert_eq!(header_end(b"Subject: a", b""), None);
+    }
+
+    proptest! {
+        /// Read by read, the kept head is the header section of the whole message (no body bytes), and it
+        /// completes exactly when the empty line has arrived.
+        #[test]
+        fn track_head_keeps_the_header_section(
+            lines in proptest::collection::vec(prop_oneof![Just("A: b\r\n"), Just("\r\n"), Just("x\r\n"), Just("\r")], 0..12),
+            cuts in proptest::collection::vec(0usize..40, 0..6),
+        ) {
+            let msg: Vec<u8> = lines.concat().into_bytes();
+            let (mut head, mut done, mut completed_at) = (Vec::new(), false, None);
+            let mut at = 0;
+            let mut bounds: Vec<usize> = cuts.into_iter().map(|c| c.min(msg.len())).collect();
+            bounds.push(msg.len());
+            bounds.sort_unstable();
+            for b in bounds {
+                if b < at || done {
+                    continue;
+                }
+                if Driver::track_head(&mut head, &mut done, &msg[at..b]) {
+                    completed_at = Some(b);
+                }
+                at = b;
+            }
+            let whole = header_section(&msg);
+            let ends = msg.starts_with(b"\r\n") || memchr::memmem::find(&msg, b"\r\n\r\n").is_some();
+            prop_assert_eq!(completed_at.is_some(), ends);
+            if ends {
+                prop_assert_eq!(&head[..], whole);
+                prop_assert!(completed_at.unwrap() >= whole.len());
+            } else {
+                prop_assert_eq!(&head[..], &msg[..]);
+            }
+        }
     }
 }

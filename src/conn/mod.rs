@@ -128,6 +128,8 @@ struct Driver {
     session: Session,
     io: Box<dyn Stream>,
     rbuf: BytesMut,
+    /// Decoded message bytes on their way to the spool when they cannot be decoded straight into it.
+    scratch: Vec<u8>,
     wbuf: Vec<u8>,
     lines: LineReader,
     info: ConnInfo,
@@ -168,6 +170,7 @@ pub async fn serve(
         session: Session::new(ctx.session.clone(), ctx.implicit_tls),
         io: Box::new(io),
         rbuf: BytesMut::with_capacity(1024),
+        scratch: Vec::new(),
         wbuf: Vec::with_capacity(512),
         lines: LineReader::new(ctx.max_command_line),
         ident: ClientIdentity {

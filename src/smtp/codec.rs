@@ -163,15 +163,15 @@ impl DataDecoder {
 
     /// Decodes `input`, appending canonical bytes to `out`. Returns the bytes consumed and whether the end of
     /// data (`<CRLF>.<CRLF>`, DATA only) was reached; bytes after the end are left unconsumed.
+    ///
+    /// Well-formed text (lines ended by CRLF that do not start with a dot) is copied in runs of whole lines
+    /// by [`DataDecoder::clean_run`]; every other byte goes through the state machine one at a time, so the
+    /// result is the same as feeding the bytes one by one (a property test checks exactly that).
     pub fn decode(&mut self, input: &[u8], out: &mut Vec<u8>) -> (usize, bool) {
         let mut i = 0;
         while i < input.len() {
             if self.state == State::Mid {
-                // Fast path: copy the run up to the next CR or LF.
-                let run = memchr::memchr2(b'\r', b'\n', &input[i..]).unwrap_or(input.len() - i);
-                out.extend_from_slice(&input[i..i + run]);
-                self.count(run);
-                i += run;
+                i = self.clean_run(input, i, out);
                 if i == input.len() {
                     break;
                 }
@@ -183,6 +183,33 @@ impl DataDecoder {
             }
         }
         (i, false)
+    }
+
+    /// Inside a line (state `Mid`), copies from `start` up to the first byte the state machine must see: a
+    /// CR or LF that is not a wire CRLF followed by an ordinary first byte of the next line (not `.`, CR or
+    /// LF), or a CRLF too close to the end of `input` to know what follows. Returns that byte's index (the
+    /// end of `input` if there is none), with the line length counted up to it and the state still `Mid`.
+    fn clean_run(&mut self, input: &[u8], start: usize, out: &mut Vec<u8>) -> usize {
+        let mut i = start;
+        let stop = loop {
+            let Some(k) = memchr::memchr2(b'\r', b'\n', &input[i..]) else {
+                self.count(input.len() - i);
+                break input.len();
+            };
+            self.count(k);
+            let p = i + k;
+            let next_line_is_plain = input[p] == b'\r'
+                && input.get(p + 1) == Some(&b'\n')
+                && input.get(p + 2).is_some_and(|&c| !matches!(c, b'.' | b'\r' | b'\n'));
+            if !next_line_is_plain {
+                break p;
+            }
+            // A real line end and an ordinary byte after it: the next line starts, still inside the run.
+            self.line_len = 0;
+            i = p + 2;
+        };
+        out.extend_from_slice(&input[start..stop]);
+        stop
     }
 
     /// Ends a chunked (BDAT) message: a trailing CR is a bare CR, and the message ends with CRLF.
@@ -271,26 +298,30 @@ impl DataDecoder {
 // === relay ===
 
 /// Dot-stuffs canonical message bytes for the wire (RFC 5321 4.5.2), appending to `out`. `at_line_start`
-/// carries the line position across chunks; start it `true`.
+/// carries the line position across chunks; start it `true`. Text with no line starting with a dot is
+/// copied in one piece.
 pub fn stuff(input: &[u8], at_line_start: &mut bool, out: &mut Vec<u8>) {
-    let mut rest = input;
-    while !rest.is_empty() {
-        if *at_line_start && rest[0] == b'.' {
-            out.push(b'.');
-        }
-        match memchr::memchr(b'\n', rest) {
-            Some(i) => {
-                out.extend_from_slice(&rest[..=i]);
-                rest = &rest[i + 1..];
-                *at_line_start = true;
-            }
-            None => {
-                out.extend_from_slice(rest);
-                *at_line_start = false;
-                return;
-            }
-        }
+    if input.is_empty() {
+        return;
     }
+    let mut from = 0;
+    if *at_line_start && input[0] == b'.' {
+        out.push(b'.');
+    }
+    for i in memchr::memmem::find_iter(input, b"\n.") {
+        // Copy through the LF and the dot's line start; the extra dot goes before it.
+        out.extend_from_slice(&input[from..=i]);
+        out.push(b'.');
+        from = i + 1;
+    }
+    out.extend_from_slice(&input[from..]);
+    *at_line_start = input.last() == Some(&b'\n');
+}
+
+/// Whether [`stuff`] would change `input` (given the line position it starts at): false means the bytes
+/// can go on the wire as they are.
+pub fn needs_stuffing(input: &[u8], at_line_start: bool) -> bool {
+    (at_line_start && input.first() == Some(&b'.')) || memchr::memmem::find(input, b"\n.").is_some()
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ pub use pipelining::GroupReplies;
 pub use pool::Pool;
 pub use splice::Splice;
 
-use std::io;
+use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -514,11 +514,36 @@ impl Connection {
         }
         let io_err = |source| UpstreamError::Io { phase: Phase::Message, source };
         spool.rewind().await.map_err(io_err)?;
+        let total = spool.len();
         let mut wire = Vec::with_capacity(crate::spool::FILE_CHUNK + 1024);
         let mut at_line_start = true;
         crate::smtp::codec::stuff(prefix, &mut at_line_start, &mut wire);
         let (mut buf, mut pos, mut at) = (Vec::new(), 0u64, 0u64);
         while let Some(chunk) = spool.next_chunk(&mut buf, &mut pos).await.map_err(io_err)? {
+            let last = pos >= total;
+            if splice.is_none() && !crate::smtp::codec::needs_stuffing(chunk, at_line_start) {
+                // Nothing to stuff (the usual case): the spooled bytes go out as they are, with what is
+                // pending before them and, for the last chunk, the end marker after them, in one vectored
+                // write and without a copy.
+                if let Some(&b) = chunk.last() {
+                    at_line_start = b == b'\n';
+                }
+                at += chunk.len() as u64;
+                let end = if !last {
+                    &b""[..]
+                } else if at_line_start {
+                    &b".\r\n"[..]
+                } else {
+                    &b"\r\n.\r\n"[..] // the spool always ends lines; this only guards the invariant
+                };
+                self.write_vectored(&mut [IoSlice::new(&wire), IoSlice::new(chunk), IoSlice::new(end)], Phase::Message)
+                    .await?;
+                wire.clear();
+                if last {
+                    break;
+                }
+                continue;
+            }
             for piece in chunk.chunks(crate::spool::FILE_CHUNK) {
                 match splice {
                     Some(s) => s.apply(piece, at, |b| crate::smtp::codec::stuff(b, &mut at_line_start, &mut wire)),
@@ -532,12 +557,22 @@ impl Connection {
                     wire.clear();
                 }
             }
+            if last {
+                if !at_line_start {
+                    wire.extend_from_slice(b"\r\n"); // the spool always ends lines; this only guards the invariant
+                }
+                wire.extend_from_slice(b".\r\n");
+                self.write(&wire, Phase::Message).await?;
+                break;
+            }
         }
-        if !at_line_start {
-            wire.extend_from_slice(b"\r\n"); // the spool always ends lines; this only guards the invariant
+        if total == 0 {
+            if !at_line_start {
+                wire.extend_from_slice(b"\r\n");
+            }
+            wire.extend_from_slice(b".\r\n");
+            self.write(&wire, Phase::Message).await?;
         }
-        wire.extend_from_slice(b".\r\n");
-        self.write(&wire, Phase::Message).await?;
         self.flush(Phase::Message).await?;
         let reply = self.read_reply(Phase::Message, self.settings.data_timeout).await?;
         self.in_transaction = false;
@@ -579,6 +614,27 @@ impl Connection {
     async fn write(&mut self, bytes: &[u8], phase: Phase) -> Result<(), UpstreamError> {
         let t = self.settings.command_timeout;
         match timeout(t, self.io.get_mut().write_all(bytes)).await {
+            Err(_) => Err(UpstreamError::Timeout(phase)),
+            Ok(r) => r.map_err(|source| UpstreamError::Io { phase, source }),
+        }
+    }
+
+    /// Writes all of `bufs` with as few (vectored) system calls as the stream takes.
+    async fn write_vectored(&mut self, mut bufs: &mut [IoSlice<'_>], phase: Phase) -> Result<(), UpstreamError> {
+        let t = self.settings.command_timeout;
+        let io = self.io.get_mut();
+        let all = async {
+            IoSlice::advance_slices(&mut bufs, 0); // skips empty slices
+            while !bufs.is_empty() {
+                let n = io.write_vectored(bufs).await?;
+                if n == 0 {
+                    return Err(std::io::Error::from(std::io::ErrorKind::WriteZero));
+                }
+                IoSlice::advance_slices(&mut bufs, n);
+            }
+            Ok(())
+        };
+        match timeout(t, all).await {
             Err(_) => Err(UpstreamError::Timeout(phase)),
             Ok(r) => r.map_err(|source| UpstreamError::Io { phase, source }),
         }

@@ -240,3 +240,65 @@ proptest! {
         }
     }
 }
+
+/// The state machine alone, one byte at a time: the reference that [`DataDecoder::decode`]'s bulk copying
+/// of clean lines must match exactly.
+fn decode_reference(d: &mut DataDecoder, input: &[u8], out: &mut Vec<u8>) -> (usize, bool) {
+    for (i, &b) in input.iter().enumerate() {
+        if d.step(b, out) {
+            return (i + 1, true);
+        }
+    }
+    (input.len(), false)
+}
+
+/// Wire bytes rich in the cases the fast path must hand over: CR, LF, dots, short and long lines.
+fn wire_bytes() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(
+        prop_oneof![3 => Just(b'\r'), 3 => Just(b'\n'), 2 => Just(b'.'), 6 => Just(b'a'), 1 => any::<u8>()],
+        0..400,
+    )
+}
+
+proptest! {
+    /// The fast decoder and the byte-at-a-time reference agree on output, bytes consumed, end of data, the
+    /// bare-line-ending and long-line flags and the line length, for any input split into any two reads,
+    /// in both framings.
+    #[test]
+    fn fast_path_matches_reference(wire in wire_bytes(), cut in 0usize..400, chunked in any::<bool>(), max_line in 0usize..12) {
+        let framing = if chunked { Framing::Chunked } else { Framing::Dot };
+        let mut fast = DataDecoder::new(framing, Normalize, max_line);
+        let mut slow = DataDecoder::new(framing, Normalize, max_line);
+        let (mut fo, mut so) = (Vec::new(), Vec::new());
+        let cut = cut.min(wire.len());
+        let (mut fn_, mut sn) = (0, 0);
+        let (mut fe, mut se) = (false, false);
+        for part in [&wire[..cut], &wire[cut..]] {
+            if !fe {
+                let (n, e) = fast.decode(part, &mut fo);
+                fn_ += n;
+                fe = e;
+            }
+            if !se {
+                let (n, e) = decode_reference(&mut slow, part, &mut so);
+                sn += n;
+                se = e;
+            }
+        }
+        prop_assert_eq!(&fo, &so);
+        prop_assert_eq!((fn_, fe), (sn, se));
+        prop_assert_eq!(fast.saw_bare_line_ending(), slow.saw_bare_line_ending());
+        prop_assert_eq!(fast.saw_long_line(), slow.saw_long_line());
+        prop_assert_eq!(fast.line_len, slow.line_len);
+        prop_assert_eq!(fast.state, slow.state);
+    }
+
+    /// `needs_stuffing` is false exactly when `stuff` leaves the bytes as they are.
+    #[test]
+    fn needs_stuffing_agrees_with_stuff(msg in canonical(), start in any::<bool>()) {
+        let mut out = Vec::new();
+        let mut at = start;
+        stuff(&msg, &mut at, &mut out);
+        prop_assert_eq!(needs_stuffing(&msg, start), out != msg);
+    }
+}
