@@ -2,11 +2,12 @@
 # TLS benchmark: full TLS 1.3 handshakes per second on loopback, moat's implicit-TLS listener against
 # `openssl s_server` with the same certificate and key (ECDSA P-256 and RSA 2048), in the same run; then the
 # memory of an idle TLS session in moat (RSS growth over N open sessions / N). Resumed handshakes (`s_time
-# -reuse`: TLS 1.3 session tickets) are measured the same way, against both servers.
+# -reuse`) are measured the same way, against both servers; since s_time never reads, it never receives TLS
+# 1.3 tickets, so moat's CPU per resumed connection is also measured with scripts/bench-tls-resume.py.
 #
 #   scripts/bench-tls.sh            build moat in release mode, run everything, print a table
 #
-# Environment: SECONDS_PER_RUN (default 10), IDLE_SESSIONS (default 2000, at most 4000), SERVER_CPU (default 0),
+# Environment: SECONDS_PER_RUN (default 10), RESUME_N (default 1000 connections per kind), IDLE_SESSIONS (default 2000, at most 4000), SERVER_CPU (default 0),
 # CLIENT_CPU (default 1), SKIP_BUILD=1 to use an existing release binary, CARGO_TARGET_DIR as for cargo.
 #
 # Each server is pinned to one core (taskset -c SERVER_CPU), the client (`openssl s_time -new`, one
@@ -154,7 +155,7 @@ for s in held:
 EOF
 }
 
-declare -A RATE_MOAT RATE_OPENSSL IDLE_KIB REUSE_MOAT REUSE_OPENSSL
+declare -A RATE_MOAT RATE_OPENSSL IDLE_KIB REUSE_MOAT REUSE_OPENSSL TICKETS
 for alg in ecdsa rsa; do
     make_cert "$alg"
     port=$(free_port)
@@ -163,6 +164,7 @@ for alg in ecdsa rsa; do
     wait_port "$port"
     RATE_MOAT[$alg]=$(handshakes "$pid" "$port")
     REUSE_MOAT[$alg]=$(handshakes "$pid" "$port" -reuse)
+    TICKETS[$alg]=$(taskset -c "$CLIENT_CPU" python3 "$ROOT/scripts/bench-tls-resume.py" "$port" "$pid" "${RESUME_N:-1000}")
     kill "$pid"; wait "$pid" 2>/dev/null || true
 
     port=$(free_port)
@@ -209,4 +211,11 @@ for alg in ecdsa rsa; do
     read -r o_rate o_cpu o_per <<<"${REUSE_OPENSSL[$alg]}"
     printf '  %-6s moat %s hs/s (server CPU %s, %s per CPU-second); openssl %s hs/s (%s, %s per CPU-second)\n' \
         "$alg" "$m_rate" "$m_cpu" "$m_per" "$o_rate" "$o_cpu" "$o_per"
+done
+echo
+echo "session tickets (scripts/bench-tls-resume.py: a client that reads the greeting, so it receives the tickets,"
+echo "and offers the newest session on its next connection): moat's CPU per connection, full vs resumed"
+for alg in ecdsa rsa; do
+    read -r full resumed granted <<<"${TICKETS[$alg]}"
+    printf '  %-6s full %s us, resumed %s us (%s resumed)\n' "$alg" "$full" "$resumed" "$granted"
 done
