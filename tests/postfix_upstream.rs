@@ -218,3 +218,52 @@ fn shipped_rules_refuse_an_exe_attachment_and_pass_a_clean_message() {
     assert_eq!(msgs.len(), 1, "only the clean message arrives");
     assert!(String::from_utf8_lossy(&msgs[0]).contains("Subject: clean one"));
 }
+
+/// Postfix refuses a sender at MAIL (`smtpd_sender_restrictions` with `smtpd_delay_reject = no`). With
+/// `upstream.defer_mail` (the default) moat answers MAIL itself and sends it upstream with the first RCPT,
+/// so swaks sees Postfix's refusal at RCPT, as it would from a Postfix with its default
+/// `smtpd_delay_reject = yes`; with `defer_mail = false`, at MAIL. Nothing is queued for the refused sender,
+/// and another sender's message still arrives.
+#[test]
+fn postfix_sender_refusal_reaches_the_client_at_rcpt_with_defer_mail() {
+    if !require_peer("postfix") || !require_peer("swaks") {
+        return;
+    }
+    let pf = Postfix::start_with(&[
+        "smtpd_delay_reject=no",
+        "smtpd_sender_restrictions=check_sender_access inline:{{blocked@example.org=REJECT sender refused by the test instance}}",
+    ]);
+    let refusal = "554 5.7.1 <blocked@example.org>: Sender address rejected: sender refused by the test instance";
+    let deferred = MoatProcess::start(pf.addr(), "server.reverse_dns = false");
+    let at_once = MoatProcess::start(pf.addr(), "server.reverse_dns = false\nupstream.defer_mail = false");
+    // The refusal follows the command it answers in swaks' transcript (`->` sent, `<-`/`<**` received).
+    let answered_at = |out: &str, command: &str| {
+        let sent = out.find(command).unwrap_or_else(|| panic!("{command} not sent:\n{out}"));
+        let refused = out.find(&format!("<** {refusal}")).unwrap_or_else(|| panic!("no refusal:\n{out}"));
+        assert!(sent < refused, "{out}");
+        assert!(!out[sent..refused].contains("\n -> "), "the refusal answers {command}:\n{out}");
+    };
+    let blocked = ["--from", "blocked@example.org", "--to", "b@example.test"];
+    let (ok, out) = swaks(&[&["--server", &deferred.addr.to_string()][..], &blocked[..]].concat());
+    assert!(!ok, "{out}");
+    assert!(out.contains("<-  250 2.1.0"), "MAIL was answered by moat:\n{out}");
+    answered_at(&out, "-> RCPT TO:<b@example.test>");
+    let (ok, out) = swaks(&[&["--server", &at_once.addr.to_string()][..], &blocked[..]].concat());
+    assert!(!ok, "{out}");
+    answered_at(&out, "-> MAIL FROM:<blocked@example.org>");
+    let (ok, out) = swaks(&[
+        "--server",
+        &deferred.addr.to_string(),
+        "--from",
+        "alice@example.org",
+        "--to",
+        "b@example.test",
+        "--header",
+        "Subject: allowed sender",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("<-  250 2.0.0 Ok: queued as"), "{out}");
+    let msgs = pf.wait_for_messages(1, Duration::from_secs(20));
+    assert_eq!(msgs.len(), 1, "{}", pf.log());
+    assert!(String::from_utf8_lossy(&msgs[0]).contains("Subject: allowed sender"));
+}

@@ -4,7 +4,7 @@
 //! Format (one directive a line; `#` first line is the title):
 //! - `config: KEY = VALUE` adds a dotted TOML key to the test config (`limits.max_recipients = 1`).
 //! - `script: FIELD = VALUE` scripts the fake upstream (`rcpt = reject.test 550 5.1.1 No such user`,
-//!   `mail = 451 4.3.0 busy`, `data = 554 no`, `end = 452 4.3.1 full`, `drop = RCPT` (closes the connection at that command, once), `no_xclient`, `no_dsn`, `no_smtputf8`, `no_pipelining`).
+//!   `mail = 451 4.3.0 busy`, `data = 554 no`, `end = 452 4.3.1 full`, `drop = RCPT` (closes the connection at that command, once; `drop_repeat = N`: N more times), `no_xclient`, `no_dsn`, `no_smtputf8`, `no_pipelining`).
 //! - `C: text` sends text + CRLF; `R: text` sends text with no CRLF added. Both decode `\r`, `\n`, `\\`.
 //! - `S: prefix` expects the next reply to start with prefix (multi-line replies are matched whole).
 //! - `S: closed` expects the server to have closed the connection.
@@ -12,6 +12,7 @@
 //! - `upstream-data: text` checks the last delivered message contains text (escapes decoded).
 //! - `upstream-data-lacks: text` checks the last delivered message does not contain text.
 //! - `upstream-cmd: text` checks some upstream command line contained text.
+//! - `upstream-cmd-none: text` checks no upstream command line so far contained text.
 //! - `upstream-pipelined: yes` / `no`: whether any upstream command arrived with another already behind it.
 //! - `wait: MS` sleeps.
 //! - `rules: TOML line` adds a line to a rule file written into a fresh temporary rules directory, which
@@ -46,6 +47,7 @@ fn script_from(lines: &[&str]) -> Script {
             "data" => s.data = Some(v.into()),
             "end" => s.end = Some(v.into()),
             "drop" => s.drop_at = Some(v.into()),
+            "drop_repeat" => s.drop_repeat = v.parse().unwrap(),
             "no_xclient" => s.no_xclient = true,
             "no_dsn" => s.no_dsn = true,
             "no_smtputf8" => s.no_smtputf8 = true,
@@ -143,6 +145,13 @@ async fn run_transcript(path: &Path) -> Result<(), String> {
             let cmds = fake.commands.lock().unwrap().clone();
             if !cmds.iter().any(|c| c.contains(want)) {
                 result = Err(format!("{at}: no upstream command contains {want:?}: {cmds:#?}"));
+                break;
+            }
+        } else if let Some(unwanted) = line.strip_prefix("upstream-cmd-none:") {
+            let unwanted = unwanted.trim();
+            let cmds = fake.commands.lock().unwrap().clone();
+            if cmds.iter().any(|c| c.contains(unwanted)) {
+                result = Err(format!("{at}: an upstream command contains {unwanted:?}: {cmds:#?}"));
                 break;
             }
         } else if let Some(want) = line.strip_prefix("upstream-pipelined:") {

@@ -44,6 +44,10 @@ pub struct UpstreamConfig {
     pub tls_ca_file: PathBuf,
     /// The name the upstream's certificate must carry (and the SNI sent). Empty: the host of `address`.
     pub tls_server_name: String,
+    /// Answer a lone MAIL once moat's own stages accepted it and send it upstream with the first RCPT (one
+    /// round trip less per message for clients that do not pipeline); the upstream's verdict on the sender
+    /// then reaches the client at RCPT, as Postfix's `smtpd_delay_reject` does.
+    pub defer_mail: bool,
 }
 
 /// Whether moat uses STARTTLS towards the upstream.
@@ -88,6 +92,7 @@ impl Default for UpstreamConfig {
             tls_verify: UpstreamTlsVerify::System,
             tls_ca_file: PathBuf::new(),
             tls_server_name: String::new(),
+            defer_mail: true,
         }
     }
 }

@@ -8,6 +8,7 @@
 
 mod auth;
 mod copies;
+mod deferred;
 mod message;
 mod pipelined;
 mod reverse_dns;
@@ -80,6 +81,8 @@ struct Txn {
     started: std::time::SystemTime,
     ctx: TxnContext,
     mail: MailFrom,
+    /// MAIL was answered but not yet sent upstream (`upstream.defer_mail`): it goes with the first RCPT.
+    mail_pending: bool,
     rcpts: Vec<(String, Reply)>,
     decoder: Option<DataDecoder>,
     spool: Spool,
@@ -103,6 +106,7 @@ impl Txn {
             started: std::time::SystemTime::now(),
             ctx,
             mail,
+            mail_pending: false,
             rcpts: Vec::new(),
             decoder: None,
             spool,
@@ -382,14 +386,18 @@ impl Driver {
         if verdict.refusal().is_none() && self.rcpt_buffered() {
             return self.mail_pipelined(mail, ctx).await;
         }
+        let deferred = verdict.refusal().is_none() && self.ctx.pool.settings().defer_mail;
         let reply = match verdict.refusal() {
             Some(r) => r.clone(),
+            None if deferred => self.defer_mail(&mail).await,
             None => self.upstream_mail(&mail).await,
         };
         self.session.mail_done(mail.clone(), &reply);
         if reply.is_positive() {
             self.txn_seq += 1;
-            self.txn = Some(Txn::new(ctx, mail, self.ctx.spool.spool()));
+            let mut txn = Txn::new(ctx, mail, self.ctx.spool.spool());
+            txn.mail_pending = deferred;
+            self.txn = Some(txn);
         }
         self.queue(&reply);
     }
@@ -494,6 +502,9 @@ impl Driver {
             self.queue(&Reply::bad_sequence("need MAIL before RCPT"));
             return;
         };
+        if txn.mail_pending {
+            return self.rcpt_with_pending_mail(rcpt).await;
+        }
         let mark = txn.ctx.mark();
         let verdict = self.ctx.pipeline.rcpt(&self.info, &mut txn.ctx, &rcpt).await;
         let reply = match verdict.refusal() {
@@ -516,11 +527,15 @@ impl Driver {
 
     /// The upstream connection carrying the open transaction. If it was lost (an error, or the upstream
     /// closed it while the client was slow), a fresh connection gets the transaction's MAIL and accepted
-    /// RCPTs replayed first. `Err` is the reply for the client, already logged.
+    /// RCPTs replayed first (which also sends a MAIL still pending). `Err` is the reply for the client,
+    /// already logged.
     pub(super) async fn upstream_for_txn(&mut self) -> Result<&mut Connection, Reply> {
         if self.upstream.is_none() {
             let conn = self.replay_transaction().await?;
             self.upstream = Some(conn);
+            if let Some(txn) = self.txn.as_mut() {
+                txn.mail_pending = false;
+            }
         }
         self.upstream.as_mut().ok_or_else(Reply::upstream_failed)
     }

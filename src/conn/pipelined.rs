@@ -15,6 +15,10 @@
 //! after a recipient whose stage verdict changed the transaction (a tag, a score): refusing it must undo
 //! only its own effects, which is only possible for the last one. Stages see `on_rcpt` for each recipient
 //! of a group before the `on_rcpt_done` events of the group.
+//!
+//! The same group (planned by [`Driver::take_buffered_rcpts`], sent by [`Driver::upstream_envelope`],
+//! answered by [`Driver::finish_group`]) also carries a deferred MAIL with the first RCPT
+//! (`upstream.defer_mail`, `deferred.rs`).
 
 use bytes::{Buf, BytesMut};
 use tracing::debug;
@@ -24,15 +28,30 @@ use crate::pipeline::{RcptOutcome, TxnContext, TxnMark};
 use crate::smtp::command::{MailFrom, RcptTo};
 use crate::smtp::session::Step;
 use crate::smtp::Reply;
-use crate::upstream::GroupReplies;
+use crate::upstream::{GroupReplies, UpstreamError};
 
 /// One recipient of a group.
-struct Planned {
+pub(super) struct Planned {
     rcpt: RcptTo,
     /// The effects before its stages ran.
     mark: TxnMark,
     /// A stage's refusal: not sent upstream.
     refusal: Option<Reply>,
+}
+
+/// The recipients of a group, in order, and the input lines taken for them.
+#[derive(Default)]
+pub(super) struct Group {
+    pub(super) planned: Vec<Planned>,
+    /// The RCPT lines taken from the input (put back when the upstream refuses a pipelined MAIL).
+    taken: BytesMut,
+}
+
+impl Group {
+    /// The recipients no stage refused: the ones that go upstream.
+    pub(super) fn to_send(&self) -> Vec<&RcptTo> {
+        self.planned.iter().filter(|p| p.refusal.is_none()).map(|p| &p.rcpt).collect()
+    }
 }
 
 impl Driver {
@@ -55,50 +74,69 @@ impl Driver {
         let before = self.session.clone();
         // As if the upstream accepted MAIL; undone below if it did not.
         self.session.mail_done(mail.clone(), &Reply::ok());
-        let mut taken = BytesMut::new();
-        let mut planned: Vec<Planned> = Vec::new();
-        while planned.len() < self.ctx.session.max_recipients && self.rcpt_buffered() {
-            let Some((line, n)) = self.next_line() else { break };
-            let mut probe = self.session.clone();
-            let Step::Rcpt(rcpt) = probe.command(line) else { break };
-            crate::metrics::command(crate::metrics::Verb::from_line(line));
-            self.session = probe;
-            taken.extend_from_slice(&self.rbuf[..n]);
-            self.rbuf.advance(n);
-            let mark = ctx.mark();
-            let verdict = self.ctx.pipeline.rcpt(&self.info, &mut ctx, &rcpt).await;
-            let refusal = verdict.refusal().cloned();
-            let changed = ctx.mark() != mark;
-            planned.push(Planned { rcpt, mark, refusal });
-            if changed {
-                break;
-            }
-        }
-        let to_send: Vec<&RcptTo> = planned.iter().filter(|p| p.refusal.is_none()).map(|p| &p.rcpt).collect();
-        let group = self.upstream_envelope(&mail, &to_send).await;
-        let mut upstream = group.replies.into_iter();
+        let mut group = Group::default();
+        self.take_buffered_rcpts(&mut ctx, &mut group).await;
+        let replies = self.upstream_envelope(&mail, &group.to_send()).await;
+        let mut upstream = replies.replies.into_iter();
         let mail_reply = upstream.next().unwrap_or_else(Reply::upstream_unavailable);
         if !mail_reply.is_positive() {
             // Back to before MAIL; the RCPT lines are read again and get what they would have got.
             self.session = before;
             self.session.mail_done(mail, &mail_reply);
             self.queue(&mail_reply);
-            taken.extend_from_slice(&self.rbuf);
-            self.rbuf = taken;
+            group.taken.extend_from_slice(&self.rbuf);
+            self.rbuf = group.taken;
             return;
         }
         self.txn_seq += 1;
         self.txn = Some(Txn::new(ctx, mail, self.ctx.spool.spool()));
         self.queue(&mail_reply);
-        let mut failed = group.failed;
+        self.finish_group(group.planned, upstream, replies.failed).await;
+    }
+
+    /// Adds the RCPT lines buffered at the start of the input to `group`, each checked by the session and
+    /// the stages as the one-at-a-time path would, within the limits in the module docs.
+    pub(super) async fn take_buffered_rcpts(&mut self, ctx: &mut TxnContext, group: &mut Group) {
+        while group.planned.len() < self.ctx.session.max_recipients && self.rcpt_buffered() {
+            let Some((line, n)) = self.next_line() else { break };
+            let mut probe = self.session.clone();
+            let Step::Rcpt(rcpt) = probe.command(line) else { break };
+            crate::metrics::command(crate::metrics::Verb::from_line(line));
+            self.session = probe;
+            group.taken.extend_from_slice(&self.rbuf[..n]);
+            self.rbuf.advance(n);
+            if self.plan_rcpt(ctx, rcpt, group).await {
+                break;
+            }
+        }
+    }
+
+    /// Runs the stages on one recipient and adds it to `group`. Returns whether its verdict changed the
+    /// transaction (the group must end after it).
+    pub(super) async fn plan_rcpt(&mut self, ctx: &mut TxnContext, rcpt: RcptTo, group: &mut Group) -> bool {
+        let mark = ctx.mark();
+        let verdict = self.ctx.pipeline.rcpt(&self.info, ctx, &rcpt).await;
+        let refusal = verdict.refusal().cloned();
+        let changed = ctx.mark() != mark;
+        group.planned.push(Planned { rcpt, mark, refusal });
+        changed
+    }
+
+    /// Gives each recipient of a group its reply, in order: its stage's refusal, else the next of the
+    /// upstream's `replies`. When those run out, the connection failed within the group (`failed`): the
+    /// rest get 4xx, the transaction stays open and the next command replays it on a fresh connection.
+    pub(super) async fn finish_group(
+        &mut self,
+        planned: Vec<Planned>,
+        mut replies: impl Iterator<Item = Reply>,
+        mut failed: Option<UpstreamError>,
+    ) {
         for p in planned {
             let reply = match p.refusal {
                 Some(r) => r,
-                None => match upstream.next() {
+                None => match replies.next() {
                     Some(r) => r,
                     None => {
-                        // The connection failed within the group: these recipients get 4xx, the transaction
-                        // stays open and the next command replays it on a fresh connection.
                         self.upstream = None;
                         match failed.take() {
                             Some(e) => self.upstream_failure(e, Reply::upstream_failed()),
@@ -118,7 +156,7 @@ impl Driver {
     /// Sends MAIL and `rcpts` upstream as one group on the held or a pooled connection; a pooled or held
     /// connection found gone (or answering `421`) before MAIL's reply is replaced once, as in
     /// [`Driver::upstream_mail`]. A failure before MAIL's reply gives moat's `451` as MAIL's reply.
-    async fn upstream_envelope(&mut self, mail: &MailFrom, rcpts: &[&RcptTo]) -> GroupReplies {
+    pub(super) async fn upstream_envelope(&mut self, mail: &MailFrom, rcpts: &[&RcptTo]) -> GroupReplies {
         let unavailable = |reply| GroupReplies { replies: vec![reply], failed: None };
         for attempt in 0..2 {
             let reused = match self.acquire_upstream().await {

@@ -146,6 +146,8 @@ pub struct UpstreamSettings {
     pub data_timeout: Duration,
     /// STARTTLS towards the upstream; `None` with `upstream.tls = "off"`.
     pub tls: Option<UpstreamTls>,
+    /// `upstream.defer_mail`: a lone MAIL goes upstream with the first RCPT.
+    pub defer_mail: bool,
 }
 
 /// What upstream STARTTLS needs, built once (per [`Pool`]) from `[upstream]`.
@@ -201,6 +203,7 @@ impl UpstreamSettings {
             command_timeout: c.command_timeout.get(),
             data_timeout: c.data_timeout.get(),
             tls: UpstreamTls::from_config(c)?,
+            defer_mail: c.defer_mail,
         })
     }
 }

@@ -27,6 +27,12 @@ impl Connection {
         self.ext.pipelining
     }
 
+    /// moat's own refusal of `mail` on this connection (a parameter its upstream does not offer, see
+    /// [`Connection::mail`]), known without sending anything: a deferred MAIL gets it as MAIL's reply.
+    pub fn mail_refusal(&self, mail: &MailFrom) -> Option<Reply> {
+        self.mail_line(mail, None).err()
+    }
+
     /// Sends MAIL and `rcpts` in one write and reads the replies in order. A recipient whose parameters the
     /// upstream does not offer is not sent and gets moat's `455` in its place. Without PIPELINING the
     /// commands go one at a time, and nothing after a refused MAIL.

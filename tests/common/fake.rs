@@ -21,6 +21,8 @@ pub struct Script {
     pub end: Option<String>,
     /// Close the connection when this command arrives ("MAIL", "RCPT", "DATA", "BODY" = mid-message); once.
     pub drop_at: Option<String>,
+    /// How many more times to close at `drop_at` after the first (0: once).
+    pub drop_repeat: usize,
     /// Do not offer XCLIENT.
     pub no_xclient: bool,
     /// Do not offer DSN.
@@ -120,8 +122,12 @@ impl FakeUpstream {
             let script = self.script.lock().unwrap().clone();
             let verb = cmd.split([' ', ':']).next().unwrap_or("").to_ascii_uppercase();
             if script.drop_at.as_deref() == Some(verb.as_str()) {
-                // one-shot: the next connection works again
-                self.script.lock().unwrap().drop_at = None;
+                // one-shot (or `drop_repeat` + 1 times): the next connection works again
+                let mut s = self.script.lock().unwrap();
+                match s.drop_repeat {
+                    0 => s.drop_at = None,
+                    _ => s.drop_repeat -= 1,
+                }
                 return;
             }
             let reply: String = match verb.as_str() {
