@@ -21,7 +21,7 @@ pub struct SpoolConfig {
 impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
-            memory_threshold: ByteSize(256 << 10),
+            memory_threshold: ByteSize(2 << 20),
             memory_budget: ByteSize(256 << 20),
             disk_budget: ByteSize(4 << 30),
             directory: PathBuf::new(),
