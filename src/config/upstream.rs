@@ -44,6 +44,9 @@ pub struct UpstreamConfig {
     pub tls_ca_file: PathBuf,
     /// The name the upstream's certificate must carry (and the SNI sent). Empty: the host of `address`.
     pub tls_server_name: String,
+    /// Send the message with `BDAT <size> LAST` (RFC 3030 CHUNKING) when the upstream offers it: one
+    /// round trip less per message and no dot-stuffing. `false`: always DATA.
+    pub chunking: bool,
 }
 
 /// Whether moat uses STARTTLS towards the upstream.
@@ -88,6 +91,7 @@ impl Default for UpstreamConfig {
             tls_verify: UpstreamTlsVerify::System,
             tls_ca_file: PathBuf::new(),
             tls_server_name: String::new(),
+            chunking: true,
         }
     }
 }
