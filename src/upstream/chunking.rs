@@ -61,6 +61,7 @@ impl Connection {
         let (mut buf, mut pos, mut at) = (Vec::new(), 0u64, 0u64);
         while let Some(chunk) = spool.next_chunk(&mut buf, &mut pos).await.map_err(io_err)? {
             for piece in chunk.chunks(FILE_CHUNK) {
+                let piece_at = at;
                 at += piece.len() as u64;
                 if splice.is_none() && wire.is_empty() && piece.len() == FILE_CHUNK {
                     // A whole piece of a large message: straight from the spool, without a copy.
@@ -71,7 +72,7 @@ impl Connection {
                 }
                 let before = wire.len();
                 match splice {
-                    Some(s) => s.apply(piece, at - piece.len() as u64, |b| wire.extend_from_slice(b)),
+                    Some(s) => s.apply(piece, piece_at, |b| wire.extend_from_slice(b)),
                     None => wire.extend_from_slice(piece),
                 }
                 counted += (wire.len() - before) as u64;
