@@ -47,7 +47,12 @@ fn swaks_through_moat_reaches_postfix_with_the_client_identity() {
         "hello from swaks",
     ]);
     assert!(ok, "{out}");
-    assert!(out.contains("250 2.0.0 Ok: queued as"), "the upstream's queue id reaches the client:\n{out}");
+    // Postfix's reply to BDAT (moat's default towards it) says "Ok: 411 bytes queued as ID", to DATA
+    // "Ok: queued as ID".
+    assert!(
+        out.contains("<-  250 2.0.0 Ok: ") && out.contains(" queued as "),
+        "the upstream's queue id reaches the client:\n{out}"
+    );
     let msgs = pf.wait_for_messages(1, Duration::from_secs(20));
     assert_eq!(msgs.len(), 1, "{}", pf.log());
     let text = String::from_utf8_lossy(&msgs[0]);

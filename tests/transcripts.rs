@@ -4,7 +4,9 @@
 //! Format (one directive a line; `#` first line is the title):
 //! - `config: KEY = VALUE` adds a dotted TOML key to the test config (`limits.max_recipients = 1`).
 //! - `script: FIELD = VALUE` scripts the fake upstream (`rcpt = reject.test 550 5.1.1 No such user`,
-//!   `mail = 451 4.3.0 busy`, `data = 554 no`, `end = 452 4.3.1 full`, `drop = RCPT` (closes the connection at that command, once; `drop_repeat = N`: N more times), `no_xclient`, `no_dsn`, `no_smtputf8`, `no_pipelining`).
+//!   `mail = 451 4.3.0 busy`, `data = 554 no`, `end = 452 4.3.1 full`, `drop = RCPT` (closes the connection at that command, once; `drop_repeat = N`: N more times), `no_xclient`, `no_dsn`, `no_smtputf8`, `no_pipelining`, `chunking` (offer
+//!   CHUNKING; `data` then answers BDAT), `hangup_after = RCPT [reply]` (close after replying to that
+//!   command, once, sending the reply line first if one is given)).
 //! - `C: text` sends text + CRLF; `R: text` sends text with no CRLF added. Both decode `\r`, `\n`, `\\`.
 //! - `S: prefix` expects the next reply to start with prefix (multi-line replies are matched whole).
 //! - `S: closed` expects the server to have closed the connection.
@@ -52,6 +54,8 @@ fn script_from(lines: &[&str]) -> Script {
             "no_dsn" => s.no_dsn = true,
             "no_smtputf8" => s.no_smtputf8 = true,
             "no_pipelining" => s.no_pipelining = true,
+            "chunking" => s.chunking = true,
+            "hangup_after" => s.hangup_after = Some(v.into()),
             other => panic!("unknown script key {other}"),
         }
     }

@@ -9,6 +9,7 @@
 //! first EHLO (RFC 3207), verifies the upstream's certificate with the client configuration built once
 //! per [`Pool`], and says EHLO again over TLS; everything after that, XCLIENT included, is encrypted.
 
+mod chunking;
 mod identity;
 pub mod limit;
 mod pipelining;
@@ -148,6 +149,8 @@ pub struct UpstreamSettings {
     pub tls: Option<UpstreamTls>,
     /// `upstream.defer_mail`: a lone MAIL goes upstream with the first RCPT.
     pub defer_mail: bool,
+    /// Whether the message may go with BDAT when the upstream offers CHUNKING (`upstream.chunking`).
+    pub chunking: bool,
 }
 
 /// What upstream STARTTLS needs, built once (per [`Pool`]) from `[upstream]`.
@@ -204,6 +207,7 @@ impl UpstreamSettings {
             data_timeout: c.data_timeout.get(),
             tls: UpstreamTls::from_config(c)?,
             defer_mail: c.defer_mail,
+            chunking: c.chunking,
         })
     }
 }
@@ -221,6 +225,8 @@ pub struct Extensions {
     pub starttls: bool,
     /// Command pipelining (RFC 2920): MAIL and RCPTs may go in one write.
     pub pipelining: bool,
+    /// BDAT (RFC 3030 CHUNKING): the message may go as counted chunks instead of DATA.
+    pub chunking: bool,
 }
 
 impl Extensions {
@@ -239,6 +245,7 @@ impl Extensions {
                 }
                 "STARTTLS" => e.starttls = true,
                 "PIPELINING" => e.pipelining = true,
+                "CHUNKING" => e.chunking = true,
                 _ => {}
             }
         }
@@ -494,13 +501,17 @@ impl Connection {
     /// Sends the message: DATA, then `prefix` (headers moat adds, canonical CRLF) and the spooled message,
     /// dot-stuffed, then the end marker. `splice` replaces one range of the spooled message on the way (a
     /// rewritten Subject); the rest goes byte for byte. Returns the upstream's final reply (or its refusal
-    /// of DATA).
+    /// of DATA). When the upstream offers CHUNKING (and `upstream.chunking` is on) the same message goes
+    /// with one `BDAT <size> LAST` instead ([`chunking`]), with the same replies and errors.
     pub async fn send_message(
         &mut self,
         prefix: &[u8],
         spool: &mut Spool,
         splice: Option<&Splice>,
     ) -> Result<Reply, UpstreamError> {
+        if self.use_bdat() {
+            return self.send_message_bdat(prefix, spool, splice).await;
+        }
         let start = std::time::Instant::now();
         let reply = self.command("DATA", Phase::Data).await?;
         if reply.code != 354 {

@@ -23,6 +23,15 @@ impl Splice {
         }
         emit(&chunk[e..]);
     }
+
+    /// How many bytes [`Splice::apply`] emits over a whole message of `len` bytes (what `BDAT` must
+    /// announce before the first byte goes out). Clamped like `apply`: a range past the end removes
+    /// nothing there, and `with` is emitted only when some chunk holds byte `start`.
+    pub fn relayed_len(&self, len: u64) -> u64 {
+        let (s, e) = (self.start.min(len), self.end.max(self.start).min(len));
+        let with = if self.start < len { self.with.len() as u64 } else { 0 };
+        len - (e - s) + with
+    }
 }
 
 #[cfg(test)]
@@ -42,6 +51,26 @@ mod tests {
             }
             assert_eq!(out, want, "chunks of {size}");
         }
+    }
+
+    /// `relayed_len` is what `apply` emits, wherever the range lies (inside, at or past the end, empty).
+    #[test]
+    fn relayed_len_is_what_apply_emits() {
+        let msg = b"Subject: hi\r\n\r\nbody\r\n";
+        let len = msg.len() as u64;
+        for start in 0..=len + 2 {
+            for end in 0..=len + 2 {
+                for with in [&b""[..], b"X", b"Subject: [SPAM] hi\r\n"] {
+                    let splice = Splice { start, end, with: with.to_vec() };
+                    let mut out = Vec::new();
+                    for (i, chunk) in msg.chunks(5).enumerate() {
+                        splice.apply(chunk, (i * 5) as u64, |b| out.extend_from_slice(b));
+                    }
+                    assert_eq!(splice.relayed_len(len), out.len() as u64, "{splice:?}");
+                }
+            }
+        }
+        assert_eq!(Splice { start: 0, end: 0, with: b"X".to_vec() }.relayed_len(0), 0, "empty message");
     }
 
     #[test]

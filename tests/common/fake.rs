@@ -33,6 +33,12 @@ pub struct Script {
     pub hang_at_end: bool,
     /// Do not offer PIPELINING.
     pub no_pipelining: bool,
+    /// Offer CHUNKING (BDAT, RFC 3030). With it, `data` is the reply to a BDAT chunk (whose octets are
+    /// read and dropped first, as RFC 3030 wants) and `end` the reply to the LAST chunk.
+    pub chunking: bool,
+    /// After replying to this command ("RCPT", ...), close the connection, once; first send the reply
+    /// text that follows the verb, if any (as Postfix sends `421` when its `smtpd_timeout` runs out).
+    pub hangup_after: Option<String>,
 }
 
 /// One transaction the fake saw end with a positive reply.
@@ -42,8 +48,10 @@ pub struct Delivered {
     pub helo: String,
     pub mail_from: String,
     pub rcpts: Vec<String>,
-    /// The message, unstuffed, CRLF as received.
+    /// The message, unstuffed, CRLF as received (BDAT: the chunks' octets, as received).
     pub data: Vec<u8>,
+    /// Whether the message came with BDAT rather than DATA.
+    pub bdat: bool,
 }
 
 /// A running fake upstream.
@@ -137,7 +145,8 @@ impl FakeUpstream {
                     let dsn = if script.no_dsn { "" } else { "250-DSN\r\n" };
                     let utf8 = if script.no_smtputf8 { "" } else { "250-SMTPUTF8\r\n" };
                     let pipe = if script.no_pipelining { "" } else { "250-PIPELINING\r\n" };
-                    format!("250-fake.upstream\r\n{x}{pipe}{dsn}{utf8}250-SIZE 100000000\r\n250 8BITMIME\r\n")
+                    let chunking = if script.chunking { "250-CHUNKING\r\n" } else { "" };
+                    format!("250-fake.upstream\r\n{x}{pipe}{dsn}{utf8}{chunking}250-SIZE 100000000\r\n250 8BITMIME\r\n")
                 }
                 "XCLIENT" => {
                     xclient = Some(cmd.clone());
@@ -189,7 +198,47 @@ impl FakeUpstream {
                         }
                     }
                 }
+                "BDAT" if script.chunking => {
+                    let mut args = cmd.split_ascii_whitespace().skip(1);
+                    let size = args.next().and_then(|n| n.parse::<usize>().ok());
+                    let last = args.next().is_some_and(|a| a.eq_ignore_ascii_case("LAST"));
+                    let Some(size) = size else {
+                        let _ = io.get_mut().write_all(b"501 5.5.4 bad BDAT size\r\n").await;
+                        return;
+                    };
+                    let mut chunk = vec![0; size];
+                    if io.read_exact(&mut chunk).await.is_err() {
+                        return;
+                    }
+                    if script.hang_at_end && last {
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    }
+                    match (script.data, last, script.end) {
+                        // Refused: the transaction stays open (like Postfix after a refused DATA) until RSET.
+                        (Some(r), _, _) => {
+                            cur.data.clear();
+                            format!("{r}\r\n")
+                        }
+                        (None, false, _) => {
+                            cur.data.extend_from_slice(&chunk);
+                            format!("250 2.0.0 {size} octets\r\n")
+                        }
+                        (None, true, Some(r)) => {
+                            cur.mail_from.clear();
+                            cur.data.clear();
+                            format!("{r}\r\n")
+                        }
+                        (None, true, None) => {
+                            cur.data.extend_from_slice(&chunk);
+                            cur.bdat = true;
+                            cur.xclient = xclient.clone();
+                            self.delivered.lock().unwrap().push(std::mem::take(&mut cur));
+                            "250 2.0.0 Ok: queued as FAKE123\r\n".into()
+                        }
+                    }
+                }
                 "RSET" => {
+                    cur.data.clear();
                     cur.mail_from.clear();
                     cur.rcpts.clear();
                     "250 2.0.0 Ok\r\n".into()
@@ -201,6 +250,18 @@ impl FakeUpstream {
                 _ => "502 5.5.2 Error: command not recognized\r\n".into(),
             };
             if io.get_mut().write_all(reply.as_bytes()).await.is_err() {
+                return;
+            }
+            let hangup = script.hangup_after.as_deref().and_then(|h| {
+                let (v, text) = h.split_once(' ').unwrap_or((h, ""));
+                v.eq_ignore_ascii_case(&verb).then(|| text.to_string())
+            });
+            if let Some(text) = hangup {
+                // one-shot, like drop_at
+                self.script.lock().unwrap().hangup_after = None;
+                if !text.is_empty() {
+                    let _ = io.get_mut().write_all(format!("{text}\r\n").as_bytes()).await;
+                }
                 return;
             }
         }
