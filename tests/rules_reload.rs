@@ -215,3 +215,25 @@ fn moat_check_refuses_bad_entries_in_bloom_ip_lists() {
     let out = check();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A rules directory that does not exist is an empty set (docs/rules.md), and an empty set has the default
+/// score thresholds: every message passes. (It once had thresholds of 0, so a message scoring 0 was
+/// refused with "550 5.7.1 message refused (score 0.0)": moat started from another directory with the
+/// shipped relative `rules.directory = "rules"` refused all mail.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_rules_directory_refuses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-rules");
+    let fake = FakeUpstream::start(Script::default()).await;
+    let extra = format!("rules.directory = {:?}", missing.display().to_string());
+    let running = start(&test_config(fake.addr, &extra)).await;
+    let (mut client, code) = Client::connect(running.addr("smtp").unwrap()).await;
+    assert_eq!(code, 220);
+    client.expect("EHLO client.example", 250).await;
+    for n in 0..2 {
+        send(&mut client, n).await;
+    }
+    client.expect("QUIT", 221).await;
+    assert_eq!(fake.messages().len(), 2);
+    let _ = running.stop().await;
+}

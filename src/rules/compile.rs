@@ -75,8 +75,7 @@ pub fn compile(
             Err(e) => errors.push(e),
         }
     }
-    let mut set = RuleSet { tag_at: 5.0, reject_at: 10.0, ..RuleSet::default() };
-    set.local_domains = DomainSet::new(local_domains.iter().cloned());
+    let mut set = RuleSet { local_domains: DomainSet::new(local_domains.iter().cloned()), ..RuleSet::default() };
     let mut list_index: HashMap<String, (usize, ListKind)> = HashMap::new();
     for (path, text, f) in &parsed {
         load_lists(Src { path, text }, f, read_list, &mut set, &mut list_index, &mut errors);

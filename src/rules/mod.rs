@@ -249,7 +249,6 @@ pub struct Rule {
 }
 
 /// An immutable, compiled set of rules and lists.
-#[derive(Default)]
 pub struct RuleSet {
     pub rules: Vec<Rule>,
     /// Rule indices per phase, `accept` rules first (allow wins over block), then file order.
@@ -274,6 +273,33 @@ pub struct RuleSet {
     pub version: u64,
     /// The list files the rule files named (relative to the rules directory), for the watcher.
     pub list_files: Vec<PathBuf>,
+}
+
+/// `[scores] tag_at` and `reject_at` when no rule file sets them.
+pub const DEFAULT_TAG_AT: f64 = 5.0;
+pub const DEFAULT_REJECT_AT: f64 = 10.0;
+
+impl Default for RuleSet {
+    /// No rules, and the default score thresholds: a set without a `[scores]` table (a missing rules
+    /// directory included) must not refuse a message for its score of 0.
+    fn default() -> Self {
+        RuleSet {
+            rules: Vec::new(),
+            by_phase: Default::default(),
+            sets: Vec::new(),
+            words: Default::default(),
+            header_names: Vec::new(),
+            lists: Vec::new(),
+            local_domains: DomainSet::default(),
+            tag_at: DEFAULT_TAG_AT,
+            reject_at: DEFAULT_REJECT_AT,
+            tag_subject_prefix: None,
+            limits: Vec::new(),
+            greylist: None,
+            version: 0,
+            list_files: Vec::new(),
+        }
+    }
 }
 
 impl std::fmt::Debug for RuleSet {
@@ -384,6 +410,9 @@ pub fn format_errors(errors: &[RuleError]) -> String {
 impl Rules {
     /// Loads the directory (blocking; at start-up).
     pub fn load(dir: &Path, local_domains: &[String]) -> Result<Rules, Vec<RuleError>> {
+        if !dir.exists() {
+            tracing::warn!(dir = %dir.display(), "the rules directory does not exist: no rules until it is created");
+        }
         let set = RuleSet::load_dir(dir, local_domains)?;
         Ok(Rules {
             stamp: Arc::new(Mutex::new(Some(fingerprint(dir, &set.list_files)))),
