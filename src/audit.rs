@@ -9,6 +9,7 @@
 //! Records never hold secrets (passwords, AUTH exchanges, tokens) nor message content: a subject appears
 //! only as its SHA-256 digest.
 
+mod json;
 mod record;
 
 use std::path::PathBuf;
@@ -20,12 +21,12 @@ use std::io::{BufWriter, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::AtomicBool;
 
-use serde::Serialize;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+pub use self::json::JsonLine;
 pub use self::record::{
     digest, queue_id_from_reply, rfc3339, AuthRecord, RcptRecord, ReplyRecord, StageRecord, TlsRecord,
     TransactionRecord, UpstreamRecord, SCHEMA_VERSION,
@@ -156,16 +157,10 @@ impl AuditSink {
     }
 
     /// Queues one record as a JSON line. Never waits: when the queue is full the record is dropped and counted.
-    pub fn record(&self, rec: &impl Serialize) {
+    pub fn record(&self, rec: &impl JsonLine) {
         let Some(inner) = &self.inner else { return };
-        let mut line = match serde_json::to_vec(rec) {
-            Ok(line) => line,
-            Err(e) => {
-                warn!(error = %e, "cannot serialize audit record");
-                inner.control.drop_record();
-                return;
-            }
-        };
+        let mut line = Vec::with_capacity(rec.size_hint() + 1);
+        rec.write_json(&mut line);
         line.push(b'\n');
         if inner.tx.try_send(Msg::Line(line)).is_err() {
             inner.control.drop_record();

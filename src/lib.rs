@@ -38,6 +38,7 @@ pub mod shutdown;
 pub mod smtp;
 pub mod spool;
 pub mod state;
+pub mod timefmt;
 pub mod tls;
 pub mod trace;
 pub mod upstream;

@@ -1,11 +1,16 @@
 //! The audit record types (schema version 1, `docs/audit.md`) and the small formatters they need.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
+use crate::timefmt;
+
 /// The version every record carries in `v`; bumped on any incompatible change of the schema.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// The length of an RFC 3339 timestamp with milliseconds (until the year 9999).
+const RFC3339_LEN: usize = 24;
 
 /// One SMTP transaction (MAIL FROM to end of data, or to its abort). Fill it progressively: start from
 /// [`TransactionRecord::new`] and set what is known.
@@ -204,38 +209,21 @@ impl Default for AuthRecord {
 /// Formats a time as RFC 3339 in UTC with milliseconds, e.g. `2024-05-01T09:03:07.250Z`. Times before 1970
 /// are clamped to the epoch.
 pub fn rfc3339(t: SystemTime) -> String {
-    let since = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
-    let secs = since.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since.subsec_millis()
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar (Howard Hinnant's
-/// `civil_from_days`, restricted to dates after the epoch).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + u64::from(m <= 2);
-    (y, m, d)
+    let mut s = String::with_capacity(RFC3339_LEN);
+    timefmt::push_rfc3339(&mut s, t);
+    s
 }
 
 /// Hex SHA-256 of `text` (lower-case, 64 characters): how a subject appears in the audit trail.
 pub fn digest(text: &str) -> String {
     let hash = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
-    hash.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(2 * hash.as_ref().len());
+    for b in hash.as_ref() {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
 }
 
 /// The queue id in an upstream's reply to the end of data: Postfix's `250 2.0.0 Ok: queued as 4XyZ123`,

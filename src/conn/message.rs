@@ -19,7 +19,7 @@ use crate::pipeline::subject::{self, SubjectEdit};
 use crate::pipeline::{MessageView, TxnEnd, Verdict};
 use crate::smtp::codec::{DataDecoder, Framing};
 use crate::smtp::Reply;
-use crate::trace::{header_section, header_value, received_header, ReceivedInfo};
+use crate::trace::{header_section, header_value, push_received, ReceivedInfo};
 use crate::upstream::Splice;
 
 /// How long a content scan waits for room in the memory budget. Scans in progress give memory back within
@@ -446,12 +446,11 @@ impl Driver {
     }
 
     /// The header lines moat prepends: its Received header and whatever the verdicts added.
-    fn prefix(&self, txn: &Txn) -> String {
+    fn prefix(&mut self, txn: &Txn) -> String {
         let mut out = String::new();
         if self.ctx.received_header {
             let helo = self.session.helo();
-            let accepted: Vec<&str> =
-                txn.rcpts.iter().filter(|(_, r)| r.is_positive()).map(|(a, _)| a.as_str()).collect();
+            let mut accepted = txn.rcpts.iter().filter(|(_, r)| r.is_positive()).map(|(a, _)| a.as_str());
             let info = ReceivedInfo {
                 helo: helo.map(|h| h.name.as_str()),
                 client_name: self.info.name.as_deref(),
@@ -461,9 +460,12 @@ impl Driver {
                 tls: self.tls.as_ref(),
                 authenticated: self.session.user().is_some(),
                 id: &txn.id,
-                single_rcpt: (accepted.len() == 1).then(|| accepted[0]),
+                single_rcpt: match (accepted.next(), accepted.next()) {
+                    (Some(only), None) => Some(only),
+                    _ => None,
+                },
             };
-            out.push_str(&received_header(&info, SystemTime::now()));
+            push_received(&mut self.received, &info, SystemTime::now(), &mut out);
         }
         for h in &txn.ctx.add_headers {
             out.push_str(h);

@@ -150,6 +150,9 @@ struct Driver {
     helo_seen: Option<String>,
     /// The last read filled all the room in `rbuf`: more is waiting, a larger read is worth it.
     rbuf_filled: bool,
+    /// The session's part of moat's Received header, rendered at the first message and rebuilt when the
+    /// session's facts change.
+    received: Option<crate::trace::ReceivedStem>,
 }
 
 /// Serves one accepted connection to its end. `io` is the raw TCP stream (TLS is layered here).
@@ -195,6 +198,7 @@ pub async fn serve(
         ident_stale: false,
         helo_seen: None,
         rbuf_filled: false,
+        received: None,
         conn_id,
         ctx,
     };
