@@ -10,6 +10,7 @@
 //! The recorder is process-wide ([`install`] keeps it in a `OnceLock`); the helpers are no-ops until it is
 //! installed, which keeps unit tests of other modules free of metrics set-up.
 
+mod cache;
 mod dns;
 mod http;
 mod labels;
@@ -18,9 +19,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Gauge, Unit};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter, Gauge, Histogram, Unit,
+};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
 
+pub use self::cache::{ListenerMetrics, Slot, StageTimer};
 pub use self::dns::{
     dkim_signed, dns_cache, dns_query, sender_auth, AuthMethod, AuthOutcome, DnsCacheKind, DnsResult, SignResult,
     DKIM_SIGNED_TOTAL, DNS_CACHE_TOTAL, DNS_QUERIES_TOTAL, SENDER_AUTH_TOTAL,
@@ -182,6 +186,11 @@ pub fn http_auth(c: &crate::config::MetricsConfig) -> Result<Option<HttpAuth>, M
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static INSTALL: Mutex<()> = Mutex::new(());
+
+/// Whether [`install`] has finished: only then are handles cached ([`Slot`]).
+fn installed() -> bool {
+    HANDLE.get().is_some()
+}
 
 /// Installs the process-wide Prometheus recorder and describes every metric. Idempotent: later calls return
 /// a handle to the same registry (several servers in one test binary share it).
@@ -440,17 +449,26 @@ pub fn tls_handshake(listener: &str, version: TlsVersion, result: TlsResult) {
         .increment(1);
 }
 
+static COMMANDS: [Slot<Counter>; Verb::COUNT] = [const { Slot::new() }; Verb::COUNT];
+
 /// Counts a command by verb.
 pub fn command(verb: Verb) {
-    counter!(COMMANDS_TOTAL, "command" => verb.as_str()).increment(1);
+    COMMANDS[verb.index()].with(|| counter!(COMMANDS_TOTAL, "command" => verb.as_str()), |c| c.increment(1));
 }
 
 /// Counts a finished transaction; its size goes into [`MESSAGE_BYTES`] unless it was aborted before the end
 /// of data.
 pub fn message(listener: &str, verdict: MessageVerdict, size: u64) {
     counter!(MESSAGES_TOTAL, "listener" => listener.to_owned(), "verdict" => verdict.as_str()).increment(1);
+    message_bytes(verdict, size);
+}
+
+static MESSAGE_BYTES_HISTOGRAM: Slot<Histogram> = Slot::new();
+
+/// The [`MESSAGE_BYTES`] half of [`message`].
+fn message_bytes(verdict: MessageVerdict, size: u64) {
     if verdict != MessageVerdict::Aborted {
-        histogram!(MESSAGE_BYTES).record(size as f64);
+        MESSAGE_BYTES_HISTOGRAM.with(|| histogram!(MESSAGE_BYTES), |h| h.record(size as f64));
     }
 }
 
@@ -496,7 +514,8 @@ pub fn upstream_connect_seconds(elapsed: Duration) {
 
 /// Records how long relaying one message took (DATA to final reply).
 pub fn upstream_transaction_seconds(elapsed: Duration) {
-    histogram!(UPSTREAM_TRANSACTION_SECONDS).record(elapsed.as_secs_f64());
+    static HISTOGRAM: Slot<Histogram> = Slot::new();
+    HISTOGRAM.with(|| histogram!(UPSTREAM_TRANSACTION_SECONDS), |h| h.record(elapsed.as_secs_f64()));
 }
 
 /// Counts an upstream failure.
@@ -506,13 +525,19 @@ pub fn upstream_error(kind: UpstreamErrorKind) {
 
 /// Counts an upstream reply by class; codes outside 2xx/4xx/5xx (such as `354`) are not counted.
 pub fn upstream_reply(phase: UpstreamPhase, code: u16) {
+    const CLASSES: [&str; 3] = ["2xx", "4xx", "5xx"];
+    static REPLIES: [[Slot<Counter>; CLASSES.len()]; UpstreamPhase::COUNT] =
+        [const { [const { Slot::new() }; CLASSES.len()] }; UpstreamPhase::COUNT];
     let class = match code / 100 {
-        2 => "2xx",
-        4 => "4xx",
-        5 => "5xx",
+        2 => 0,
+        4 => 1,
+        5 => 2,
         _ => return,
     };
-    counter!(UPSTREAM_REPLIES_TOTAL, "phase" => phase.as_str(), "class" => class).increment(1);
+    REPLIES[phase.index()][class].with(
+        || counter!(UPSTREAM_REPLIES_TOTAL, "phase" => phase.as_str(), "class" => CLASSES[class]),
+        |c| c.increment(1),
+    );
 }
 
 /// Sets whether the upstream is reachable (the health check, or a relay connect).
@@ -550,6 +575,11 @@ pub fn upstream_connection_wait_timeout() {
 /// Records one stage hook's duration. `stage` is the stage's static name (closed by the code, not by input).
 pub fn stage_seconds(stage: &'static str, elapsed: Duration) {
     histogram!(STAGE_SECONDS, "stage" => stage).record(elapsed.as_secs_f64());
+}
+
+/// As [`stage_seconds`], through the stage's cached handle.
+pub fn stage_seconds_cached(timer: &StageTimer, stage: &'static str, elapsed: Duration) {
+    timer.with(|| histogram!(STAGE_SECONDS, "stage" => stage), |h| h.record(elapsed.as_secs_f64()));
 }
 
 /// Counts a rules reload.

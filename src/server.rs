@@ -380,6 +380,7 @@ fn listener_context(
     let acceptor = if l.mode == ListenerMode::Plain { None } else { tls.map(ServerTls::acceptor) };
     ListenerContext {
         name: l.name.as_str().into(),
+        metrics: crate::metrics::ListenerMetrics::new(l.name.as_str().into()),
         session: Arc::new(SessionConfig {
             hostname: hostname.to_string(),
             greeting: config.server.greeting.clone(),

@@ -264,8 +264,8 @@ impl Driver {
         };
         let (reply, verdict, upstream) = self.judge_and_relay(&mut txn).await;
         self.session.message_done();
-        crate::metrics::message(&self.ctx.name, verdict, txn.size);
-        crate::metrics::received_bytes(&self.ctx.name, txn.size);
+        self.ctx.metrics.message(verdict, txn.size);
+        self.ctx.metrics.received_bytes(txn.size);
         info!(txn.id = %txn.id, size = txn.size, rcpt.count = txn.rcpts.len(), verdict = verdict.as_str(), reply.code = reply.code, "message");
         self.audit(&txn, verdict.as_str(), &reply, upstream);
         let rcpts: Vec<String> = txn.rcpts.iter().filter(|(_, r)| r.is_positive()).map(|(a, _)| a.clone()).collect();
@@ -486,7 +486,7 @@ impl Driver {
     pub(super) async fn abort_txn(&mut self, why: &'static str) {
         if let Some(mut txn) = self.txn.take() {
             debug!(txn.id = %txn.id, why, "transaction aborted");
-            crate::metrics::message(&self.ctx.name, crate::metrics::MessageVerdict::Aborted, txn.size);
+            self.ctx.metrics.message(crate::metrics::MessageVerdict::Aborted, txn.size);
             let reply = Reply::new(0, why);
             self.audit(&txn, "aborted", &reply, None);
             let end = TxnEnd { reply: None, relayed: false, size: txn.size, rcpts: &[] };

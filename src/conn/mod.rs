@@ -47,6 +47,8 @@ const MAX_HEAD: usize = 64 * 1024;
 /// Everything a connection on one listener shares with the others.
 pub struct ListenerContext {
     pub name: Arc<str>,
+    /// The metric handles of this listener's per-message families.
+    pub metrics: crate::metrics::ListenerMetrics,
     pub session: Arc<SessionConfig>,
     pub max_command_line: usize,
     pub max_text_line: usize,

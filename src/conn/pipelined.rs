@@ -191,14 +191,11 @@ impl Driver {
     /// A recipient's reply is known (from a stage or the upstream): undoes a refused one's effects, tells
     /// the stages and the session, and queues the reply.
     pub(super) async fn rcpt_finished(&mut self, rcpt: RcptTo, mark: TxnMark, reply: Reply) {
-        crate::metrics::recipient(
-            &self.ctx.name,
-            if reply.is_positive() {
-                crate::metrics::RcptResult::Accepted
-            } else {
-                crate::metrics::RcptResult::Rejected
-            },
-        );
+        self.ctx.metrics.recipient(if reply.is_positive() {
+            crate::metrics::RcptResult::Accepted
+        } else {
+            crate::metrics::RcptResult::Rejected
+        });
         if let Some(txn) = self.txn.as_mut() {
             if !reply.is_positive() {
                 // A refused recipient (by a stage or by the upstream) leaves no tag or score on the message.

@@ -14,6 +14,14 @@ macro_rules! label_enum {
             /// Every value, in declaration order.
             pub const ALL: &'static [$name] = &[$($name::$variant,)+];
 
+            /// How many values there are (the length of a per-value handle cache).
+            pub const COUNT: usize = Self::ALL.len();
+
+            /// This value's position in [`Self::ALL`].
+            pub fn index(self) -> usize {
+                self as usize
+            }
+
             /// The label value.
             pub fn as_str(self) -> &'static str {
                 match self {

@@ -23,7 +23,9 @@ use std::time::Duration;
 
 use tracing::{debug, warn};
 
-use super::{ConnInfo, EventFuture, HookFuture, MessageView, RcptOutcome, Stage, StageRecord, TxnContext, Verdict};
+use super::{
+    ConnInfo, EventFuture, HookFuture, MessageView, RcptOutcome, Stage, StageRecord, TxnContext, TxnHook, Verdict,
+};
 use crate::config::AccountsConfig;
 use crate::smtp::command::MailFrom;
 use crate::smtp::Reply;
@@ -103,6 +105,11 @@ impl Accounts {
 impl Stage for Accounts {
     fn name(&self) -> &'static str {
         "accounts"
+    }
+
+    /// Only authenticated mail is counted: MAIL and the end of data do nothing for the rest.
+    fn wants(&self, hook: TxnHook, _conn: &ConnInfo, txn: &TxnContext) -> bool {
+        matches!(hook, TxnHook::Mail | TxnHook::EndOfData) && txn.auth_user.is_some()
     }
 
     fn on_mail<'a>(&'a self, _conn: &'a ConnInfo, txn: &'a mut TxnContext, _mail: &'a MailFrom) -> HookFuture<'a> {

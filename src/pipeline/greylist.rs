@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tracing::debug;
 
-use super::{ConnInfo, HookFuture, Stage, TxnContext, Verdict};
+use super::{ConnInfo, HookFuture, Stage, TxnContext, TxnHook, Verdict};
 use crate::metrics::GreylistResult;
 use crate::rules::eval::Facts;
 use crate::rules::limits::{network, Greylist};
@@ -110,6 +110,10 @@ impl GreylistStage {
 impl Stage for GreylistStage {
     fn name(&self) -> &'static str {
         "greylist"
+    }
+
+    fn wants(&self, hook: TxnHook, _conn: &ConnInfo, _txn: &TxnContext) -> bool {
+        hook == TxnHook::Rcpt
     }
 
     fn on_rcpt<'a>(&'a self, conn: &'a ConnInfo, txn: &'a mut TxnContext, rcpt: &'a RcptTo) -> HookFuture<'a> {

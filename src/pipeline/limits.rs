@@ -16,7 +16,7 @@ use std::time::Duration;
 use tracing::debug;
 
 use super::{AuthEvent, ConnInfo, EventFuture, HookFuture, MessageView, RcptOutcome, Stage, StageRecord};
-use super::{TxnContext, TxnEnd, Verdict};
+use super::{TxnContext, TxnEnd, TxnHook, Verdict};
 use crate::rules::eval::Facts;
 use crate::rules::limits::{network, Counted, Hook, KeyPart, Limit, LimitAction, Measure};
 use crate::rules::{RuleSet, Rules};
@@ -261,6 +261,11 @@ mod hooks;
 impl Stage for LimitsStage {
     fn name(&self) -> &'static str {
         "limits"
+    }
+
+    /// Limits count at MAIL, RCPT and the end of data, never on the header section.
+    fn wants(&self, hook: TxnHook, _conn: &ConnInfo, _txn: &TxnContext) -> bool {
+        hook != TxnHook::Headers
     }
 
     fn on_connect<'a>(&'a self, conn: &'a ConnInfo) -> HookFuture<'a> {

@@ -15,7 +15,7 @@
 //! ([`Stage::on_end_of_data`]). [`subject`] rewrites the Subject of a relayed message when a verdict asked.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::smtp::command::{MailFrom, RcptTo};
 use crate::smtp::Reply;
@@ -34,8 +34,9 @@ pub mod sender_auth;
 pub mod stage;
 pub mod subject;
 
+use crate::metrics::StageTimer;
 pub use context::{AuthEvent, ConnInfo, MessageView, RcptOutcome, StageRecord, TxnContext, TxnEnd, TxnMark};
-pub use stage::{EventFuture, HookFuture, Stage};
+pub use stage::{EventFuture, HookFuture, Stage, TxnHook};
 
 /// What a stage decided.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -77,12 +78,15 @@ impl Verdict {
 #[derive(Clone, Default)]
 pub struct Pipeline {
     stages: Vec<Arc<dyn Stage>>,
+    /// Each stage's `moat_stage_seconds` handle, by position in `stages`.
+    timers: Arc<[StageTimer]>,
 }
 
 impl Pipeline {
     /// A pipeline of these stages, in order.
     pub fn new(stages: Vec<Arc<dyn Stage>>) -> Pipeline {
-        Pipeline { stages }
+        let timers = stages.iter().map(|_| StageTimer::new()).collect();
+        Pipeline { stages, timers }
     }
 
     /// The stages' names, in order.
@@ -92,8 +96,8 @@ impl Pipeline {
 
     /// Runs `on_connect` of every stage until one decides.
     pub async fn connect(&self, conn: &ConnInfo) -> Verdict {
-        for s in &self.stages {
-            let v = bounded(s.as_ref(), "connect", s.on_connect(conn)).await.0;
+        for (s, t) in self.stages.iter().zip(self.timers.iter()) {
+            let v = bounded(s.as_ref(), t, "connect", s.on_connect(conn)).await.0;
             if v != Verdict::Continue {
                 return v;
             }
@@ -110,8 +114,8 @@ impl Pipeline {
 
     /// Runs `on_auth` of every stage until one refuses.
     pub async fn auth(&self, conn: &ConnInfo, auth: AuthEvent<'_>) -> Verdict {
-        for s in &self.stages {
-            let v = bounded(s.as_ref(), "auth", s.on_auth(conn, auth)).await.0;
+        for (s, t) in self.stages.iter().zip(self.timers.iter()) {
+            let v = bounded(s.as_ref(), t, "auth", s.on_auth(conn, auth)).await.0;
             if v.refusal().is_some() {
                 return v;
             }
@@ -159,8 +163,14 @@ impl Pipeline {
     }
 
     async fn run(&self, conn: &ConnInfo, txn: &mut TxnContext, hook: Hook<'_>) -> Verdict {
-        for s in &self.stages {
+        for (s, timer) in self.stages.iter().zip(self.timers.iter()) {
             let s = s.as_ref();
+            if !s.wants(hook.kind(), conn, txn) {
+                // The hook would continue at once: record it as such without building its future (#15).
+                txn.records.push(StageRecord { stage: s.name(), phase: hook.phase(), verdict: "continue", micros: 0 });
+                crate::metrics::stage_seconds_cached(timer, s.name(), Duration::ZERO);
+                continue;
+            }
             let start = Instant::now();
             let fut = match hook {
                 Hook::Mail(m) => s.on_mail(conn, txn, m),
@@ -168,7 +178,7 @@ impl Pipeline {
                 Hook::Headers(h) => s.on_headers(conn, txn, h),
                 Hook::EndOfData(h) => s.on_end_of_data(conn, txn, h),
             };
-            let (v, timed_out) = bounded(s, hook.phase(), fut).await;
+            let (v, timed_out) = bounded(s, timer, hook.phase(), fut).await;
             txn.records.push(StageRecord {
                 stage: s.name(),
                 phase: hook.phase(),
@@ -185,7 +195,7 @@ impl Pipeline {
 
 /// Runs one verdict hook within the stage's deadline; `true` when it overran (the stage's
 /// [`Stage::on_deadline`] verdict is returned then).
-async fn bounded(s: &dyn Stage, phase: &'static str, fut: HookFuture<'_>) -> (Verdict, bool) {
+async fn bounded(s: &dyn Stage, timer: &StageTimer, phase: &'static str, fut: HookFuture<'_>) -> (Verdict, bool) {
     let start = Instant::now();
     let out = match s.deadline() {
         None => (fut.await, false),
@@ -197,7 +207,7 @@ async fn bounded(s: &dyn Stage, phase: &'static str, fut: HookFuture<'_>) -> (Ve
             }
         },
     };
-    crate::metrics::stage_seconds(s.name(), start.elapsed());
+    crate::metrics::stage_seconds_cached(timer, s.name(), start.elapsed());
     out
 }
 
@@ -223,6 +233,15 @@ enum Hook<'a> {
 }
 
 impl Hook<'_> {
+    fn kind(&self) -> TxnHook {
+        match self {
+            Hook::Mail(_) => TxnHook::Mail,
+            Hook::Rcpt(_) => TxnHook::Rcpt,
+            Hook::Headers(_) => TxnHook::Headers,
+            Hook::EndOfData(_) => TxnHook::EndOfData,
+        }
+    }
+
     fn phase(&self) -> &'static str {
         match self {
             Hook::Mail(_) => "mail",

@@ -83,3 +83,41 @@ async fn deadlines_fail_open_or_closed_as_the_stage_says() {
     assert_eq!(quick.events.load(Ordering::Relaxed), 1);
     assert_eq!(p.names(), ["slow", "slow"]);
 }
+
+/// Refuses at MAIL unless it says it does not want that hook; counts its calls.
+struct Picky {
+    wants_mail: bool,
+    calls: AtomicU32,
+}
+
+impl Stage for Picky {
+    fn name(&self) -> &'static str {
+        "picky"
+    }
+    fn wants(&self, hook: TxnHook, _conn: &ConnInfo, _txn: &TxnContext) -> bool {
+        hook != TxnHook::Mail || self.wants_mail
+    }
+    fn on_mail<'a>(&'a self, _c: &'a ConnInfo, _t: &'a mut TxnContext, _m: &'a MailFrom) -> HookFuture<'a> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        Box::pin(std::future::ready(Verdict::Reject(Reply::new(550, "5.7.1 no"))))
+    }
+}
+
+#[tokio::test]
+async fn a_hook_the_stage_does_not_want_is_skipped_but_recorded() {
+    let (c, m) = (conn(), mail());
+    let skipping = Arc::new(Picky { wants_mail: false, calls: AtomicU32::new(0) });
+    let p = Pipeline::new(vec![skipping.clone(), skipping.clone()]);
+    let mut txn = TxnContext::default();
+    assert_eq!(p.mail(&c, &mut txn, &m).await, Verdict::Continue);
+    assert_eq!(skipping.calls.load(Ordering::Relaxed), 0, "the hook was not called");
+    // The audit still lists every stage, as having continued at once.
+    let records: Vec<_> = txn.records.iter().map(|r| (r.stage, r.phase, r.verdict, r.micros)).collect();
+    assert_eq!(records, [("picky", "mail", "continue", 0), ("picky", "mail", "continue", 0)]);
+
+    let wanting = Arc::new(Picky { wants_mail: true, calls: AtomicU32::new(0) });
+    let p = Pipeline::new(vec![wanting.clone()]);
+    let mut txn = TxnContext::default();
+    assert_eq!(p.mail(&c, &mut txn, &m).await.refusal().map(|r| r.code), Some(550));
+    assert_eq!(wanting.calls.load(Ordering::Relaxed), 1);
+}

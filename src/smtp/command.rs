@@ -114,21 +114,26 @@ pub fn parse(line: &[u8]) -> Result<Command, SyntaxError> {
     if verb.len() > 8 {
         return Err(SyntaxError::Unknown);
     }
-    match verb.to_ascii_uppercase().as_str() {
-        "EHLO" => domain_arg(rest).map(Command::Ehlo),
-        "HELO" => domain_arg(rest).map(Command::Helo),
-        "MAIL" => mail(rest).map(Command::Mail),
-        "RCPT" => rcpt(rest).map(Command::Rcpt),
-        "DATA" => no_arg(rest, Command::Data),
-        "BDAT" => bdat(rest),
-        "RSET" => no_arg(rest, Command::Rset),
-        "NOOP" => Ok(Command::Noop), // RFC 5321 4.1.1.9: a parameter is allowed and ignored
-        "QUIT" => no_arg(rest, Command::Quit),
-        "VRFY" => Ok(Command::Vrfy),
-        "EXPN" => Ok(Command::Expn),
-        "HELP" => Ok(Command::Help),
-        "STARTTLS" => no_arg(rest, Command::StartTls),
-        "AUTH" => auth(rest),
+    // Upper-cased on the stack: no allocation per command (#15).
+    let mut upper = [0u8; 8];
+    let upper = &mut upper[..verb.len()];
+    upper.copy_from_slice(verb.as_bytes());
+    upper.make_ascii_uppercase();
+    match &*upper {
+        b"EHLO" => domain_arg(rest).map(Command::Ehlo),
+        b"HELO" => domain_arg(rest).map(Command::Helo),
+        b"MAIL" => mail(rest).map(Command::Mail),
+        b"RCPT" => rcpt(rest).map(Command::Rcpt),
+        b"DATA" => no_arg(rest, Command::Data),
+        b"BDAT" => bdat(rest),
+        b"RSET" => no_arg(rest, Command::Rset),
+        b"NOOP" => Ok(Command::Noop), // RFC 5321 4.1.1.9: a parameter is allowed and ignored
+        b"QUIT" => no_arg(rest, Command::Quit),
+        b"VRFY" => Ok(Command::Vrfy),
+        b"EXPN" => Ok(Command::Expn),
+        b"HELP" => Ok(Command::Help),
+        b"STARTTLS" => no_arg(rest, Command::StartTls),
+        b"AUTH" => auth(rest),
         _ => Err(SyntaxError::Unknown),
     }
 }

@@ -52,22 +52,44 @@ impl Reply {
     }
 
     /// Appends the wire form to `out`.
+    /// Written byte by byte rather than with `format!`: every reply to every command comes through here (#15).
     pub fn render_into(&self, out: &mut Vec<u8>) {
         let n = self.lines.len().max(1);
         for i in 0..n {
             let text = self.lines.get(i).map(String::as_str).unwrap_or("");
-            let sep = if i + 1 == n { ' ' } else { '-' };
-            out.extend_from_slice(format!("{}{}{}\r\n", self.code, sep, clean(text)).as_bytes());
+            push_decimal(out, self.code);
+            out.push(if i + 1 == n { b' ' } else { b'-' });
+            push_clean(out, text);
+            out.extend_from_slice(b"\r\n");
         }
     }
 }
 
-/// Replies never carry CR or LF inside a line, whatever text reached them (e.g. from an upstream).
-fn clean(text: &str) -> std::borrow::Cow<'_, str> {
-    if text.bytes().any(|b| b == b'\r' || b == b'\n') {
-        text.replace(['\r', '\n'], " ").into()
-    } else {
-        text.into()
+/// Appends `n` in decimal, as `Display` writes it.
+fn push_decimal(out: &mut Vec<u8>, n: u16) {
+    let mut digits = [0u8; 5];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// Appends `text` with each CR and LF turned into a space: replies never carry them inside a line, whatever
+/// text reached them (e.g. from an upstream). Both are ASCII, so no UTF-8 sequence is split.
+fn push_clean(out: &mut Vec<u8>, text: &str) {
+    let start = out.len();
+    out.extend_from_slice(text.as_bytes());
+    for b in &mut out[start..] {
+        if *b == b'\r' || *b == b'\n' {
+            *b = b' ';
+        }
     }
 }
 
@@ -291,5 +313,35 @@ mod tests {
     fn no_line_break_injection() {
         let r = Reply::new(550, "bad\r\n250 ok");
         assert_eq!(r.render(), b"550 bad  250 ok\r\n");
+    }
+
+    /// The `format!`-based rendering `render_into` replaced (#15), kept as the reference.
+    fn render_with_format(r: &Reply) -> Vec<u8> {
+        let mut out = Vec::new();
+        let n = r.lines.len().max(1);
+        for i in 0..n {
+            let text = r.lines.get(i).map(String::as_str).unwrap_or("");
+            let sep = if i + 1 == n { ' ' } else { '-' };
+            out.extend_from_slice(format!("{}{}{}\r\n", r.code, sep, text.replace(['\r', '\n'], " ")).as_bytes());
+        }
+        out
+    }
+
+    #[test]
+    fn renders_edge_codes_like_format() {
+        for code in [0, 7, 10, 99, 100, 250, 999, 1000, 65535] {
+            let r = Reply { code, lines: vec![] };
+            assert_eq!(r.render(), render_with_format(&r), "code {code}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn render_matches_format(code: u16, lines in proptest::collection::vec("(?s).{0,40}", 0..4)) {
+            let r = Reply { code, lines };
+            let mut appended = b"prefix".to_vec();
+            r.render_into(&mut appended);
+            proptest::prop_assert_eq!(&appended[6..], &render_with_format(&r)[..]);
+        }
     }
 }
