@@ -1,5 +1,6 @@
 //! The audit record types (schema version 1, `docs/audit.md`) and the small formatters they need.
 
+use std::borrow::Cow;
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -56,7 +57,7 @@ pub struct TransactionRecord {
     /// Each pipeline stage that ran, in order.
     pub stages: Vec<StageRecord>,
     /// `"accepted"`, `"rejected"`, `"tempfailed"`, `"discarded"` or `"aborted"`.
-    pub verdict: String,
+    pub verdict: Cow<'static, str>,
     /// What moat told the client at the end of data (code 0 when the transaction was aborted).
     pub reply: ReplyRecord,
     /// The upstream's final reply to the message, when it was relayed.
@@ -88,12 +89,13 @@ pub struct RcptRecord {
 /// One stage's part in the verdict.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct StageRecord {
-    /// The stage's name.
-    pub stage: String,
+    /// The stage's name. Stage names, hooks and verdicts are `&'static str` in the pipeline, so a record
+    /// borrows them instead of allocating three strings per stage and message.
+    pub stage: Cow<'static, str>,
     /// The hook that ran (`"connect"`, `"mail"`, `"rcpt"`, `"data"`, ...).
-    pub phase: String,
+    pub phase: Cow<'static, str>,
     /// Its verdict (`"continue"`, `"accept"`, `"reject"`, `"tempfail"`, ...).
-    pub verdict: String,
+    pub verdict: Cow<'static, str>,
     /// How long it took, in microseconds.
     pub micros: u64,
 }
@@ -166,7 +168,7 @@ impl TransactionRecord {
             message_id: None,
             subject_digest: None,
             stages: Vec::new(),
-            verdict: String::new(),
+            verdict: Cow::Borrowed(""),
             reply: ReplyRecord::default(),
             upstream: None,
             duration_ms: now.duration_since(start).unwrap_or_default().as_millis() as u64,

@@ -524,13 +524,13 @@ impl Driver {
                 .records
                 .iter()
                 .map(|s| StageRecord {
-                    stage: s.stage.to_string(),
-                    phase: s.phase.to_string(),
-                    verdict: s.verdict.to_string(),
+                    stage: s.stage.into(),
+                    phase: s.phase.into(),
+                    verdict: s.verdict.into(),
                     micros: s.micros,
                 })
                 .collect(),
-            verdict: verdict.to_string(),
+            verdict: verdict.into(),
             reply: ReplyRecord { code: reply.code, text: reply.lines.join(" ") },
             upstream: upstream.map(|u| UpstreamRecord {
                 code: u.code,

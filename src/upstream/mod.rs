@@ -436,7 +436,10 @@ impl Connection {
     /// The MAIL FROM line for this upstream, or moat's own refusal (see [`Connection::unsupported`]).
     fn mail_line(&self, mail: &MailFrom, size_hint: Option<u64>) -> Result<String, Reply> {
         use std::fmt::Write as _;
-        let mut line = format!("MAIL FROM:<{}>", mail.address);
+        let mut line = String::with_capacity(mail.address.len() + 48);
+        line.push_str("MAIL FROM:<");
+        line.push_str(&mail.address);
+        line.push('>');
         if let (true, Some(size)) = (self.ext.size, mail.size.or(size_hint)) {
             let _ = write!(line, " SIZE={size}");
         }
@@ -491,7 +494,10 @@ impl Connection {
         if let Some(refusal) = self.unsupported(false, !rcpt.dsn.is_empty()) {
             return Err(refusal);
         }
-        let mut line = format!("RCPT TO:<{}>", rcpt.address);
+        let mut line = String::with_capacity(rcpt.address.len() + 16);
+        line.push_str("RCPT TO:<");
+        line.push_str(&rcpt.address);
+        line.push('>');
         for p in &rcpt.dsn {
             let _ = write!(line, " {p}");
         }

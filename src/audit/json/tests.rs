@@ -39,9 +39,9 @@ fn rcpt() -> impl Strategy<Value = RcptRecord> {
 
 fn stage() -> impl Strategy<Value = StageRecord> {
     (odd_string(), odd_string(), odd_string(), any::<u64>()).prop_map(|(stage, phase, verdict, micros)| StageRecord {
-        stage,
-        phase,
-        verdict,
+        stage: stage.into(),
+        phase: phase.into(),
+        verdict: verdict.into(),
         micros,
     })
 }
@@ -91,7 +91,7 @@ prop_compose! {
             message_id: o.next().unwrap(),
             subject_digest: o.next().unwrap(),
             stages,
-            verdict: s.next().unwrap(),
+            verdict: s.next().unwrap().into(),
             reply: ReplyRecord { code: reply.0, text: reply.1 },
             upstream,
             duration_ms,
