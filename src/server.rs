@@ -443,6 +443,9 @@ async fn accept_loop(
     adm: Arc<Admission>,
     shutdown: Shutdown,
 ) {
+    // A listener bound to one address accepts connections on that address only: their local address needs
+    // no getsockname(2). A wildcard listener's connections each ask.
+    let bound = listener.local_addr().ok().filter(|a| !a.ip().is_unspecified());
     loop {
         let accepted = tokio::select! {
             biased;
@@ -458,7 +461,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        admit(stream, peer, &ctx, proxy.clone(), &adm, &shutdown);
+        admit(stream, peer, bound, &ctx, proxy.clone(), &adm, &shutdown);
     }
     debug!(listener = %ctx.name, "listener closed");
 }
@@ -466,6 +469,7 @@ async fn accept_loop(
 fn admit(
     mut stream: TcpStream,
     peer: SocketAddr,
+    bound: Option<SocketAddr>,
     ctx: &Arc<ListenerContext>,
     proxy: Option<Arc<crate::fleet::ProxySettings>>,
     adm: &Arc<Admission>,
@@ -491,7 +495,7 @@ fn admit(
         Some(slot)
     };
     let id = adm.ids.next_id();
-    let local = stream.local_addr().unwrap_or(peer);
+    let local = bound.unwrap_or_else(|| stream.local_addr().unwrap_or(peer));
     let span = tracing::info_span!("conn", id = %id, listener = %ctx.name, client.addr = tracing::field::Empty);
     let ctx = ctx.clone();
     let adm = adm.clone();
