@@ -496,7 +496,13 @@ fn admit(
     };
     let id = adm.ids.next_id();
     let local = bound.unwrap_or_else(|| stream.local_addr().unwrap_or(peer));
-    let span = tracing::info_span!("conn", id = %id, listener = %ctx.name, client.addr = tracing::field::Empty);
+    // Behind a balancer the client's address is known only after the PROXY header: recorded then. Otherwise it
+    // goes in with the span (one formatting pass instead of two).
+    let span = if proxy.is_some() {
+        tracing::info_span!("conn", id = %id, listener = %ctx.name, client.addr = tracing::field::Empty)
+    } else {
+        tracing::info_span!("conn", id = %id, listener = %ctx.name, client.addr = %peer)
+    };
     let ctx = ctx.clone();
     let adm = adm.clone();
     let hard = shutdown.hard.clone();
@@ -507,6 +513,7 @@ fn admit(
                     let Some((client, local)) = proxy.client(&mut stream, peer, local).await else {
                         return;
                     };
+                    tracing::Span::current().record("client.addr", tracing::field::display(client));
                     let Some(slot) = adm.per_ip.acquire(client.ip(), adm.max_per_ip) else {
                         return refuse_now(stream, &ctx, &adm, crate::metrics::Limit::MaxConnectionsPerIp).await;
                     };
@@ -515,7 +522,6 @@ fn admit(
                 (None, Some(slot)) => (peer, local, slot),
                 (None, None) => return,
             };
-            tracing::Span::current().record("client.addr", tracing::field::display(peer));
             let lease = match adm.fleet.lease(adm.per_ip.keys.key(peer.ip()), &id, adm.max_per_ip).await {
                 Ok(lease) => lease,
                 Err(refusal) => {
@@ -523,15 +529,15 @@ fn admit(
                     return refuse_now(stream, &ctx, &adm, crate::metrics::Limit::MaxConnectionsPerIp).await;
                 }
             };
-            crate::metrics::connection(&ctx.name, crate::metrics::ConnResult::Accepted);
+            ctx.metrics.connection(crate::metrics::ConnResult::Accepted);
             let _permits = (permit, slot, lease);
-            let _active = crate::metrics::connection_active(&ctx.name);
+            let _active = ctx.metrics.connection_active();
             debug!("connected");
             let reason = tokio::select! {
                 r = conn::serve(ctx.clone(), stream, peer, local, id) => r,
                 _ = hard.cancelled() => crate::smtp::session::CloseReason::Shutdown,
             };
-            crate::metrics::session_closed(&ctx.name, reason);
+            ctx.metrics.session_closed(reason);
             debug!(reason = reason.as_str(), "closed");
         }
         .instrument(span),

@@ -532,10 +532,9 @@ impl Driver {
                 .collect(),
             verdict: verdict.into(),
             reply: ReplyRecord { code: reply.code, text: reply.lines.join(" ") },
-            upstream: upstream.map(|u| UpstreamRecord {
-                code: u.code,
-                queue_id: crate::audit::queue_id_from_reply(&u.lines.join(" ")),
-                text: u.lines.join(" "),
+            upstream: upstream.map(|u| {
+                let text = u.lines.join(" ");
+                UpstreamRecord { code: u.code, queue_id: crate::audit::queue_id_from_reply(&text), text }
             }),
             ..TransactionRecord::new(txn.started)
         };

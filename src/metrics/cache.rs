@@ -7,9 +7,17 @@
 
 use std::sync::{Arc, OnceLock};
 
-use metrics::{counter, Counter, Histogram};
+use metrics::{counter, gauge, Counter, Gauge, Histogram};
 
-use super::{MessageVerdict, RcptResult, MESSAGES_TOTAL, RECEIVED_BYTES_TOTAL, RECIPIENTS_TOTAL};
+use super::{
+    ActiveConnection, ConnResult, MessageVerdict, RcptResult, CONNECTIONS_ACTIVE, CONNECTIONS_TOTAL, MESSAGES_TOTAL,
+    RECEIVED_BYTES_TOTAL, RECIPIENTS_TOTAL, SESSIONS_CLOSED_TOTAL,
+};
+use crate::smtp::session::CloseReason;
+
+/// Close reasons cached per listener: those up to [`CloseReason::AuthLocked`] in declaration order (a reason
+/// added after it is counted through the registry, uncached).
+const CLOSE_REASONS: usize = CloseReason::AuthLocked as usize + 1;
 
 /// One lazily registered handle.
 pub struct Slot<T>(OnceLock<T>);
@@ -31,6 +39,17 @@ impl<T> Slot<T> {
     }
 }
 
+impl<T: Clone> Slot<T> {
+    /// A clone of the cached handle (registered on first use, as in [`Slot::with`]).
+    pub fn handle(&self, register: impl FnOnce() -> T) -> T {
+        match self.0.get() {
+            Some(h) => h.clone(),
+            None if super::installed() => self.0.get_or_init(register).clone(),
+            None => register(),
+        }
+    }
+}
+
 impl<T> Default for Slot<T> {
     fn default() -> Slot<T> {
         Slot::new()
@@ -40,9 +59,13 @@ impl<T> Default for Slot<T> {
 /// A stage's [`super::STAGE_SECONDS`] histogram, cached by the pipeline per stage.
 pub type StageTimer = Slot<Histogram>;
 
-/// The per-listener families a message touches, cached per listener (the listener name is a label).
+/// The per-listener families a connection and a message touch, cached per listener (the listener name is a
+/// label).
 pub struct ListenerMetrics {
     listener: Arc<str>,
+    connections: [Slot<Counter>; ConnResult::COUNT],
+    active: Slot<Gauge>,
+    closed: [Slot<Counter>; CLOSE_REASONS],
     messages: [Slot<Counter>; MessageVerdict::COUNT],
     received: Slot<Counter>,
     recipients: [Slot<Counter>; RcptResult::COUNT],
@@ -53,9 +76,38 @@ impl ListenerMetrics {
     pub fn new(listener: Arc<str>) -> ListenerMetrics {
         ListenerMetrics {
             listener,
+            connections: [const { Slot::new() }; ConnResult::COUNT],
+            active: Slot::new(),
+            closed: [const { Slot::new() }; CLOSE_REASONS],
             messages: [const { Slot::new() }; MessageVerdict::COUNT],
             received: Slot::new(),
             recipients: [const { Slot::new() }; RcptResult::COUNT],
+        }
+    }
+
+    /// As [`super::connection`], for this listener.
+    pub fn connection(&self, result: ConnResult) {
+        self.connections[result.index()].with(
+            || counter!(CONNECTIONS_TOTAL, "listener" => self.listener.to_string(), "result" => result.as_str()),
+            |c| c.increment(1),
+        );
+    }
+
+    /// As [`super::connection_active`], for this listener.
+    pub fn connection_active(&self) -> ActiveConnection {
+        let gauge = self.active.handle(|| gauge!(CONNECTIONS_ACTIVE, "listener" => self.listener.to_string()));
+        gauge.increment(1.0);
+        ActiveConnection { gauge }
+    }
+
+    /// As [`super::session_closed`], for this listener.
+    pub fn session_closed(&self, reason: CloseReason) {
+        match self.closed.get(reason as usize) {
+            Some(slot) => slot.with(
+                || counter!(SESSIONS_CLOSED_TOTAL, "listener" => self.listener.to_string(), "reason" => reason.as_str()),
+                |c| c.increment(1),
+            ),
+            None => super::session_closed(&self.listener, reason),
         }
     }
 
