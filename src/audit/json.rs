@@ -19,7 +19,7 @@ pub trait JsonLine {
 
 // === impl JsonLine ===
 
-impl JsonLine for TransactionRecord {
+impl JsonLine for TransactionRecord<'_> {
     fn write_json(&self, out: &mut Vec<u8>) {
         let mut o = Object::open(out);
         o.uint("v", u64::from(self.v));
@@ -77,7 +77,7 @@ impl JsonLine for TlsRecord {
     }
 }
 
-impl JsonLine for RcptRecord {
+impl JsonLine for RcptRecord<'_> {
     fn write_json(&self, out: &mut Vec<u8>) {
         let mut o = Object::open(out);
         o.str("address", &self.address);

@@ -14,9 +14,10 @@ pub const SCHEMA_VERSION: u32 = 1;
 const RFC3339_LEN: usize = 24;
 
 /// One SMTP transaction (MAIL FROM to end of data, or to its abort). Fill it progressively: start from
-/// [`TransactionRecord::new`] and set what is known.
+/// [`TransactionRecord::new`] and set what is known. The strings the session already holds (ids, names,
+/// addresses) are borrowed for the time it takes to write the record (`'a`), not copied.
 #[derive(Clone, Debug, Serialize)]
-pub struct TransactionRecord {
+pub struct TransactionRecord<'a> {
     /// Schema version, always [`SCHEMA_VERSION`].
     pub v: u32,
     /// Always `"transaction"`.
@@ -27,27 +28,27 @@ pub struct TransactionRecord {
     /// When the transaction started, at MAIL FROM (RFC 3339, UTC).
     pub start: String,
     /// The connection's id, as in the logs.
-    pub conn_id: String,
+    pub conn_id: Cow<'a, str>,
     /// The transaction's id (also in moat's `Received` header).
-    pub txn_id: String,
+    pub txn_id: Cow<'a, str>,
     /// The configured name of the listener.
-    pub listener: String,
+    pub listener: Cow<'a, str>,
     /// The client's address.
     pub client_ip: String,
     /// The client's port.
     pub client_port: u16,
     /// The client's verified reverse DNS name, if looked up and found.
-    pub client_name: Option<String>,
+    pub client_name: Option<Cow<'a, str>>,
     /// The EHLO/HELO argument.
-    pub helo: Option<String>,
+    pub helo: Option<Cow<'a, str>>,
     /// The TLS session with the client, if any.
     pub tls: Option<TlsRecord>,
     /// The authenticated user, if the client authenticated.
-    pub auth_user: Option<String>,
+    pub auth_user: Option<Cow<'a, str>>,
     /// The MAIL FROM address (empty for the null sender `<>`).
-    pub mail_from: String,
+    pub mail_from: Cow<'a, str>,
     /// Every RCPT TO, accepted or not, with moat's reply to it.
-    pub rcpts: Vec<RcptRecord>,
+    pub rcpts: Vec<RcptRecord<'a>>,
     /// Message size in bytes as received (after dot-unstuffing), 0 when no data came.
     pub size: u64,
     /// The `Message-ID` header, if present.
@@ -77,9 +78,9 @@ pub struct TlsRecord {
 
 /// One recipient and moat's reply to its RCPT TO.
 #[derive(Clone, Debug, Default, Serialize)]
-pub struct RcptRecord {
+pub struct RcptRecord<'a> {
     /// The address as given in RCPT TO.
-    pub address: String,
+    pub address: Cow<'a, str>,
     /// The reply code the client got.
     pub reply_code: u16,
     /// The reply text (multi-line replies joined with a space).
@@ -144,25 +145,25 @@ pub struct AuthRecord {
     pub result: String,
 }
 
-impl TransactionRecord {
+impl TransactionRecord<'_> {
     /// A record for a transaction that started at `start` and ends now: versioned, timestamped, the rest empty.
-    pub fn new(start: SystemTime) -> TransactionRecord {
+    pub fn new(start: SystemTime) -> Self {
         let now = SystemTime::now();
         TransactionRecord {
             v: SCHEMA_VERSION,
             record_type: "transaction",
             ts: rfc3339(now),
             start: rfc3339(start),
-            conn_id: String::new(),
-            txn_id: String::new(),
-            listener: String::new(),
+            conn_id: Cow::Borrowed(""),
+            txn_id: Cow::Borrowed(""),
+            listener: Cow::Borrowed(""),
             client_ip: String::new(),
             client_port: 0,
             client_name: None,
             helo: None,
             tls: None,
             auth_user: None,
-            mail_from: String::new(),
+            mail_from: Cow::Borrowed(""),
             rcpts: Vec::new(),
             size: 0,
             message_id: None,
@@ -176,7 +177,7 @@ impl TransactionRecord {
     }
 }
 
-impl Default for TransactionRecord {
+impl Default for TransactionRecord<'_> {
     /// A record that starts and ends now.
     fn default() -> Self {
         TransactionRecord::new(SystemTime::now())

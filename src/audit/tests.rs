@@ -6,7 +6,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::*;
 
-fn sample() -> TransactionRecord {
+fn sample() -> TransactionRecord<'static> {
     let start = UNIX_EPOCH + Duration::from_millis(1_714_554_187_250);
     TransactionRecord {
         conn_id: "0000002A".into(),
@@ -235,7 +235,7 @@ async fn shutdown_drains_then_stops() {
     let shutdown = CancellationToken::new();
     let sink = AuditSink::start(AuditDestination::File(path.clone()), 64, shutdown.clone());
     for i in 0..20 {
-        sink.record(&TransactionRecord { txn_id: i.to_string(), ..TransactionRecord::default() });
+        sink.record(&TransactionRecord { txn_id: i.to_string().into(), ..TransactionRecord::default() });
     }
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), sink.closed()).await.unwrap();

@@ -498,23 +498,27 @@ impl Driver {
     fn audit(&self, txn: &Txn, verdict: &'static str, reply: &Reply, upstream: Option<Reply>) {
         let head = header_section(&txn.head);
         let rec = TransactionRecord {
-            conn_id: self.conn_id.clone(),
-            txn_id: txn.id.clone(),
-            listener: self.ctx.name.to_string(),
+            conn_id: self.conn_id.as_str().into(),
+            txn_id: txn.id.as_str().into(),
+            listener: (*self.ctx.name).into(),
             client_ip: self.info.peer.ip().to_string(),
             client_port: self.info.peer.port(),
-            client_name: self.info.name.clone(),
-            helo: self.session.helo().map(|h| h.name.clone()),
+            client_name: self.info.name.as_deref().map(Into::into),
+            helo: self.session.helo().map(|h| h.name.as_str().into()),
             tls: self
                 .tls
                 .as_ref()
                 .map(|t| crate::audit::TlsRecord { version: t.version.to_string(), cipher: t.cipher.clone() }),
-            auth_user: self.session.user().map(str::to_string),
-            mail_from: txn.mail.address.clone(),
+            auth_user: self.session.user().map(Into::into),
+            mail_from: txn.mail.address.as_str().into(),
             rcpts: txn
                 .rcpts
                 .iter()
-                .map(|(a, r)| RcptRecord { address: a.clone(), reply_code: r.code, reply_text: r.lines.join(" ") })
+                .map(|(a, r)| RcptRecord {
+                    address: a.as_str().into(),
+                    reply_code: r.code,
+                    reply_text: r.lines.join(" "),
+                })
                 .collect(),
             size: txn.size,
             message_id: header_value(head, "Message-ID"),

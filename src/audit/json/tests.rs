@@ -29,9 +29,9 @@ fn tls() -> impl Strategy<Value = TlsRecord> {
     (odd_string(), odd_string()).prop_map(|(version, cipher)| TlsRecord { version, cipher })
 }
 
-fn rcpt() -> impl Strategy<Value = RcptRecord> {
+fn rcpt() -> impl Strategy<Value = RcptRecord<'static>> {
     (odd_string(), any::<u16>(), odd_string()).prop_map(|(address, reply_code, reply_text)| RcptRecord {
-        address,
+        address: address.into(),
         reply_code,
         reply_text,
     })
@@ -68,7 +68,7 @@ prop_compose! {
         upstream in option::of(upstream()),
         duration_ms in any::<u64>(),
         record_type in prop_oneof![Just("transaction"), Just("odd \"type\"\n")],
-    ) -> TransactionRecord {
+    ) -> TransactionRecord<'static> {
         let mut s = strings.into_iter();
         let mut o = optional.into_iter();
         TransactionRecord {
@@ -76,16 +76,16 @@ prop_compose! {
             record_type,
             ts: s.next().unwrap(),
             start: s.next().unwrap(),
-            conn_id: s.next().unwrap(),
-            txn_id: s.next().unwrap(),
-            listener: s.next().unwrap(),
+            conn_id: s.next().unwrap().into(),
+            txn_id: s.next().unwrap().into(),
+            listener: s.next().unwrap().into(),
             client_ip: s.next().unwrap(),
             client_port,
-            client_name: o.next().unwrap(),
-            helo: o.next().unwrap(),
+            client_name: o.next().unwrap().map(Into::into),
+            helo: o.next().unwrap().map(Into::into),
             tls,
-            auth_user: o.next().unwrap(),
-            mail_from: s.next().unwrap(),
+            auth_user: o.next().unwrap().map(Into::into),
+            mail_from: s.next().unwrap().into(),
             rcpts,
             size,
             message_id: o.next().unwrap(),
