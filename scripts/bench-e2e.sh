@@ -16,6 +16,8 @@
 #   scripts/bench-e2e.sh                  (needs target/release/moat: cargo build --release)
 #   scripts/bench-e2e.sh --direct-only    only the smtp-source -> smtp-sink half
 # Environment: MOAT_BIN (default target/release/moat), BENCH_QUICK=1 (a tenth of the messages),
+#              BENCH_SCALE=N (N times the messages: CPU is read in 10 ms ticks, so on a fast machine a
+#              shape of 5,000 small messages is only a few dozen ticks of moat's CPU),
 #              IDLE_CONNS (default 2000, at most 4000), BENCH_REVERSE_DNS=true (moat looks up 127.0.0.1),
 #              BENCH_SHAPES="a b c" (which shapes to run), BENCH_RULES="off on" (which moat variants),
 #              BENCH_BASE=/path/to/other/moat: a third variant, that binary without rules, run right after
@@ -59,6 +61,8 @@ PY=$(command -v python3) || { echo "bench: python3 is required" >&2; exit 1; }
 HZ=$(getconf CLK_TCK)
 DIV=1
 [ "${BENCH_QUICK:-}" = 1 ] && DIV=10
+SCALE=${BENCH_SCALE:-1}
+[ "$SCALE" -ge 1 ] && [ "$SCALE" -le 20 ] || { echo "bench: BENCH_SCALE must be 1..20" >&2; exit 2; }
 
 die() { echo "bench: $*" >&2; exit 1; }
 if [ ! -x "$SMTP_SOURCE" ] || [ ! -x "$SMTP_SINK" ]; then die "smtp-source/smtp-sink not found (apt-get install postfix)"; fi
@@ -259,7 +263,7 @@ report() { # shape pin path count wall moat_cpu sink_cpu thru
 }
 
 shape() { # key count size sessions flags pin
-    local key=$1 count=$(($2 / DIV)) size=$3 sessions=$4 flags=$5 p=$6 d_wall v thru
+    local key=$1 count=$(($2 * SCALE / DIV)) size=$3 sessions=$4 flags=$5 p=$6 d_wall v thru
     run "$key direct" "$SINK_PORT" "$count" "$size" "$sessions" "$flags"
     d_wall=$R_WALL
     report "$key" "$p" direct "$count" "$R_WALL" 0 "$R_SINK_CPU" "-"

@@ -23,6 +23,7 @@ pub mod auth;
 pub mod client_key;
 pub mod config;
 pub mod conn;
+pub mod cores;
 pub mod dkim;
 pub mod dns;
 pub mod fleet;

@@ -129,7 +129,12 @@ fn serve(path: &std::path::Path) -> ExitCode {
         }
     };
     init_logging(&config);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if config.server.thread_per_core {
+        // Connections run on the per-core threads (src/cores.rs); this runtime keeps the background work.
+        builder.worker_threads(1);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             error!(error = %e, "cannot start the runtime");

@@ -47,6 +47,8 @@ pub enum ServerError {
     Auth(#[source] crate::auth::store::StoreError),
     #[error("cannot load the rules:\n{}", crate::rules::format_errors(.0))]
     Rules(Vec<crate::rules::RuleError>),
+    #[error("cannot start the per-core threads")]
+    Cores(#[source] std::io::Error),
     #[error("cannot set up the state store")]
     State(#[source] crate::state::redis::RedisSetupError),
 }
@@ -67,6 +69,8 @@ pub struct Running {
     pub rules: Option<Arc<crate::rules::Rules>>,
     grace: Duration,
     audit: AuditSink,
+    /// The per-core threads (`server.thread_per_core`).
+    cores: Option<crate::cores::Cores>,
 }
 
 impl Running {
@@ -84,6 +88,9 @@ impl Running {
             // was queued upstream. Still an operator wants to know (a grace period too short for the
             // traffic), so it is an error and the exit code says it too.
             error!(sessions = cut_off, grace = ?self.grace, "grace period over; sessions cut off");
+        }
+        if let Some(cores) = self.cores {
+            cores.stop().await;
         }
         self.audit.close().await;
         info!("stopped");
@@ -222,13 +229,26 @@ pub async fn start_with_store(config: &Config, store: crate::state::SharedStore)
         refusals: Arc::new(Semaphore::new(MAX_PENDING_REFUSALS)),
     });
     let mut bound = Vec::new();
+    // With a thread per core: each listener's sockets, one per core thread, and what each thread runs.
+    let per_core = config.server.thread_per_core.then(crate::cores::count);
+    let mut core_listeners: Vec<Vec<CoreListener>> = (0..per_core.unwrap_or(0)).map(|_| Vec::new()).collect();
     for l in &config.listeners {
-        let listener = TcpListener::bind(l.address).await.map_err(|source| ServerError::Bind {
-            name: l.name.clone(),
-            addr: l.address,
-            source,
-        })?;
-        let addr = listener.local_addr().unwrap_or(l.address);
+        let bind_err = |source| ServerError::Bind { name: l.name.clone(), addr: l.address, source };
+        let (listener, addr) = match per_core {
+            None => {
+                let listener = TcpListener::bind(l.address).await.map_err(bind_err)?;
+                let addr = listener.local_addr().unwrap_or(l.address);
+                (Some(listener), addr)
+            }
+            Some(n) => {
+                let sockets = crate::cores::bind(l.address, n).map_err(bind_err)?;
+                let addr = sockets.first().and_then(|s| s.local_addr().ok()).unwrap_or(l.address);
+                for (core, socket) in core_listeners.iter_mut().zip(sockets) {
+                    core.push(CoreListener { socket, ctx: None, proxy: None });
+                }
+                (None, addr)
+            }
+        };
         let mut ctx = listener_context(
             config,
             l,
@@ -249,8 +269,31 @@ pub async fn start_with_store(config: &Config, store: crate::state::SharedStore)
         crate::metrics::listener_started(&l.name);
         bound.push((l.name.clone(), addr));
         let proxy = crate::fleet::ProxySettings::from_listener(l).map(Arc::new);
-        tokio::spawn(accept_loop(listener, ctx, proxy, admission.clone(), shutdown.clone()));
+        match listener {
+            Some(listener) => {
+                tokio::spawn(accept_loop(listener, ctx, proxy, admission.clone(), shutdown.clone()));
+            }
+            None => {
+                for core in &mut core_listeners {
+                    let last = core.last_mut().expect("a socket was bound for this listener on every core");
+                    last.ctx = Some(ctx.clone());
+                    last.proxy.clone_from(&proxy);
+                }
+            }
+        }
     }
+    let cores = match per_core {
+        Some(n) => {
+            let work = core_listeners
+                .into_iter()
+                .map(|listeners| core_work(listeners, admission.clone(), shutdown.clone()))
+                .collect();
+            let cores = crate::cores::Cores::start(work).map_err(ServerError::Cores)?;
+            info!(threads = n, "a thread per core, each accepting on every listener");
+            Some(cores)
+        }
+        None => None,
+    };
     let metrics = match (&metrics_handle, config.metrics.address.parse::<SocketAddr>()) {
         (Some(handle), Ok(addr)) => {
             let l = TcpListener::bind(addr).await.map_err(ServerError::Metrics)?;
@@ -281,6 +324,31 @@ pub async fn start_with_store(config: &Config, store: crate::state::SharedStore)
         rules,
         grace: config.shutdown.grace_period.get(),
         audit,
+        cores,
+    })
+}
+
+/// One listener's socket on one core thread, with what its accept loop needs.
+struct CoreListener {
+    socket: std::net::TcpListener,
+    ctx: Option<Arc<ListenerContext>>,
+    proxy: Option<Arc<crate::fleet::ProxySettings>>,
+}
+
+/// What a core thread runs: an accept loop per listener, its sockets registered with that thread's runtime.
+fn core_work(listeners: Vec<CoreListener>, adm: Arc<Admission>, shutdown: Shutdown) -> crate::cores::Work {
+    Box::new(move || {
+        let mut tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> = Vec::new();
+        for l in listeners {
+            let Some(ctx) = l.ctx else { continue };
+            match TcpListener::from_std(l.socket) {
+                Ok(listener) => {
+                    tasks.push(Box::pin(accept_loop(listener, ctx, l.proxy, adm.clone(), shutdown.clone())))
+                }
+                Err(e) => error!(error = %e, listener = %ctx.name, "cannot register a listening socket"),
+            }
+        }
+        tasks
     })
 }
 

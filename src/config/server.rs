@@ -20,6 +20,9 @@ pub struct ServerConfig {
     /// shared with the spool and rule loading) until it answers, even after the connection stopped
     /// waiting; past this, connections go on without a name instead of starting another lookup.
     pub max_reverse_dns_lookups: usize,
+    /// One thread per core, each with its own runtime and listening sockets (`SO_REUSEPORT`), instead of
+    /// one work-stealing runtime (`src/cores.rs`). Not reloadable.
+    pub thread_per_core: bool,
 }
 
 /// The most `server.max_reverse_dns_lookups` may be: half of tokio's blocking pool (512 threads), so hanging
@@ -36,6 +39,7 @@ impl Default for ServerConfig {
             // A lookup normally takes milliseconds; 64 in flight serve hundreds of new connections a second,
             // and during a DNS outage they hold 64 blocking threads at most.
             max_reverse_dns_lookups: 64,
+            thread_per_core: false,
         }
     }
 }

@@ -271,6 +271,8 @@ pub struct Connection {
     line: Vec<u8>,
     /// Its slot under `upstream.max_connections`, given back when the connection is dropped.
     slot: Option<limit::ConnectionSlot>,
+    /// The per-core thread whose runtime polls its socket ([`crate::cores::home`]).
+    home: u32,
 }
 
 impl std::fmt::Debug for Connection {
@@ -305,6 +307,7 @@ impl Connection {
             tls: false,
             line: Vec::with_capacity(256),
             slot: None,
+            home: crate::cores::home(),
         };
         if conn.settings.identity == Identity::ProxyV2 {
             // Without a client (the start-up probe, `Pool::probe`) a LOCAL header: "the proxy itself".

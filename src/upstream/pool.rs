@@ -218,18 +218,19 @@ impl Pool {
         self.limit.wanted().await;
     }
 
+    /// The newest idle connection opened on this thread (with a thread per core: its socket is polled
+    /// here), else the newest of all; connections past the idle limit are dropped on the way.
     fn take_idle(&self) -> Option<Connection> {
         let mut idle = self.lock();
         let limit = self.settings.pool_idle_timeout;
-        while let Some((since, conn)) = idle.pop_back() {
-            if since.elapsed() < limit {
-                crate::metrics::upstream_pool_idle(idle.len());
-                return Some(conn);
-            }
-            drop(conn); // older than the limit; everything in front of it is older still
-            idle.clear();
-        }
-        None
+        // Oldest first: everything in front of the first young one is expired.
+        let expired = idle.iter().position(|(since, _)| since.elapsed() < limit).unwrap_or(idle.len());
+        idle.drain(..expired);
+        let home = crate::cores::home();
+        let at = idle.iter().rposition(|(_, c)| c.home == home).or_else(|| idle.len().checked_sub(1));
+        let conn = at.and_then(|i| idle.remove(i)).map(|(_, c)| c);
+        crate::metrics::upstream_pool_idle(idle.len());
+        conn
     }
 
     /// Closes connections idle for longer than the limit; runs until `shutdown`.

@@ -1,0 +1,114 @@
+//! `server.thread_per_core`: one thread per core, each with a current-thread tokio runtime and, for every
+//! listener, a listening socket of its own on the same address (`SO_REUSEPORT`: the kernel spreads new
+//! connections over the sockets). A connection lives its whole life on the thread that accepted it, so its
+//! wake-ups (a reply read, the upstream's answer, a timer) never cross threads: no futex, no worker parked
+//! and woken per message, as in the default work-stealing runtime.
+//!
+//! Everything else is shared as before (admission counts, the upstream pool, rules, the state store, the
+//! audit writer) and background work (watchers, metrics, the pool's reaper) stays on the main runtime. The
+//! upstream pool prefers a connection opened on the asking thread ([`home`]), whose socket that thread's
+//! runtime polls; one from another thread still works, with that thread's reactor doing the waking.
+//!
+//! What it costs: a connection cannot move to an idle core, so one heavy message (a large MIME scan runs on
+//! the blocking pool, but decoding and relaying do not) delays the other connections of its thread, and the
+//! kernel's spreading is by hash, not by load.
+
+use std::cell::Cell;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error};
+
+thread_local! {
+    static HOME: Cell<u32> = const { Cell::new(0) };
+}
+
+/// The thread this code runs on: `1..=n` on a per-core thread, 0 anywhere else (the main runtime, or every
+/// thread of the default runtime, where the distinction means nothing).
+pub fn home() -> u32 {
+    HOME.with(Cell::get)
+}
+
+/// How many per-core threads: one per core moat may run on.
+pub fn count() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// Binds `n` listening sockets to `addr` with `SO_REUSEPORT`. With port 0 the first socket picks the port
+/// and the others join it. Each socket is deregistered from the calling runtime, to be registered again by
+/// the thread that accepts on it.
+pub fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut out = Vec::with_capacity(n);
+    let mut at = addr;
+    for _ in 0..n {
+        let socket = if at.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        socket.bind(at)?;
+        let listener = socket.listen(1024)?;
+        at = listener.local_addr()?;
+        out.push(listener.into_std()?);
+    }
+    Ok(out)
+}
+
+/// A task for a per-core thread, made on that thread (inside its runtime, so sockets register there).
+pub type Work = Box<dyn FnOnce() -> Vec<Pin<Box<dyn Future<Output = ()> + Send>>> + Send>;
+
+/// The running per-core threads. Dropping it stops them without waiting; [`Cores::stop`] waits.
+pub struct Cores {
+    stop: CancellationToken,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Cores {
+    /// Starts one thread per entry of `work`, each running its tasks on a runtime of its own until
+    /// [`Cores::stop`]. Tasks they spawn (connections) run on the same thread.
+    pub fn start(work: Vec<Work>) -> std::io::Result<Cores> {
+        let stop = CancellationToken::new();
+        let mut cores = Cores { stop: stop.clone(), threads: Vec::with_capacity(work.len()) };
+        for (i, make) in work.into_iter().enumerate() {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let stop = stop.clone();
+            let home = u32::try_from(i + 1).unwrap_or(u32::MAX);
+            let thread = std::thread::Builder::new().name(format!("moat-core-{i}")).spawn(move || {
+                HOME.with(|h| h.set(home));
+                runtime.block_on(async move {
+                    for task in make() {
+                        tokio::spawn(task);
+                    }
+                    stop.cancelled().await;
+                });
+                // Whatever is left was cut off by the drain; blocking work (a hashing, a lookup) is not
+                // waited for long.
+                runtime.shutdown_timeout(Duration::from_secs(1));
+                debug!(core = i, "core thread stopped");
+            })?;
+            cores.threads.push(thread);
+        }
+        Ok(cores)
+    }
+
+    /// Stops every thread (after the drain: their connections are done or cut off) and waits for them.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        let threads = std::mem::take(&mut self.threads);
+        let joined = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                if t.join().is_err() {
+                    error!("a core thread panicked");
+                }
+            }
+        });
+        let _ = joined.await;
+    }
+}
+
+impl Drop for Cores {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
