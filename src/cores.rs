@@ -1,8 +1,8 @@
 //! `server.thread_per_core`: one thread per core, each with a current-thread tokio runtime and, for every
 //! listener, a listening socket of its own on the same address (`SO_REUSEPORT`: the kernel spreads new
 //! connections over the sockets). A connection lives its whole life on the thread that accepted it, so its
-//! wake-ups (a reply read, the upstream's answer, a timer) never cross threads: no futex, no worker parked
-//! and woken per message, as in the default work-stealing runtime.
+//! wake-ups (a reply read, the upstream's answer, a timer) never cross threads: no worker parked and woken
+//! by another per message, as in tokio's work-stealing runtime (`thread_per_core = false`).
 //!
 //! Everything else is shared as before (admission counts, the upstream pool, rules, the state store, the
 //! audit writer) and background work (watchers, metrics, the pool's reaper) stays on the main runtime. The
@@ -37,12 +37,20 @@ pub fn count() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
-/// Binds `n` listening sockets to `addr` with `SO_REUSEPORT`. With port 0 the first socket picks the port
-/// and the others join it. Each socket is deregistered from the calling runtime, to be registered again by
-/// the thread that accepts on it.
+/// Binds `n` listening sockets to `addr` with `SO_REUSEPORT`. Each socket is deregistered from the calling
+/// runtime, to be registered again by the thread that accepts on it.
+///
+/// `SO_REUSEPORT` alone would let a second moat (or any process of the same user that sets it) bind the same
+/// address and silently take a share of the connections. So the address is first bound without it: that
+/// fails with "address in use" when anything listens there, as a plain bind would. It also picks the port
+/// when `addr` has port 0.
 pub fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let probe = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    probe.set_reuseaddr(true)?;
+    probe.bind(addr)?;
+    let mut at = probe.local_addr()?;
+    drop(probe);
     let mut out = Vec::with_capacity(n);
-    let mut at = addr;
     for _ in 0..n {
         let socket = if at.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
         socket.set_reuseaddr(true)?;

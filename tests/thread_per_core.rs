@@ -1,12 +1,13 @@
-//! `server.thread_per_core`: a runtime and a listening socket per core thread (src/cores.rs), over real TCP.
-//! One test function, so the thread and socket counts it reads from /proc are moat's own.
+//! `server.thread_per_core`: a runtime and a listening socket per core thread (src/cores.rs), and the
+//! work-stealing runtime it replaces by default, over real TCP. One test function, so the thread and socket
+//! counts it reads from /proc are those of one moat at a time.
 
 mod common;
 
 use std::net::SocketAddr;
 
 use common::fake::{FakeUpstream, Script};
-use common::moat::{start, test_config, Client};
+use common::moat::{config_from, start, test_config, Client};
 
 /// Listening sockets on `port` (IPv4, /proc/net/tcp state 0A).
 fn listening_sockets(port: u16) -> usize {
@@ -22,8 +23,21 @@ fn listening_sockets(port: u16) -> usize {
         .count()
 }
 
-/// Threads of this process named `moat-core-*`.
-fn core_threads() -> usize {
+/// Threads of this process named `moat-core-*`, once that number is `want` (a new thread names itself when
+/// it starts; an ended one goes away when joined), or after 5 s.
+async fn core_threads(want: usize) -> usize {
+    let mut n = count_core_threads();
+    for _ in 0..500 {
+        if n == want {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        n = count_core_threads();
+    }
+    n
+}
+
+fn count_core_threads() -> usize {
     std::fs::read_dir("/proc/self/task")
         .unwrap()
         .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
@@ -45,14 +59,20 @@ async fn send_one(addr: SocketAddr, n: usize) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_are_served_on_every_core_thread_and_drained_on_stop() {
-    let cores = moat::cores::count();
+async fn connections_are_served_and_drained_with_either_runtime() {
+    relay_and_drain(true).await;
+    relay_and_drain(false).await;
+    a_second_moat_cannot_share_the_address().await;
+}
+
+async fn relay_and_drain(per_core: bool) {
+    let cores = if per_core { moat::cores::count() } else { 0 };
     let fake = FakeUpstream::start(Script::default()).await;
-    let running =
-        start(&test_config(fake.addr, "server.thread_per_core = true\nlimits.max_connections_per_ip = 100")).await;
+    let extra = format!("server.thread_per_core = {per_core}\nlimits.max_connections_per_ip = 100");
+    let running = start(&test_config(fake.addr, &extra)).await;
     let addr = running.addr("smtp").unwrap();
-    assert_eq!(listening_sockets(addr.port()), cores, "one listening socket per core on {addr}");
-    assert_eq!(core_threads(), cores, "one thread per core");
+    assert_eq!(listening_sockets(addr.port()), cores.max(1), "listening sockets on {addr}");
+    assert_eq!(core_threads(cores).await, cores, "threads per core");
 
     // 60 clients, 20 in parallel at a time, a new connection each: the pooled upstream connections are opened on one
     // core thread and taken by sessions on another.
@@ -92,6 +112,24 @@ async fn connections_are_served_on_every_core_thread_and_drained_on_stop() {
     let stopped = stop.await.unwrap();
     assert_eq!(stopped.cut_off, 0);
     assert_eq!(fake.wait_for(61).await.len(), 61);
-    assert_eq!(core_threads(), 0, "the core threads ended with the stop");
+    assert_eq!(count_core_threads(), 0, "the core threads (if any) ended with the stop");
     assert_eq!(listening_sockets(addr.port()), 0, "every listening socket closed");
+}
+
+/// With `SO_REUSEPORT` a second process could join the address and take a share of the connections; moat
+/// refuses to start there instead, as a plain bind would.
+async fn a_second_moat_cannot_share_the_address() {
+    let fake = FakeUpstream::start(Script::default()).await;
+    let first = start(&test_config(fake.addr, "server.thread_per_core = true")).await;
+    let addr = first.addr("smtp").unwrap();
+    let listener = format!("[[listener]]\nname = \"smtp\"\naddress = \"{addr}\"\nmode = \"plain\"\n");
+    for per_core in [true, false] {
+        let second = config_from(fake.addr, &format!("server.thread_per_core = {per_core}"), &listener);
+        match moat::server::start(&second).await {
+            Err(e) => assert!(e.to_string().contains("cannot listen"), "{e}"),
+            Ok(_) => panic!("a second moat (thread_per_core = {per_core}) bound {addr} beside the first"),
+        }
+    }
+    assert_eq!(listening_sockets(addr.port()), moat::cores::count(), "the first moat's sockets only");
+    first.stop().await;
 }

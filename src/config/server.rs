@@ -21,7 +21,7 @@ pub struct ServerConfig {
     /// waiting; past this, connections go on without a name instead of starting another lookup.
     pub max_reverse_dns_lookups: usize,
     /// One thread per core, each with its own runtime and listening sockets (`SO_REUSEPORT`), instead of
-    /// one work-stealing runtime (`src/cores.rs`). Not reloadable.
+    /// one work-stealing runtime (`src/cores.rs`). On by default. Not reloadable.
     pub thread_per_core: bool,
 }
 
@@ -39,7 +39,7 @@ impl Default for ServerConfig {
             // A lookup normally takes milliseconds; 64 in flight serve hundreds of new connections a second,
             // and during a DNS outage they hold 64 blocking threads at most.
             max_reverse_dns_lookups: 64,
-            thread_per_core: false,
+            thread_per_core: true,
         }
     }
 }
