@@ -7,7 +7,8 @@
 //! Everything else is shared as before (admission counts, the upstream pool, rules, the state store, the
 //! audit writer) and background work (watchers, metrics, the pool's reaper) stays on the main runtime. The
 //! upstream pool prefers a connection opened on the asking thread ([`home`]), whose socket that thread's
-//! runtime polls; one from another thread still works, with that thread's reactor doing the waking.
+//! runtime polls; one from another thread is moved to the asking thread's runtime when taken
+//! (`upstream::Connection::rehome`).
 //!
 //! What it costs: a connection cannot move to an idle core, so one heavy message (a large MIME scan runs on
 //! the blocking pool, but decoding and relaying do not) delays the other connections of its thread, and the

@@ -254,8 +254,33 @@ impl Extensions {
 }
 
 /// A byte stream to the upstream: plain TCP, or TLS after STARTTLS.
-pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Stream for T {}
+pub trait Stream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The TCP socket underneath, if there is one (see [`Connection::rehome`]).
+    fn tcp(&mut self) -> Option<&mut TcpStream> {
+        None
+    }
+}
+
+impl Stream for TcpStream {
+    fn tcp(&mut self) -> Option<&mut TcpStream> {
+        Some(self)
+    }
+}
+
+impl Stream for tokio_rustls::client::TlsStream<Box<dyn Stream>> {
+    fn tcp(&mut self) -> Option<&mut TcpStream> {
+        self.get_mut().0.tcp()
+    }
+}
+
+impl Stream for tokio_rustls::server::TlsStream<Box<dyn Stream>> {
+    fn tcp(&mut self) -> Option<&mut TcpStream> {
+        self.get_mut().0.tcp()
+    }
+}
+
+impl Stream for tokio::io::Empty {}
+impl Stream for tokio::io::DuplexStream {}
 
 /// One SMTP connection to the upstream.
 pub struct Connection {
@@ -328,6 +353,31 @@ impl Connection {
         conn.own_ext = conn.ext.clone();
         crate::metrics::upstream_connect_seconds(start.elapsed());
         Ok(conn)
+    }
+
+    /// Moves the socket's registration to the runtime this runs on, when that is another per-core thread's
+    /// than the one that opened or last moved it ([`crate::cores`]): otherwise every reply would be noticed
+    /// by that other thread and passed over with a wake-up. A duplicate of the socket is registered here
+    /// and the old one dropped (dup, epoll_ctl twice, close); nothing is buffered then (between
+    /// transactions). On failure the connection stays as it was and works as before.
+    pub fn rehome(&mut self) {
+        let here = crate::cores::home();
+        if self.home == here || here == 0 {
+            return;
+        }
+        let Some(tcp) = self.io.get_mut().get_mut().tcp() else { return };
+        let moved = std::os::fd::AsFd::as_fd(&*tcp).try_clone_to_owned().and_then(|fd| {
+            let dup = std::net::TcpStream::from(fd);
+            dup.set_nonblocking(true)?;
+            TcpStream::from_std(dup)
+        });
+        match moved {
+            Ok(dup) => {
+                *tcp = dup;
+                self.home = here;
+            }
+            Err(e) => debug!(error = %e, "cannot move an upstream connection to this thread's runtime"),
+        }
     }
 
     /// The extensions the upstream offered.

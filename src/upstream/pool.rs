@@ -123,6 +123,7 @@ impl Pool {
 
     /// Probes a pooled connection for `ident`: `Some` when it can be used, `None` when it was dropped.
     async fn reuse(&self, mut conn: Connection, ident: &ClientIdentity) -> Result<Option<Connection>, UpstreamError> {
+        conn.rehome();
         // XCLIENT re-introduces the client and proves the connection alive in one round trip. Without
         // an identity there is nothing to send: a connection that died while pooled fails at MAIL, and
         // the driver retries that once on a fresh connection (`Driver::upstream_mail`).
