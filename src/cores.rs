@@ -64,6 +64,9 @@ pub fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpList
     Ok(out)
 }
 
+/// How often each per-core runtime wakes up on its own (see [`Cores::start`]).
+const TICK: Duration = Duration::from_secs(1);
+
 /// A task for a per-core thread, made on that thread (inside its runtime, so sockets register there).
 pub type Work = Box<dyn FnOnce() -> Vec<Pin<Box<dyn Future<Output = ()> + Send>>> + Send>;
 
@@ -89,7 +92,18 @@ impl Cores {
                     for task in make() {
                         tokio::spawn(task);
                     }
-                    stop.cancelled().await;
+                    // tokio's timer wheel wakes the I/O driver (an eventfd write, even from the driver's own
+                    // thread) whenever a new timer is due before the earliest one it is waiting for. With
+                    // this tick pending, that is never a session's timeouts (seconds at least), so a message
+                    // costs no such write; the tick itself is one wake-up a second.
+                    let mut tick = tokio::time::interval(TICK);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => break,
+                            _ = tick.tick() => {}
+                        }
+                    }
                 });
                 // Whatever is left was cut off by the drain; blocking work (a hashing, a lookup) is not
                 // waited for long.
