@@ -46,15 +46,18 @@ pub fn count() -> usize {
 /// fails with "address in use" when anything listens there, as a plain bind would. It also picks the port
 /// when `addr` has port 0.
 pub fn bind(addr: SocketAddr, n: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
-    let probe = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-    probe.set_reuseaddr(true)?;
+    let socket_for = |a: SocketAddr| {
+        let s = if a.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        s.set_reuseaddr(true)?;
+        Ok::<_, std::io::Error>(s)
+    };
+    let probe = socket_for(addr)?;
     probe.bind(addr)?;
     let mut at = probe.local_addr()?;
     drop(probe);
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let socket = if at.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-        socket.set_reuseaddr(true)?;
+        let socket = socket_for(at)?;
         socket.set_reuseport(true)?;
         socket.bind(at)?;
         let listener = socket.listen(1024)?;

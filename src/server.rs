@@ -234,19 +234,17 @@ pub async fn start_with_store(config: &Config, store: crate::state::SharedStore)
     let mut core_listeners: Vec<Vec<CoreListener>> = (0..per_core.unwrap_or(0)).map(|_| Vec::new()).collect();
     for l in &config.listeners {
         let bind_err = |source| ServerError::Bind { name: l.name.clone(), addr: l.address, source };
-        let (listener, addr) = match per_core {
+        // One listener on the shared runtime, or one socket per core thread.
+        let (listener, sockets, addr) = match per_core {
             None => {
                 let listener = TcpListener::bind(l.address).await.map_err(bind_err)?;
                 let addr = listener.local_addr().unwrap_or(l.address);
-                (Some(listener), addr)
+                (Some(listener), Vec::new(), addr)
             }
             Some(n) => {
                 let sockets = crate::cores::bind(l.address, n).map_err(bind_err)?;
                 let addr = sockets.first().and_then(|s| s.local_addr().ok()).unwrap_or(l.address);
-                for (core, socket) in core_listeners.iter_mut().zip(sockets) {
-                    core.push(CoreListener { socket, ctx: None, proxy: None });
-                }
-                (None, addr)
+                (None, sockets, addr)
             }
         };
         let mut ctx = listener_context(
@@ -269,17 +267,11 @@ pub async fn start_with_store(config: &Config, store: crate::state::SharedStore)
         crate::metrics::listener_started(&l.name);
         bound.push((l.name.clone(), addr));
         let proxy = crate::fleet::ProxySettings::from_listener(l).map(Arc::new);
-        match listener {
-            Some(listener) => {
-                tokio::spawn(accept_loop(listener, ctx, proxy, admission.clone(), shutdown.clone()));
-            }
-            None => {
-                for core in &mut core_listeners {
-                    let last = core.last_mut().expect("a socket was bound for this listener on every core");
-                    last.ctx = Some(ctx.clone());
-                    last.proxy.clone_from(&proxy);
-                }
-            }
+        for (core, socket) in core_listeners.iter_mut().zip(sockets) {
+            core.push(CoreListener { socket, ctx: ctx.clone(), proxy: proxy.clone() });
+        }
+        if let Some(listener) = listener {
+            tokio::spawn(accept_loop(listener, ctx, proxy, admission.clone(), shutdown.clone()));
         }
     }
     let cores = match per_core {
@@ -331,7 +323,7 @@ pub async fn start_with_store(config: &Config, store: crate::state::SharedStore)
 /// One listener's socket on one core thread, with what its accept loop needs.
 struct CoreListener {
     socket: std::net::TcpListener,
-    ctx: Option<Arc<ListenerContext>>,
+    ctx: Arc<ListenerContext>,
     proxy: Option<Arc<crate::fleet::ProxySettings>>,
 }
 
@@ -340,12 +332,11 @@ fn core_work(listeners: Vec<CoreListener>, adm: Arc<Admission>, shutdown: Shutdo
     Box::new(move || {
         let mut tasks: Vec<std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>> = Vec::new();
         for l in listeners {
-            let Some(ctx) = l.ctx else { continue };
             match TcpListener::from_std(l.socket) {
                 Ok(listener) => {
-                    tasks.push(Box::pin(accept_loop(listener, ctx, l.proxy, adm.clone(), shutdown.clone())))
+                    tasks.push(Box::pin(accept_loop(listener, l.ctx, l.proxy, adm.clone(), shutdown.clone())))
                 }
-                Err(e) => error!(error = %e, listener = %ctx.name, "cannot register a listening socket"),
+                Err(e) => error!(error = %e, listener = %l.ctx.name, "cannot register a listening socket"),
             }
         }
         tasks

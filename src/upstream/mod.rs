@@ -273,14 +273,9 @@ impl Stream for tokio_rustls::client::TlsStream<Box<dyn Stream>> {
     }
 }
 
-impl Stream for tokio_rustls::server::TlsStream<Box<dyn Stream>> {
-    fn tcp(&mut self) -> Option<&mut TcpStream> {
-        self.get_mut().0.tcp()
-    }
-}
-
+// A client connection (`conn`) is never moved between threads: it stays where it was accepted.
+impl Stream for tokio_rustls::server::TlsStream<Box<dyn Stream>> {}
 impl Stream for tokio::io::Empty {}
-impl Stream for tokio::io::DuplexStream {}
 
 /// One SMTP connection to the upstream.
 pub struct Connection {
